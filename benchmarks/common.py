@@ -1,0 +1,51 @@
+"""Helpers shared by the benchmark scripts: machine facts, child-process peak memory, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def machine() -> dict:
+    import numpy
+    import zarr
+
+    import volref
+
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "volref": volref.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def run_measured(argv: list[str]) -> dict:
+    """Run a command under ``/usr/bin/time -v``: wall seconds and peak resident memory (GiB)."""
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+    start = time.perf_counter()
+    proc = subprocess.run(timer + argv, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}")
+    peak_kib = None
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    if m:
+        peak_kib = int(m.group(1))
+    return {"argv": argv, "wall_s": wall,
+            "peak_rss_gib": peak_kib / 2**20 if peak_kib is not None else None}
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")

@@ -1,0 +1,111 @@
+"""The ``volref`` command. Thin: parses options, calls the API, prints results.
+
+User mistakes (:class:`~volref.errors.VolrefError`) print one line and exit 2; anything else
+is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+import dask
+
+from volref import __version__
+from volref.cli.info import describe
+from volref.cli.progress import DaskProgress
+from volref.errors import VolrefError
+
+log = logging.getLogger(__name__)
+
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="volref")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Refine mitochondria segmentations in OME-Zarr z-stacks."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"progress": not quiet}
+
+
+@cli.command()
+@click.argument("out", type=str)
+@click.option("--shape", nargs=3, type=click.IntRange(min=1), default=(64, 512, 512),
+              show_default=True, help="Volume shape Z Y X in voxels.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--chunks", nargs=3, type=click.IntRange(min=1), default=(32, 256, 256),
+              show_default=True, help="Chunk shape Z Y X of every stored array.")
+@click.option("--density", type=click.FloatRange(min=0), default=0.24, show_default=True,
+              help="Mitochondria per million voxels.")
+@click.option("--degraded-fraction", type=click.FloatRange(0, 1), default=0.1,
+              show_default=True, help="Fraction of mitochondria with a low-SNR area.")
+@click.option("--noise", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Noise level (2 = a quarter of the photons).")
+@click.option("--voxel-size", nargs=3, type=click.FloatRange(min=0, min_open=True),
+              default=(0.375, 0.15, 0.15), show_default=True, help="Voxel size Z Y X in µm.")
+@click.option("--levels", type=click.IntRange(min=1), default=None,
+              help="Pyramid levels (default: until y or x < 256).")
+@click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.5", show_default=True,
+              help="OME-Zarr version: 0.5 (zarr v3) or 0.4 (zarr v2).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def synth(ctx, out, shape, seed, chunks, density, degraded_fraction, noise, voxel_size, levels,
+          ngff, overwrite):
+    """Write a phantom pan-ExM z-stack with ground truth to OUT (an OME-Zarr store)."""
+    from volref.pipeline import write_phantom
+    from volref.synth import SynthConfig
+
+    config = SynthConfig(shape=shape, seed=seed, chunks=chunks, density=density,
+                         degraded_fraction=degraded_fraction, noise=noise,
+                         voxel_size_um=voxel_size)
+    start = time.perf_counter()
+    work = write_phantom(config, out, version=ngff, levels=levels, overwrite=overwrite)
+    with DaskProgress("synth", enabled=ctx.obj["progress"]):
+        dask.compute(work)
+    click.echo(f"wrote {out} ({' x '.join(map(str, shape))} voxels, seed {seed}) "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+@cli.command()
+@click.argument("path", type=str)
+@click.option("--channel", type=click.IntRange(min=0), default=None,
+              help="Channel to use for images with a channel axis.")
+@click.option("--timepoint", type=click.IntRange(min=0), default=None,
+              help="Time point to use for images with a time axis.")
+def info(path, channel, timepoint):
+    """Describe an OME-Zarr image: axes, levels, labels and volref outputs.
+
+    Exits with status 2 when volref could not process the image as given.
+    """
+    text, problem = describe(path, channel=channel, timepoint=timepoint)
+    click.echo(text)
+    if problem is not None:
+        raise problem
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (callable from tests)."""
+    try:
+        cli.main(args=argv, prog_name="volref", standalone_mode=False)
+    except VolrefError as exc:
+        click.echo(f"volref: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("volref: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Open an OME-Zarr image as the 3-D ``(z, y, x)`` volume volref works on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from volref.errors import UnsupportedImageError
+from volref.io.ngff import Multiscale, ome_attributes, read_multiscale
+from volref.io.store import open_group, redact
+
+#: dtypes volref processes; images of other integer and float types are refused with a reason.
+SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
+                    "float64")
+SPATIAL = ("z", "y", "x")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One level of an OME-Zarr image reduced to ``(z, y, x)``.
+
+    Attributes
+    ----------
+    data
+        Lazy ``(z, y, x)`` array, chunked like the stored array.
+    scale, translation, units
+        Physical voxel size, origin and units of the three spatial axes.
+    multiscale
+        Everything the metadata says (all axes, every level).
+    selection
+        The index chosen on each non-spatial axis (``{"c": 1}``), empty for a 3-D image.
+    """
+
+    location: str
+    group: zarr.Group = field(repr=False)
+    multiscale: Multiscale
+    level: int
+    data: da.Array = field(repr=False)
+    scale: tuple[float, float, float]
+    translation: tuple[float, float, float]
+    units: tuple[str | None, str | None, str | None]
+    selection: dict[str, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+
+def open_multiscale(location: str | os.PathLike,
+                    storage_options: dict | None = None) -> tuple[zarr.Group, Multiscale]:
+    """Open an image group read-only and parse its multiscale metadata."""
+    group = open_group(location, mode="r", storage_options=storage_options)
+    return group, read_multiscale(group, where=redact(location))
+
+
+def open_image(location: str | os.PathLike, *, channel: int | None = None,
+               timepoint: int | None = None, level: int = 0,
+               storage_options: dict | None = None) -> Volume:
+    """Open ``location`` (path or URL) read-only as a ``(z, y, x)`` volume.
+
+    Channel and time axes of size 1 are dropped; larger ones need ``channel``/``timepoint``.
+    Raises :class:`~volref.errors.UnsupportedImageError` for images volref cannot process.
+    """
+    group, ms = open_multiscale(location, storage_options)
+    return select_volume(group, ms, redact(location), channel=channel, timepoint=timepoint,
+                         level=level)
+
+
+def select_volume(group: zarr.Group, ms: Multiscale, label: str, *, channel: int | None = None,
+                  timepoint: int | None = None, level: int = 0) -> Volume:
+    """Reduce a parsed multiscale image to the ``(z, y, x)`` volume of one level."""
+    if not 0 <= level < len(ms.levels):
+        raise UnsupportedImageError(f"{label} has {len(ms.levels)} levels; level {level} does not exist")
+    lv = ms.levels[level]
+    names = [a.name.lower() for a in ms.axes]
+    spatial = [i for i, a in enumerate(ms.axes) if (a.type == "space" or
+                                                    (a.type is None and names[i] in SPATIAL))]
+    if len(spatial) != 3:
+        shown = ", ".join(ms.axis_names[i] for i in spatial) or "none"
+        raise UnsupportedImageError(
+            f"{label}: volref needs a 3-D z-stack (z, y, x); this image has {len(spatial)} "
+            f"spatial axes ({shown})")
+    if tuple(names[i] for i in spatial) != SPATIAL:
+        raise UnsupportedImageError(
+            f"{label}: spatial axes are ({', '.join(ms.axis_names[i] for i in spatial)}); "
+            "volref expects them named and ordered z, y, x")
+    if spatial != list(range(ms.ndim - 3, ms.ndim)):
+        raise InvalidAxisOrder(label, ms)
+
+    array = group[lv.path]
+    index: list[int | slice] = []
+    selection: dict[str, int] = {}
+    wanted = {"channel": channel, "time": timepoint}
+    used = {"channel": False, "time": False}
+    for i, axis in enumerate(ms.axes):
+        if i in spatial:
+            index.append(slice(None))
+            continue
+        kind = axis.type or ("time" if names[i] == "t" else "channel" if names[i] == "c" else None)
+        if kind not in ("channel", "time"):
+            raise UnsupportedImageError(f"{label}: axis {axis.name!r} of type {axis.type!r} is not "
+                                        "supported (volref reads time, channel and space axes)")
+        size = lv.shape[i]
+        choice = wanted[kind]
+        flag = "--channel" if kind == "channel" else "--timepoint"
+        if choice is None:
+            if size != 1:
+                raise UnsupportedImageError(
+                    f"{label}: the image has {size} {kind}s (axis {axis.name!r}); "
+                    f"choose one with {flag} N (0..{size - 1})")
+            choice = 0
+        if not 0 <= choice < size:
+            raise UnsupportedImageError(
+                f"{label}: {flag} {choice} is out of range; axis {axis.name!r} has {size}")
+        used[kind] = True
+        index.append(choice)
+        selection[axis.name] = choice
+    for kind, choice in wanted.items():
+        if choice is not None and not used[kind]:
+            flag = "--channel" if kind == "channel" else "--timepoint"
+            raise UnsupportedImageError(f"{label}: {flag} given but the image has no {kind} axis")
+
+    dtype = np.dtype(array.dtype)
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise UnsupportedImageError(
+            f"{label}: pixel type {dtype.name} is not supported "
+            f"(volref reads {', '.join(SUPPORTED_DTYPES)})")
+    data = da.from_zarr(array, chunks=array.chunks)[tuple(index)]
+    axes3 = [ms.axes[i] for i in spatial]
+    translation = lv.translation or (0.0,) * ms.ndim
+    return Volume(
+        location=label,
+        group=group,
+        multiscale=ms,
+        level=level,
+        data=data,
+        scale=tuple(lv.scale[i] for i in spatial),
+        translation=tuple(translation[i] for i in spatial),
+        units=tuple(a.unit for a in axes3),
+        selection=selection,
+    )
+
+
+class InvalidAxisOrder(UnsupportedImageError):
+    def __init__(self, label: str, ms: Multiscale) -> None:
+        super().__init__(f"{label}: spatial axes must come last, got ({', '.join(ms.axis_names)})")
+
+
+def label_names(group: zarr.Group) -> list[str]:
+    """Names listed in the image's ``labels`` group (empty when there is none)."""
+    try:
+        labels = group["labels"]
+    except KeyError:
+        return []
+    if not isinstance(labels, zarr.Group):
+        return []
+    _, ome = ome_attributes(labels)
+    names = ome.get("labels", [])
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []

@@ -1,0 +1,146 @@
+"""Opening stores by path or URL, safe names, and checks before anything is written."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import zarr
+import zarr.errors
+from zarr.storage import FsspecStore, LocalStore
+
+from volref.errors import (
+    InputNotFoundError,
+    InvalidNameError,
+    NotOmeZarrError,
+    OutputError,
+    OutputExistsError,
+)
+
+log = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for ``s3://…``, ``https://…`` and other fsspec URLs; ``file://`` counts as local."""
+    text = str(location)
+    return bool(_URL.match(text)) and not text.startswith("file://")
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    text = str(location)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def redact(location: str | os.PathLike) -> str:
+    """A location fit for messages and provenance: credentials in URLs are dropped."""
+    return re.sub(r"(://)[^/@]*@", r"\1", str(location))
+
+
+def check_name(name: str) -> str:
+    """A group or array name that cannot escape its parent (no ``..``, no separators)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in {".", ".."}:
+        raise InvalidNameError(
+            f"invalid name {name!r}: use letters, digits, '_', '-' and '.', not starting with '.'"
+        )
+    return name
+
+
+def open_group(location: str | os.PathLike, mode: str = "r",
+               storage_options: dict | None = None, zarr_format: int = 3) -> zarr.Group:
+    """Open the zarr group at a path or URL (zarr v2 or v3, detected when reading).
+
+    ``mode="r"`` never writes; ``"r+"`` writes into an existing group; ``"w-"`` creates a new one
+    in ``zarr_format``.
+    """
+    read_only = mode == "r"
+    if is_url(location):
+        store = FsspecStore.from_url(str(location), read_only=read_only,
+                                     storage_options=storage_options or {})
+    else:
+        path = local_path(location)
+        if mode in ("r", "r+") and not path.exists():
+            raise InputNotFoundError(f"no such file or directory: {path}")
+        store = LocalStore(path, read_only=read_only)
+    try:
+        node = zarr.open(store=store, mode=mode) if mode in ("r", "r+") else zarr.open_group(
+            store=store, mode=mode, zarr_format=zarr_format)
+    except FileNotFoundError as exc:
+        if mode in ("r", "r+"):
+            raise InputNotFoundError(f"no zarr data at {redact(location)}") from exc
+        raise OutputError(f"cannot create {redact(location)}: {exc}") from exc
+    except PermissionError as exc:
+        raise OutputError(f"cannot write {redact(location)}: permission denied") from exc
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError) as exc:
+        raise OutputExistsError(f"{redact(location)} already holds zarr data") from exc
+    except (ValueError, KeyError) as exc:
+        raise NotOmeZarrError(f"{redact(location)} is not a zarr store ({exc})") from exc
+    if isinstance(node, zarr.Array):
+        raise NotOmeZarrError(
+            f"{redact(location)} is a plain zarr array, not an OME-Zarr image group")
+    return node
+
+
+def prepare_new_store(location: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to create a store where one exists (unless ``overwrite``) or cannot be written."""
+    if is_url(location):
+        return  # remote permissions show at the first write
+    path = local_path(location)
+    if path.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+        if not path.is_dir():
+            raise OutputError(f"{path} exists and is not a directory")
+        if not writable(path):
+            raise OutputError(f"cannot write to {path}: it is read-only")
+        _remove_tree(path)
+    parent = _existing_parent(path)
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {path}: {parent} is not a directory")
+    if not writable(parent):
+        raise OutputError(f"cannot create {path}: {parent} is read-only")
+
+
+def check_writable_group(group: zarr.Group, location: str | os.PathLike) -> None:
+    """Refuse early when the group's store is read-only (a read-only mount, no permission)."""
+    if group.store.read_only:
+        raise OutputError(f"{redact(location)} is opened read-only")
+    if not is_url(location) and not writable(local_path(location)):
+        raise OutputError(
+            f"cannot write into {local_path(location)}: it is read-only "
+            "(use --output for a separate store)")
+
+
+def writable(path: Path) -> bool:
+    """Whether volref may write into a directory.
+
+    Mode bits count even for root (who could write anyway): a store whose owner made it
+    read-only (``chmod -R a-w``) is treated as read-only, as the owner meant.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & 0o222) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a store that ``--overwrite`` replaces; refuses anything that is not a zarr store."""
+    import shutil
+
+    markers = ("zarr.json", ".zgroup", ".zarray")
+    if not any((path / m).exists() for m in markers):
+        raise OutputError(f"refusing to overwrite {path}: it is not a zarr store")
+    shutil.rmtree(path)

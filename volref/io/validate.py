@@ -1,0 +1,50 @@
+"""Validation of written OME-Zarr groups with ome-zarr-models (the community's schema models)."""
+
+from __future__ import annotations
+
+import zarr
+from pydantic import ValidationError
+
+from volref.errors import InvalidMetadataError
+from volref.io.ngff import ome_attributes
+
+
+def validate_image(group: zarr.Group) -> None:
+    """Validate an image group and every label image it lists; raise with a short summary."""
+    version, _ = ome_attributes(group)
+    models = _models(version)
+    _check(models.Image.from_zarr, group, "image")
+    try:
+        labels = group["labels"]
+    except KeyError:
+        return
+    _check(models.Labels.from_zarr, labels, "labels")
+    _, ome = ome_attributes(labels)
+    for name in ome.get("labels", []):
+        validate_label_image(labels[name])
+
+
+def validate_label_image(group: zarr.Group) -> None:
+    version, _ = ome_attributes(group)
+    _check(_models(version).ImageLabel.from_zarr, group, f"label image {group.name}")
+
+
+def _models(version: str | None):
+    if version == "0.5":
+        import ome_zarr_models.v05 as models
+    elif version == "0.4":
+        import ome_zarr_models.v04 as models
+    else:
+        raise InvalidMetadataError(f"no OME-Zarr metadata to validate (version {version!r})")
+    return models
+
+
+def _check(fn, group: zarr.Group, what: str) -> None:
+    try:
+        fn(group)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidMetadataError(
+            f"{what} fails OME-Zarr validation ({exc.error_count()} errors; first at {where}: "
+            f"{first.get('msg')})") from exc

@@ -1,0 +1,223 @@
+"""Writing multiscale images and label images: metadata through volref's NGFF builder, validated
+by ome-zarr-models; data through zarr, whole chunks at a time.
+
+Every level is written by one ``da.store(lock=False)`` whose Dask chunks equal the zarr chunks, so
+no two tasks ever write parts of the same chunk (partial writes without a lock lose data).
+Level ``k`` is computed from level ``k-1`` as stored, not from the source graph, so expensive
+sources (a phantom, a model) run once; :func:`store_pyramid` returns the whole sequence as one
+lazy object that the caller computes (with a progress bar, on any scheduler).
+
+Levels halve y and x and keep z, as pan-ExM stacks are already coarser in z::
+
+    s0  (z, y,    x   )  scale (sz, sy,  sx )
+    s1  (z, y//2, x//2)  scale (sz, 2sy, 2sx)   image: mean of 2x2; labels: top-left voxel
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numcodecs
+import numpy as np
+import zarr
+from dask.delayed import Delayed
+from dask.graph_manipulation import bind
+from zarr.codecs import BloscCodec
+
+from volref.errors import OutputExistsError, VolrefError
+from volref.io.image import label_names
+from volref.io.ngff import Axis, Level, Multiscale, level_paths, multiscales_entry, set_ome
+from volref.io.store import check_name
+
+log = logging.getLogger(__name__)
+
+FACTORS = (1, 2, 2)
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """What a label image says about its values: colours and properties per label value.
+
+    For class images list every class (napari hides values without a colour when some have
+    one); for instance images leave ``colors`` empty.
+    """
+
+    colors: tuple[tuple[int, tuple[int, int, int, int]], ...] = ()
+    properties: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": {"image": "../../"}}
+        if self.colors:
+            out["colors"] = [{"label-value": v, "rgba": list(c)} for v, c in self.colors]
+        if self.properties:
+            out["properties"] = [dict(p) for p in self.properties]
+        return out
+
+
+def default_levels(shape: Sequence[int], min_size: int = 256) -> int:
+    """Levels until y or x would drop under ``min_size`` (at least one)."""
+    smallest, n = min(shape[-2:]), 1
+    while smallest // 2**n >= min_size:
+        n += 1
+    return n
+
+
+def pyramid_geometry(shape: Sequence[int], scale: Sequence[float], n_levels: int, chunks,
+                     dtype, version: str, translation: Sequence[float] | None = None,
+                     method: str = "mean") -> list[Level]:
+    """Shapes and transforms of a 3-D pyramid built by :func:`store_pyramid`."""
+    paths = level_paths(version, n_levels)
+    base_t = tuple(translation) if translation is not None else (0.0,) * 3
+    levels = []
+    for k in range(n_levels):
+        f = [fk**k for fk in FACTORS]
+        lv_shape = tuple(max(1, n // fi) for n, fi in zip(shape, f))
+        lv_scale = tuple(s * fi for s, fi in zip(scale, f))
+        # a mean over f voxels sits at the centre of the f voxels; a top-left sample does not move
+        shift = [(fi - 1) / 2 * s if method == "mean" else 0.0 for fi, s in zip(f, scale)]
+        lv_t = tuple(t + d for t, d in zip(base_t, shift))
+        levels.append(Level(path=paths[k], shape=lv_shape,
+                            chunks=tuple(min(c, n) for c, n in zip(chunks, lv_shape)),
+                            dtype=np.dtype(dtype).name, scale=lv_scale,
+                            translation=lv_t if any(lv_t) else None))
+    return levels
+
+
+def create_multiscale(group: zarr.Group, levels: Sequence[Level], axes: Sequence[Axis], *,
+                      version: str, name: str | None, method: str) -> list[zarr.Array]:
+    """Create (empty) level arrays and write the ``multiscales`` metadata of an image group."""
+    arrays = []
+    for lv in levels:
+        arrays.append(_create_array(group, lv, axes, version))
+    set_ome(group, version, "multiscales",
+            [multiscales_entry(version, tuple(axes), list(levels), name, method)])
+    return arrays
+
+
+def _create_array(group: zarr.Group, lv: Level, axes: Sequence[Axis], version: str) -> zarr.Array:
+    dtype = np.dtype(lv.dtype)
+    shuffle_bits = dtype.itemsize > 1
+    if version == "0.5":
+        compressor = BloscCodec(cname="zstd", clevel=5,
+                                shuffle="bitshuffle" if shuffle_bits else "shuffle")
+        return group.create_array(lv.path, shape=lv.shape, chunks=lv.chunks, dtype=dtype,
+                                  compressors=compressor, fill_value=0,
+                                  dimension_names=[a.name for a in axes])
+    compressor = numcodecs.Blosc(cname="zstd", clevel=5,
+                                 shuffle=numcodecs.Blosc.BITSHUFFLE if shuffle_bits
+                                 else numcodecs.Blosc.SHUFFLE)
+    return group.create_array(lv.path, shape=lv.shape, chunks=lv.chunks, dtype=dtype,
+                              compressors=compressor, fill_value=0,
+                              chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
+def store_pyramid(data: da.Array, arrays: Sequence[zarr.Array], method: str) -> Delayed:
+    """Lazy work that writes ``data`` to ``arrays[0]`` and each level from the one before.
+
+    ``data`` has the shape of ``arrays[0]`` (any leading non-spatial axes of size 1 included);
+    ``method`` is ``"mean"`` (images) or ``"nearest"`` (labels).
+    """
+    if method not in ("mean", "nearest"):
+        raise ValueError(f"unknown downsampling method {method!r}")
+    stores: list[Delayed] = []
+    src = data
+    for k, target in enumerate(arrays):
+        if k > 0:
+            prev = arrays[k - 1]
+            lead = (1,) * (prev.ndim - 3)
+            read_chunks = lead + tuple(c * f for c, f in zip(target.chunks[-3:], FACTORS))
+            src = bind(da.from_zarr(prev, chunks=read_chunks), stores[-1])
+            src = _downsample(src, target.shape, method)
+        if tuple(src.shape) != tuple(target.shape):
+            raise VolrefError(f"internal: level {k} shape {src.shape} != target {target.shape}")
+        src = src.astype(target.dtype).rechunk(target.chunks)
+        stores.append(da.store(src, target, lock=False, compute=False))
+    return dask.delayed(_done)(stores)
+
+
+def _done(_: Any) -> None:
+    return None
+
+
+def _downsample(x: da.Array, target_shape, method: str) -> da.Array:
+    f = (1,) * (x.ndim - 3) + FACTORS
+
+    def block(b: np.ndarray) -> np.ndarray:
+        if method == "nearest":
+            return b[tuple(slice(None, None, fi) for fi in f)]
+        trimmed = b[tuple(slice(0, (n // fi) * fi) for n, fi in zip(b.shape, f))]
+        shape = []
+        for n, fi in zip(trimmed.shape, f):
+            shape += [n // fi, fi]
+        mean = trimmed.reshape(shape).mean(axis=tuple(range(1, 2 * len(f), 2)), dtype=np.float64)
+        return np.rint(mean) if np.issubdtype(b.dtype, np.integer) else mean
+
+    if method == "nearest":
+        out_chunks = tuple(tuple(-(-c // fi) for c in cs) for cs, fi in zip(x.chunks, f))
+    else:
+        out_chunks = tuple(tuple(c // fi for c in cs) for cs, fi in zip(x.chunks, f))
+    dtype = x.dtype if method == "nearest" else np.float64
+    y = x.map_blocks(block, chunks=out_chunks, dtype=dtype)
+    return y[tuple(slice(0, n) for n in target_shape)]
+
+
+# ---------------------------------------------------------------- label images
+
+
+def label_levels(image: Multiscale, dtype, chunks: Sequence[int] | None = None) -> list[Level]:
+    """Levels of a label image for ``image``: same paths, spatial shapes and transforms.
+
+    Non-spatial axes (``t``, ``c``) get size 1; ``chunks`` (z, y, x) defaults to the image's.
+    """
+    lead = image.ndim - 3
+    levels = []
+    for lv in image.levels:
+        shape = (1,) * lead + tuple(lv.shape[-3:])
+        spatial = tuple(chunks) if chunks is not None else tuple(lv.chunks[-3:])
+        levels.append(Level(path=lv.path, shape=shape,
+                            chunks=(1,) * lead + tuple(min(c, n) for c, n in zip(spatial, shape[-3:])),
+                            dtype=np.dtype(dtype).name, scale=lv.scale, translation=lv.translation))
+    return levels
+
+
+def create_label_image(root: zarr.Group, name: str, levels: Sequence[Level],
+                       axes: Sequence[Axis], *, version: str, info: LabelInfo | None = None,
+                       overwrite: bool = False) -> tuple[zarr.Group, list[zarr.Array]]:
+    """Add ``labels/<name>`` (empty arrays + metadata) to an image group or an output store.
+
+    Only groups are added; no existing array is touched. The labels group's list gains ``name``.
+    """
+    check_name(name)
+    labels = _labels_group(root)
+    existing = label_names(root)
+    if name in labels:
+        if not overwrite:
+            raise OutputExistsError(f"label image {name!r} exists; pass --overwrite to replace it")
+        del labels[name]
+    group = labels.create_group(name)
+    arrays = create_multiscale(group, levels, axes, version=version, name=name, method="nearest")
+    set_ome(group, version, "image-label", (info or LabelInfo()).to_dict())
+    if name not in existing:
+        set_ome(labels, version, "labels", existing + [name])
+    return group, arrays
+
+
+def _labels_group(root: zarr.Group) -> zarr.Group:
+    try:
+        node = root["labels"]
+    except KeyError:
+        return root.create_group("labels")
+    if not isinstance(node, zarr.Group):
+        raise OutputExistsError("'labels' exists in the store and is not a group")
+    return node
+
+
+def expand_to(data: da.Array, ndim: int) -> da.Array:
+    """Give a 3-D array the leading size-1 axes of a 4-D or 5-D image."""
+    return data[(None,) * (ndim - data.ndim)] if data.ndim < ndim else data

@@ -1,0 +1,1 @@
+"""stages layer (see DESIGN.md)."""

@@ -1,0 +1,103 @@
+"""Settings of a phantom, as one frozen dataclass stored beside every phantom it makes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from volref.errors import ConfigError
+
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Everything that decides the voxels of a phantom.
+
+    The same config gives the same voxels for any chunking (``chunks`` only decides storage).
+
+    Lengths are in x/y pixels unless named otherwise; ``z_anisotropy`` is how many x/y pixels
+    one z voxel spans (pan-ExM stacks are 2-3x coarser in z).
+
+    Parameters
+    ----------
+    shape
+        Volume shape ``(z, y, x)`` in voxels.
+    seed
+        Seed of everything random; one seed, one phantom.
+    density
+        Mitochondria per million voxels. The default gives about 150 in a 2048x2048x150 stack.
+    degraded_fraction
+        Fraction of mitochondria given a low-SNR area (at least one if > 0 and any exist).
+    noise
+        Noise level; 1.0 is the default photon budget, 2.0 has a quarter of the photons and
+        twice the read noise.
+    """
+
+    shape: tuple[int, int, int] = (64, 512, 512)
+    seed: int = 0
+    chunks: tuple[int, int, int] = (32, 256, 256)
+    density: float = 0.24
+    degraded_fraction: float = 0.1
+    noise: float = 1.0
+    voxel_size_um: tuple[float, float, float] = (0.375, 0.15, 0.15)
+    # geometry (x/y pixels)
+    diameter_px: tuple[float, float] = (40.0, 90.0)
+    ims_px: tuple[float, float] = (2.0, 5.0)
+    cristae_thickness_px: tuple[float, float] = (2.0, 5.0)
+    cristae_spacing_px: tuple[float, float] = (8.0, 15.0)
+    length_px: tuple[float, float] = (100.0, 2000.0)
+    median_length_px: float = 350.0
+    branch_probability: float = 0.25
+    min_gap_px: float = 6.0
+    # optics and photon statistics
+    psf_sigma_px: float = 1.2
+    psf_sigma_z_vox: float = 1.0
+    photons: float = 60.0
+    read_noise: float = 2.0
+    offset_adu: float = 100.0
+    bleach_floor: float = 0.6
+    # degradation (the paper's low-SNR simulation)
+    degraded_length_px: tuple[float, float] = (150.0, 350.0)
+    degraded_strength: tuple[float, float] = (0.75, 0.95)
+    degraded_noise: float = 0.12
+    degraded_label_threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("shape", "chunks"):
+            value = getattr(self, name)
+            if len(value) != 3 or any(int(v) < 1 for v in value):
+                raise ConfigError(f"{name} must be three positive integers (z, y, x), got {value}")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        object.__setattr__(self, "voxel_size_um", tuple(float(v) for v in self.voxel_size_um))
+        if self.density < 0:
+            raise ConfigError(f"density must be >= 0, got {self.density}")
+        if not 0.0 <= self.degraded_fraction <= 1.0:
+            raise ConfigError(f"degraded fraction must be in [0, 1], got {self.degraded_fraction}")
+        if self.noise <= 0:
+            raise ConfigError(f"noise level must be > 0, got {self.noise}")
+        if self.seed < 0 or self.seed >= 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if any(v <= 0 for v in self.voxel_size_um):
+            raise ConfigError(f"voxel sizes must be > 0, got {self.voxel_size_um}")
+
+    @property
+    def z_anisotropy(self) -> float:
+        """x/y pixels per z voxel."""
+        return self.voxel_size_um[0] / self.voxel_size_um[2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SynthConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown phantom settings: {', '.join(unknown)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
