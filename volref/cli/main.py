@@ -89,6 +89,24 @@ def info(path, channel, timepoint):
         raise problem
 
 
+@cli.command()
+@click.argument("path", type=str)
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--z", "z", type=click.IntRange(min=0), default=None,
+              help="Slice to draw (default: the middle one).")
+@click.option("--label", "labels", multiple=True, help="Label image to draw (repeatable; default all).")
+@click.option("--crop", nargs=4, type=click.IntRange(min=0), default=None,
+              help="Y0 Y1 X0 X1 window to draw.")
+@click.option("--channel", type=click.IntRange(min=0), default=None)
+@click.option("--timepoint", type=click.IntRange(min=0), default=None)
+def snapshot(path, out, z, labels, crop, channel, timepoint):
+    """Draw one z-slice of PATH and its label images side by side into OUT (PNG)."""
+    from volref.report import snapshot as draw
+
+    draw(path, out, z=z, labels=labels or None, crop=crop, channel=channel, timepoint=timepoint)
+    click.echo(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (callable from tests)."""
     try:

@@ -71,6 +71,9 @@ def open_group(location: str | os.PathLike, mode: str = "r",
             store=store, mode=mode, zarr_format=zarr_format)
     except FileNotFoundError as exc:
         if mode in ("r", "r+"):
+            if not is_url(location) and local_path(location).exists():
+                raise NotOmeZarrError(f"{redact(location)} is not a zarr store "
+                                      "(no zarr.json, .zgroup or .zarray)") from exc
             raise InputNotFoundError(f"no zarr data at {redact(location)}") from exc
         raise OutputError(f"cannot create {redact(location)}: {exc}") from exc
     except PermissionError as exc:

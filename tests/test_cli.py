@@ -1,0 +1,146 @@
+"""The command line: synth and info, exit codes, one-line errors, inputs never changed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import tree_digest
+from tests.test_io import write_image
+from volref.cli.main import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, match):
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("volref: error: "), err
+    assert match in lines[0]
+    assert "Traceback" not in err
+
+
+def test_synth_then_info(tmp_path, capsys):
+    out = tmp_path / "p.ome.zarr"
+    code, stdout, _ = run(capsys, "-q", "synth", str(out), "--shape", "16", "128", "128",
+                          "--seed", "4", "--chunks", "8", "64", "64", "--degraded-fraction", "1")
+    assert code == 0 and "wrote" in stdout
+    code, stdout, _ = run(capsys, "info", str(out))
+    assert code == 0
+    assert "OME-Zarr 0.5 (zarr v3)" in stdout
+    assert "z y x = 16 x 128 x 128" in stdout
+    for name in ("ground-truth", "ground-truth-instances", "degraded"):
+        assert name in stdout
+    assert "phantom (seed 4" in stdout
+
+
+def test_same_seed_two_chunkings_identical_stores(tmp_path, capsys):
+    a, b = tmp_path / "a.ome.zarr", tmp_path / "b.ome.zarr"
+    common = ["--shape", "12", "160", "192", "--seed", "11", "--density", "4"]
+    assert run(capsys, "-q", "synth", str(a), *common, "--chunks", "12", "160", "192")[0] == 0
+    assert run(capsys, "-q", "synth", str(b), *common, "--chunks", "5", "64", "48")[0] == 0
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    for path in ("s0", "labels/ground-truth/s0", "labels/ground-truth-instances/s0",
+                 "labels/degraded/s0"):
+        np.testing.assert_array_equal(ga[path][:], gb[path][:])
+    assert gb["s0"].chunks == (5, 64, 48)
+
+
+def test_synth_ngff_04(tmp_path, capsys):
+    out = tmp_path / "p.ome.zarr"
+    assert run(capsys, "-q", "synth", str(out), "--shape", "8", "64", "64", "--ngff", "0.4")[0] == 0
+    code, stdout, _ = run(capsys, "info", str(out))
+    assert code == 0 and "OME-Zarr 0.4 (zarr v2)" in stdout
+
+
+def test_synth_refuses_to_overwrite_and_read_only_targets(tmp_path, capsys):
+    out = tmp_path / "p.ome.zarr"
+    assert run(capsys, "-q", "synth", str(out), "--shape", "8", "64", "64")[0] == 0
+    before = tree_digest(out)
+    code, _, err = run(capsys, "-q", "synth", str(out), "--shape", "8", "64", "64")
+    assert_user_error(code, err, "--overwrite")
+    assert tree_digest(out) == before
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, _, err = run(capsys, "-q", "synth", str(ro / "x.ome.zarr"), "--shape", "8", "64", "64")
+        assert_user_error(code, err, "read-only")
+    finally:
+        ro.chmod(0o755)
+    code, _, err = run(capsys, "-q", "synth", str(tmp_path / "y.ome.zarr"), "--shape", "0", "8", "8")
+    assert code == 2 and "Traceback" not in err
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path):
+    """Inputs a user may point volref at, by name."""
+    made = {}
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 8, 8), dtype="uint16")
+    made["plain zarr array"] = tmp_path / "plain.zarr"
+    write_image(tmp_path / "2d.ome.zarr", np.zeros((16, 16), dtype=np.uint8), "yx")
+    made["2-D image"] = tmp_path / "2d.ome.zarr"
+    write_image(tmp_path / "5d.ome.zarr", np.zeros((1, 3, 4, 8, 8), dtype=np.uint16), "tczyx")
+    made["5-D with channels"] = tmp_path / "5d.ome.zarr"
+    write_image(tmp_path / "bool.ome.zarr", np.zeros((4, 8, 8), dtype=bool), "zyx")
+    made["bool image"] = tmp_path / "bool.ome.zarr"
+    (tmp_path / "notzarr").mkdir()
+    (tmp_path / "notzarr" / "readme.txt").write_text("not a store")
+    made["directory without zarr"] = tmp_path / "notzarr"
+    return made
+
+
+@pytest.mark.parametrize("case, match", [
+    ("plain zarr array", "plain zarr array"),
+    ("2-D image", "3-D z-stack"),
+    ("5-D with channels", "--channel"),
+    ("bool image", "pixel type bool"),
+    ("directory without zarr", "not a zarr store"),
+])
+def test_bad_inputs_give_one_line_and_stay_untouched(bad_inputs, capsys, case, match):
+    path = bad_inputs[case]
+    before = tree_digest(path)
+    code, _, err = run(capsys, "info", str(path))
+    assert_user_error(code, err, match)
+    assert tree_digest(path) == before
+
+
+def test_missing_path(tmp_path, capsys):
+    code, _, err = run(capsys, "info", str(tmp_path / "nope.ome.zarr"))
+    assert_user_error(code, err, "no such file or directory")
+
+
+def test_channel_choice_makes_5d_usable(bad_inputs, capsys):
+    code, stdout, _ = run(capsys, "info", str(bad_inputs["5-D with channels"]), "--channel", "1")
+    assert code == 0 and "(t=0, c=1)" in stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16"])
+def test_float_and_uint16_images_are_accepted(tmp_path, capsys, dtype):
+    path = tmp_path / "i.ome.zarr"
+    write_image(path, np.ones((4, 16, 16), dtype=dtype), "zyx")
+    before = tree_digest(path)
+    code, stdout, _ = run(capsys, "info", str(path))
+    assert code == 0 and f"dtype     {dtype}" in stdout
+    assert tree_digest(path) == before
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "volref.cli.main", "info", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("volref: error: no such file") and "Traceback" not in proc.stderr
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["synth"]) == 2
+    assert main(["nonsense"]) == 2
+    assert main(["--version"]) == 0

@@ -1,0 +1,49 @@
+"""Imports flow one way (DESIGN.md): a test can assert it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "volref"
+FORBIDDEN = {
+    "io": {"torch", "volref.models", "volref.stages", "volref.engine", "volref.pipeline",
+           "volref.cli", "volref.synth"},
+    "synth": {"torch", "dask.distributed", "distributed", "volref.io", "volref.models",
+              "volref.engine", "volref.pipeline", "volref.cli"},
+    "metrics": {"torch", "dask", "distributed"},
+    "models": {"dask", "distributed", "zarr", "volref.io", "volref.engine", "volref.pipeline"},
+    "stages": {"dask", "distributed", "zarr", "volref.engine", "volref.pipeline"},
+    "engine": {"volref.pipeline", "volref.cli"},
+    "pipeline": {"volref.cli"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_point_down(layer):
+    bad = []
+    for f in sorted((ROOT / layer).rglob("*.py")):
+        for name in imports(f):
+            if any(name == x or name.startswith(x + ".") for x in FORBIDDEN[layer]):
+                bad.append(f"{f.relative_to(ROOT)}: {name}")
+    assert not bad, bad
+
+
+def test_io_and_synth_run_without_torch():
+    code = ("import sys, volref.io, volref.synth, volref.pipeline.phantom; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
