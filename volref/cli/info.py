@@ -8,7 +8,7 @@ from volref.errors import UnsupportedImageError, VolrefError
 from volref.io import label_names, open_multiscale, read_multiscale
 from volref.io.image import select_volume
 from volref.io.ngff import Multiscale
-from volref.io.store import redact
+from volref.io.store import members, redact
 
 VOLREF_LABELS = ("volref-initial", "volref-refined", "volref-mitochondria")
 
@@ -74,7 +74,7 @@ def _volref_outputs(group: zarr.Group) -> list[str]:
             n = info.get("n_mitochondria")
             found.append(f"phantom (seed {p.get('seed')}, {n} mitochondri{'on' if n == 1 else 'a'};"
                          " ground truth in labels)")
-        found.extend(f"volref/{k}" for k in sorted(meta.keys()))
+        found.extend(f"volref/{k}" for k in members(meta))
     try:
         group["tables"]
         found.append("tables")

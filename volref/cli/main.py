@@ -66,8 +66,7 @@ def synth(ctx, out, shape, seed, chunks, density, degraded_fraction, noise, voxe
                          voxel_size_um=voxel_size)
     start = time.perf_counter()
     work = write_phantom(config, out, version=ngff, levels=levels, overwrite=overwrite)
-    with DaskProgress("synth", enabled=ctx.obj["progress"]):
-        dask.compute(work)
+    _compute(work, "synth", ctx.obj["progress"])
     click.echo(f"wrote {out} ({' x '.join(map(str, shape))} voxels, seed {seed}) "
                f"in {time.perf_counter() - start:.1f} s")
 
@@ -105,6 +104,76 @@ def snapshot(path, out, z, labels, crop, channel, timepoint):
 
     draw(path, out, z=z, labels=labels or None, crop=crop, channel=channel, timepoint=timepoint)
     click.echo(f"wrote {out}")
+
+
+def _compute(work, description: str, progress: bool) -> None:
+    """Run lazy work on the local threaded scheduler with a progress bar."""
+    with dask.config.set(scheduler="threads"), DaskProgress(description, enabled=progress):
+        dask.compute(work)
+
+
+@cli.command()
+@click.argument("image", type=str)
+@click.option("--output", type=str, default=None,
+              help="Separate store for the results (default: add them to IMAGE's archive).")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="Ensemble checkpoint (default: the shipped weights).")
+@click.option("--channel", type=click.IntRange(min=0), default=None)
+@click.option("--timepoint", type=click.IntRange(min=0), default=None)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier volref results.")
+@click.pass_context
+def segment(ctx, image, output, model, channel, timepoint, device, overwrite):
+    """Ensemble segmentation: labels/volref-initial and volref/uncertainty."""
+    from volref.pipeline.segment import segment as run_segment
+
+    start = time.perf_counter()
+    work = run_segment(image, output=output, model=model, channel=channel, timepoint=timepoint,
+                       overwrite=overwrite, device=device)
+    _compute(work, "segment", ctx.obj["progress"])
+    click.echo(f"wrote labels/volref-initial and volref/uncertainty to {output or image} "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+@cli.command()
+@click.argument("image", type=str)
+@click.option("--output", type=str, default=None,
+              help="Store where volref segment wrote its results (default: IMAGE's archive).")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="MAE checkpoint (default: the shipped weights).")
+@click.option("--tau", type=click.FloatRange(0, 1), default=0.4, show_default=True,
+              help="Patches whose mean uncertainty exceeds this are rebuilt.")
+@click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
+              help="Tile stride (tiles are 128 px; overlaps are blended).")
+@click.option("--channel", type=click.IntRange(min=0), default=None)
+@click.option("--timepoint", type=click.IntRange(min=0), default=None)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier labels/volref-refined.")
+@click.pass_context
+def refine(ctx, image, output, model, tau, stride, channel, timepoint, device, overwrite):
+    """MAE refinement: labels/volref-refined from labels/volref-initial."""
+    from volref.pipeline.refine import refine as run_refine
+    from volref.stages.refine import RefineSettings
+
+    try:
+        settings = RefineSettings(tau=tau, stride=stride)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stride") from None
+    start = time.perf_counter()
+    work = run_refine(image, output=output, model=model, settings=settings, channel=channel,
+                      timepoint=timepoint, overwrite=overwrite, device=device)
+    _compute(work, "refine", ctx.obj["progress"])
+    click.echo(f"wrote labels/volref-refined to {output or image} "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+def _register() -> None:
+    from volref.cli.train import train
+
+    cli.add_command(train)
+
+
+_register()
 
 
 def main(argv: list[str] | None = None) -> int:

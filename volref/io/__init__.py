@@ -1,7 +1,14 @@
 """OME-Zarr I/O: open images (NGFF 0.4 and 0.5, path or URL), write multiscale images and label
 images, validate with ome-zarr-models. Never imports torch."""
 
-from volref.io.image import SUPPORTED_DTYPES, Volume, label_names, open_image, open_multiscale
+from volref.io.image import (
+    SUPPORTED_DTYPES,
+    Volume,
+    intensity_sample,
+    label_names,
+    open_image,
+    open_multiscale,
+)
 from volref.io.ngff import Axis, Level, Multiscale, read_multiscale
 from volref.io.store import check_name, is_url, open_group, redact
 from volref.io.validate import validate_image, validate_label_image
@@ -17,7 +24,7 @@ from volref.io.write import (
 
 __all__ = [
     "SUPPORTED_DTYPES", "Axis", "LabelInfo", "Level", "Multiscale", "Volume", "check_name",
-    "create_label_image", "create_multiscale", "default_levels", "label_levels", "is_url", "label_names",
+    "create_label_image", "create_multiscale", "intensity_sample", "default_levels", "label_levels", "is_url", "label_names",
     "open_group", "open_image", "open_multiscale", "pyramid_geometry", "read_multiscale",
     "redact", "store_pyramid", "validate_image", "validate_label_image",
 ]

@@ -149,6 +149,18 @@ def select_volume(group: zarr.Group, ms: Multiscale, label: str, *, channel: int
     )
 
 
+def intensity_sample(volume: Volume, max_voxels: int = 4_000_000) -> np.ndarray:
+    """A regular subsample of the volume's coarsest level (for intensity statistics)."""
+    ms = volume.multiscale
+    kinds = {a.name: (a.type or ("time" if a.name.lower() == "t" else "channel")) for a in ms.axes}
+    kw = {("channel" if kinds[k] == "channel" else "timepoint"): v
+          for k, v in volume.selection.items()}
+    coarse = select_volume(volume.group, ms, volume.location, level=len(ms.levels) - 1, **kw)
+    data = coarse.data
+    step = max(1, int(np.ceil((data.size / max_voxels) ** (1 / 3))))
+    return np.asarray(data[::step, ::step, ::step].compute(), dtype=np.float64)
+
+
 class InvalidAxisOrder(UnsupportedImageError):
     def __init__(self, label: str, ms: Multiscale) -> None:
         super().__init__(f"{label}: spatial axes must come last, got ({', '.join(ms.axis_names)})")

@@ -88,6 +88,25 @@ def open_group(location: str | os.PathLike, mode: str = "r",
     return node
 
 
+def has_member(group: zarr.Group, name: str) -> bool:
+    """Whether ``group`` holds ``name`` (looked up, not listed)."""
+    try:
+        group[name]
+    except KeyError:
+        return False
+    return True
+
+
+def members(group: zarr.Group) -> list[str]:
+    """Names of a group's zarr members. volref keeps plain files (``provenance.json``) inside
+    its ``volref/`` group; zarr warns about them when listing, which is expected here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
+        return sorted(group.keys())
+
+
 def prepare_new_store(location: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse to create a store where one exists (unless ``overwrite``) or cannot be written."""
     if is_url(location):

@@ -33,7 +33,7 @@ from zarr.codecs import BloscCodec
 from volref.errors import OutputExistsError, VolrefError
 from volref.io.image import label_names
 from volref.io.ngff import Axis, Level, Multiscale, level_paths, multiscales_entry, set_ome
-from volref.io.store import check_name
+from volref.io.store import check_name, has_member
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def create_label_image(root: zarr.Group, name: str, levels: Sequence[Level],
     check_name(name)
     labels = _labels_group(root)
     existing = label_names(root)
-    if name in labels:
+    if has_member(labels, name):
         if not overwrite:
             raise OutputExistsError(f"label image {name!r} exists; pass --overwrite to replace it")
         del labels[name]

@@ -1,0 +1,251 @@
+"""Models and stages on CPU: shapes, entropy bounds, masking logic, checkpoints, tiny training."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from volref.classes import BACKGROUND, CRISTAE, MATRIX
+from volref.models.checkpoint import CheckpointError, load_state, save_model
+from volref.models.ensemble import Ensemble, normalised_entropy
+from volref.models.mae import MAEConfig, MaskedAutoencoder, sincos_2d
+from volref.models.registry import (
+    REFINER_KIND,
+    load_refiner,
+    load_segmenter,
+    save_segmenter,
+)
+from volref.models.unet import UNet, UNetConfig
+from volref.stages.refine import RefineSettings, refine_slice, removal_mask
+from volref.stages.segment import SegmentSettings, segment_slices
+
+TINY_MAE = MAEConfig(tile=32, width=32, depth=2, heads=2, decoder_width=16, decoder_depth=1,
+                     decoder_heads=2)
+TINY_UNET = UNetConfig(base=4, levels=2)
+
+
+def test_unet_shapes():
+    net = UNet(TINY_UNET).eval()
+    assert net(torch.zeros(2, 3, 32, 48)).shape == (2, 4, 32, 48)
+
+
+def test_ensemble_matches_members_and_entropy_is_bounded():
+    torch.manual_seed(0)
+    members = [UNet(TINY_UNET).eval() for _ in range(3)]
+    ens = Ensemble(members).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+    torch.testing.assert_close(ens.mean_probabilities(x), ref, atol=1e-5, rtol=1e-4)
+    labels, u = ens.predict(x)
+    assert labels.dtype == torch.uint8 and labels.shape == (2, 32, 32)
+    assert float(u.min()) >= 0.0 and float(u.max()) <= 1.0
+
+
+def test_entropy_extremes():
+    certain = torch.tensor([[1.0, 0, 0, 0]]).reshape(1, 4, 1, 1)
+    uniform = torch.full((1, 4, 1, 1), 0.25)
+    assert float(normalised_entropy(certain)) == pytest.approx(0.0, abs=1e-6)
+    assert float(normalised_entropy(uniform)) == pytest.approx(1.0, abs=1e-6)
+    half = torch.tensor([0.5, 0.5, 0, 0]).reshape(1, 4, 1, 1)
+    assert float(normalised_entropy(half)) == pytest.approx(math.log(2) / math.log(4), abs=1e-6)
+
+
+def test_segment_slices_is_tile_invariant():
+    """Same pixels whatever tile size: each pixel sees the same receptive field."""
+    torch.manual_seed(1)
+    ens = Ensemble([UNet(TINY_UNET).eval(), UNet(TINY_UNET).eval()]).eval()
+    rng = np.random.default_rng(0)
+    vol = rng.random((4, 40, 56)).astype(np.float32)
+    outs = []
+    for tile, halo in ((16, 24), (32, 24)):
+        stack = np.pad(vol, ((1, 1), (halo, halo), (halo, halo)), mode="symmetric")
+        outs.append(segment_slices(ens, stack, SegmentSettings(tile=tile, halo=halo)))
+    # a 2-pooling U-Net's receptive field is < 24 px: interior results agree across tilings
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
+
+
+def test_mae_shapes_and_batch_invariance():
+    torch.manual_seed(0)
+    m = MaskedAutoencoder(TINY_MAE).eval()
+    labels = torch.randint(0, 4, (3, 32, 32))
+    mask = torch.zeros(3, 64, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1, 5:60] = True  # different numbers of visible patches in one batch
+    with torch.no_grad():
+        out = m(labels, mask)
+        alone = m(labels[1:2], mask[1:2])
+    assert out.shape == (3, 4, 32, 32)
+    torch.testing.assert_close(out[1:2], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_mae_input_is_one_hot_not_intensity():
+    m = MaskedAutoencoder(TINY_MAE)
+    tokens = m.patchify(torch.tensor([[[0, 3], [2, 1]]]).repeat_interleave(2, 1).repeat_interleave(2, 2)
+                        .reshape(1, 4, 4).repeat(1, 8, 8))
+    assert tokens.shape[-1] == 4 * 4 * 4 and set(tokens.unique().tolist()) == {0.0, 1.0}
+
+
+def test_sincos_embedding():
+    e = sincos_2d(32, 8)
+    assert e.shape == (64, 32)
+    assert not torch.allclose(e[0], e[1])
+
+
+# ---------------------------------------------------------------- masking logic
+
+
+def _scene():
+    """A slice with a mitochondrion in the middle, an uncertain patch on it and one far away."""
+    labels = np.zeros((64, 64), dtype=np.uint8)
+    labels[20:44, 20:44] = MATRIX
+    labels[30:34, 20:44] = CRISTAE
+    unc = np.zeros((64, 64), dtype=np.float32)
+    unc[24:28, 24:28] = 0.9  # on the mitochondrion
+    unc[0:4, 60:64] = 0.9  # far from it
+    unc[28:32, 28:32] = 0.3  # below tau
+    return labels, unc
+
+
+def test_removed_patches_are_exactly_uncertain_and_near():
+    labels, unc = _scene()
+    mask = removal_mask(labels, unc, patch=4, tau=0.4, near_px=8)
+    expected = np.zeros((16, 16), dtype=bool)
+    expected[6, 6] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_refine_changes_only_removed_pixels():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(TINY_MAE).eval()
+    labels, unc = _scene()
+    settings = RefineSettings(tile=32, stride=16, tau=0.4, near_px=8)
+    m = settings.margin
+    out = refine_slice(model, np.pad(labels, m), np.pad(unc, m), settings)
+    assert out.labels.shape == labels.shape
+    assert out.removed.sum() == 16
+    np.testing.assert_array_equal(out.labels[~out.removed], labels[~out.removed])
+    assert out.tiles_run < out.tiles_total  # tiles without a removed patch skip the MAE
+
+
+def test_refine_skips_everything_when_certain():
+    model = MaskedAutoencoder(TINY_MAE).eval()
+    labels, _ = _scene()
+    settings = RefineSettings(tile=32, stride=16)
+    m = settings.margin
+    out = refine_slice(model, np.pad(labels, m), np.zeros((64 + 2 * m,) * 2, np.float32), settings)
+    assert out.tiles_run == 0
+    np.testing.assert_array_equal(out.labels, labels)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    members = [UNet(TINY_UNET).eval() for _ in range(2)]
+    path = save_segmenter(tmp_path / "seg.safetensors", members, {"note": "test"})
+    ens = load_segmenter(path)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ens.mean_probabilities(x), Ensemble(members).mean_probabilities(x))
+    mae = MaskedAutoencoder(TINY_MAE).eval()
+    save_model(tmp_path / "mae.safetensors", mae, REFINER_KIND, TINY_MAE.to_dict())
+    back = load_refiner(tmp_path / "mae.safetensors")
+    for (k, a), (_, b) in zip(mae.state_dict().items(), back.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_pickle_checkpoint_is_refused_without_loading(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (pytest.fail, ("pickle was executed",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_refiner(path)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "model.pth")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_segmenter(tmp_path / "model.pth")
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_refiner(tmp_path / "missing.safetensors")
+    mae = MaskedAutoencoder(TINY_MAE)
+    path = save_model(tmp_path / "mae.safetensors", mae, REFINER_KIND, TINY_MAE.to_dict())
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_refiner(truncated)
+    with pytest.raises(CheckpointError, match="expected volref-unet-ensemble"):
+        load_segmenter(path)
+    wrong = MAEConfig(**{**TINY_MAE.to_dict(), "n_classes": 3})
+    save_model(tmp_path / "c3.safetensors", MaskedAutoencoder(wrong), REFINER_KIND, wrong.to_dict())
+    with pytest.raises(CheckpointError, match="3 classes"):
+        load_refiner(tmp_path / "c3.safetensors")
+    lying = save_model(tmp_path / "lie.safetensors", MaskedAutoencoder(TINY_MAE), REFINER_KIND,
+                       {**TINY_MAE.to_dict(), "depth": 3})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_refiner(lying)
+    _, meta = load_state(path, REFINER_KIND)
+    assert meta["config"]["tile"] == 32
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_tiny_mae_training_lowers_the_loss():
+    from volref.train.refiner import RefinerRecipe, TilePool, make_batch
+
+    rng = np.random.default_rng(0)
+    base, _ = _scene()
+    labels = np.stack([np.roll(base, (int(rng.integers(-8, 8)), int(rng.integers(-8, 8))), (0, 1))
+                       for _ in range(16)])[:, 16:48, 16:48]
+    pool = TilePool(labels, np.zeros(labels.shape, np.float32))
+    recipe = RefinerRecipe(batch=8, crop=32, mae=TINY_MAE, lr=3e-3, bf16=False)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(TINY_MAE)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    w = torch.tensor(recipe.class_weights)
+    fixed = make_batch(pool, recipe, np.random.default_rng(1))
+
+    def loss_on(batch):
+        lab, mask, keep, off = batch
+        return model.forward_loss(model(lab, mask, off), lab, mask, keep, w)
+
+    with torch.no_grad():
+        before = float(loss_on(fixed))
+    for _ in range(60):
+        loss = loss_on(make_batch(pool, recipe, rng))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(loss_on(fixed))
+    assert after < 0.8 * before
+
+
+def test_tiny_segmenter_training_lowers_the_loss(small_phantom, tmp_path):
+    from volref.train.data import load_volume
+    from volref.train.segmenter import SegmenterRecipe, train_segmenter
+
+    vol = load_volume(small_phantom)
+    recipe = SegmenterRecipe(members=2, epochs=2, steps_per_epoch=8, batch=4, crop=32,
+                             unet=TINY_UNET, lr=1e-2)
+    path = train_segmenter([vol], recipe, tmp_path / "seg")
+    import json
+
+    card = json.loads(path.with_suffix(".json").read_text())["card"]
+    losses = card["loss_per_epoch"]["member-0"]
+    assert losses[-1] < losses[0]
+    assert len(load_segmenter(path).members) == 2
+    # resume: a finished run re-opened trains nothing more and gives the same file contents
+    again = train_segmenter([vol], recipe, tmp_path / "seg")
+    assert again.read_bytes() == path.read_bytes()

@@ -1,0 +1,119 @@
+"""``volref train segmenter`` and ``volref train refiner``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainingProgress:
+    """Observer of training events drawn as a rich progress bar on stderr."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.label = label
+        self.progress: Progress | None = None
+        self.task = None
+
+    def __enter__(self) -> TrainingProgress:
+        if self.enabled:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=self.console)
+            self.progress.start()
+        return self
+
+    def __call__(self, event: dict) -> None:
+        if self.progress is None:
+            return
+        desc = self.label + (f" member {event['member'] + 1}/{event['members']}"
+                             if "member" in event else "")
+        if self.task is None or self.progress.tasks[0].description != desc:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(desc, total=event["steps"], loss=0.0)
+        self.progress.update(self.task, completed=event["step"], loss=event["loss"])
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def command_line() -> str:
+    return "volref " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@click.group()
+def train() -> None:
+    """Train the segmentation ensemble or the MAE refiner on OME-Zarr volumes."""
+
+
+@train.command("segmenter")
+@click.option("--data", "data", multiple=True, required=True,
+              help="OME-Zarr image with labels (repeatable).")
+@click.option("--labels", default="ground-truth", show_default=True,
+              help="Label image holding the annotations.")
+@click.option("--degraded", default="degraded", show_default=True,
+              help="Label image marking low-SNR areas (annotator ambiguity is simulated there).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for checkpoints and the finished ensemble.")
+@click.option("--members", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Optimizer steps per epoch.")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.pass_context
+def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, seed):
+    """Train K 2.5-D U-Nets on different subsets, seeds and simulated annotators.
+
+    Interrupted runs resume from the last finished epoch when started again with the same OUT.
+    """
+    from volref.train.data import load_volume
+    from volref.train.segmenter import SegmenterRecipe, train_segmenter
+
+    volumes = [load_volume(d, labels=labels, degraded=degraded or None) for d in data]
+    recipe = SegmenterRecipe(members=members, epochs=epochs, steps_per_epoch=steps,
+                             batch=batch, seed=seed)
+    with TrainingProgress("segmenter", ctx.obj["progress"]) as progress:
+        path = train_segmenter(volumes, recipe, out, observer=progress,
+                               data_names=list(data), command=command_line())
+    click.echo(f"wrote {path}")
+
+
+@train.command("refiner")
+@click.option("--data", "data", multiple=True, required=True,
+              help="OME-Zarr image segmented by volref segment (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for checkpoints and the finished model.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Optimizer steps per epoch.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--crop", type=click.Choice(["64", "128"]), default="64", show_default=True,
+              help="Training tile size (64 on CPU; the paper's 128 on a GPU).")
+@click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.pass_context
+def refiner(ctx, data, out, epochs, steps, batch, crop, fp32, seed):
+    """Train the MAE on the ensemble's own predictions (labels/volref-initial).
+
+    Interrupted runs resume from the last finished epoch when started again with the same OUT.
+    """
+    from volref.train.data import load_predictions
+    from volref.train.refiner import RefinerRecipe, tile_pool, train_refiner
+
+    recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
+                           bf16=not fp32, seed=seed)
+    pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction)
+    with TrainingProgress("refiner", ctx.obj["progress"]) as progress:
+        path = train_refiner(pool, recipe, out, observer=progress, data_names=list(data),
+                             command=command_line())
+    click.echo(f"wrote {path}")

@@ -1,0 +1,103 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else. Nothing loads through pickle.
+
+A model file ``NAME.safetensors`` is self-describing: its header metadata holds ``kind`` (which
+architecture), ``config`` (the dataclass as JSON) and ``card`` (how it was made). A readable copy
+of config and card sits beside it as ``NAME.json``. Loading checks the kind and the number of
+classes before building the model, and refuses pickle files (``torch.save`` output, ``.pt``,
+``.pth``) by their first bytes without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from volref.errors import VolrefError
+
+
+class CheckpointError(VolrefError, ValueError):
+    """A checkpoint that is missing, truncated, of another architecture, or not safetensors."""
+
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; zip (torch.save since 1.6)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 meta: dict[str, Any]) -> Path:
+    """Write tensors + JSON-able metadata atomically (write to a temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(flat, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file and its metadata; refuse anything else with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        raise CheckpointError(
+            f"{path} is a pickle/torch.save file; volref loads only safetensors checkpoints "
+            "(pickle can run arbitrary code, so it is refused without loading)")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                              "is it truncated?") from exc
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata is not JSON ({exc})") from exc
+    return tensors, meta
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, kind: str, config: dict[str, Any],
+               card: dict[str, Any] | None = None) -> Path:
+    """Save a model's state as ``path`` (safetensors) and ``path`` with ``.json`` (readable)."""
+    path = Path(path)
+    meta = {"kind": kind, "config": config, "card": card or {}}
+    save_tensors(path, model.state_dict(), meta)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_state(path: str | os.PathLike, kind: str,
+               n_classes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and metadata of a model file, after checking its kind and classes."""
+    tensors, meta = load_tensors(path)
+    found = meta.get("kind")
+    if found != kind:
+        raise CheckpointError(f"{path} holds a {found or 'unknown'} model, expected {kind}")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: no model config in its metadata")
+    if n_classes is not None and config.get("n_classes") != n_classes:
+        raise CheckpointError(f"{path} predicts {config.get('n_classes')} classes, "
+                              f"expected {n_classes}")
+    return tensors, meta
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load a state dict strictly; a mismatch is a wrong architecture, not a crash."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path} does not fit the architecture of its config ({first})") from exc

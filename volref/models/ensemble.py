@@ -1,0 +1,69 @@
+"""K segmentation networks run as one: mean class probabilities -> labels and uncertainty.
+
+Members are stacked with ``torch.func.stack_module_state`` and evaluated with ``vmap`` in one
+batched pass; the (K, N, C, H, W) probabilities stay on the device, and only the argmax labels
+and the normalised entropy leave it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from volref.models.unet import UNet
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: list[UNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+        self._stacked: tuple[dict, dict] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return self.config.n_classes
+
+    def train(self, mode: bool = True) -> Ensemble:
+        self._stacked = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(device) and friends drop the stacked copy
+        self._stacked = None
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def mean_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (N, S, H, W)`` -> mean softmax over members ``(N, C, H, W)`` (float32)."""
+        if len(self.members) == 1:
+            return torch.softmax(self.members[0](x).float(), dim=1)
+        if self._stacked is None:
+            params, buffers = stack_module_state(list(self.members))
+            self._stacked = (params, buffers)
+            self._base = copy.deepcopy(self.members[0]).to("meta")
+        params, buffers = self._stacked
+
+        def one(p, b, inp):
+            return functional_call(self._base, (p, b), (inp,))
+
+        logits = torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)  # (K, N, C, H, W)
+        return torch.softmax(logits.float(), dim=2).mean(dim=0)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels ``(N, H, W)`` uint8 and normalised entropy ``(N, H, W)`` in [0, 1]."""
+        p = self.mean_probabilities(x)
+        return p.argmax(dim=1).to(torch.uint8), normalised_entropy(p)
+
+
+def normalised_entropy(p: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Shannon entropy of class probabilities over ``dim``, divided by log(C): in [0, 1]."""
+    c = p.shape[dim]
+    h = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=dim)
+    return (h / math.log(c)).clamp_(0.0, 1.0)

@@ -1,0 +1,237 @@
+"""The masked autoencoder of segmentation tiles (Sauer et al. 2024; MAE of He et al. 2022).
+
+A tile of class labels is cut into p x p patches; the encoder (a ViT) sees only the visible
+patches, the decoder sees the encoded visible tokens plus one learnable mask token per removed
+patch and predicts p*p class logits for every patch. Classes enter as one-hot vectors through a
+linear patch embedding — not as one float intensity, which would pretend class ids are ordered.
+
+Shapes::
+
+    labels (N, H, W) int   -> patchify -> one-hot tokens (N, L, p*p*C), L = (H/p)*(W/p)
+    mask   (N, L) bool     True = removed (to reconstruct)
+    forward_encoder  -> (N, Lv, D)  visible tokens only (Lv = most visible in the batch; padded)
+    forward_decoder  -> (N, L, p*p*C) logits for every patch
+    forward_loss     -> class-weighted cross-entropy on removed patches' kept pixels
+
+Tiles in a batch may have different numbers of removed patches: visible tokens are packed to the
+front and padded, and attention ignores the padding (a boolean key mask through
+``scaled_dot_product_attention``).
+
+Positional embeddings are fixed 2-D sine-cosine (scaled by ``pos_scale``, 0.08 as in the
+reference code) on a ``grid x grid`` lattice; a smaller tile can sit at any offset of it
+(``offset``), which lets training use 64x64 crops and inference 128x128 tiles with the same
+embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    tile: int = 128
+    patch: int = 4
+    n_classes: int = 4
+    width: int = 128
+    depth: int = 14
+    heads: int = 4
+    decoder_width: int = 64
+    decoder_depth: int = 7
+    decoder_heads: int = 2
+    mlp_ratio: float = 2.0
+    pos_scale: float = 0.08
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MAEConfig:
+        return cls(**d)
+
+    @property
+    def grid(self) -> int:
+        return self.tile // self.patch
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine embeddings ``(grid*grid, width)``, row-major (y, x)."""
+    if width % 4:
+        raise ValueError("width must be a multiple of 4 for 2-D sin-cos embeddings")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    ys, xs = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = []
+    for coord in (ys.ravel(), xs.ravel()):
+        angle = coord[:, None] * omega[None, :]
+        parts += [np.sin(angle), np.cos(angle)]
+    return torch.from_numpy(np.concatenate(parts, axis=1)).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, h, T, d/h)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, h, T, d/h)
+        return self.proj(y.transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention and an MLP, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        token = c.patch * c.patch * c.n_classes
+        self.embed = nn.Linear(token, c.width)
+        self.register_buffer("pos", sincos_2d(c.width, c.grid) * c.pos_scale, persistent=False)
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+        self.decoder_embed = nn.Linear(c.width, c.decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_width))
+        self.register_buffer("decoder_pos", sincos_2d(c.decoder_width, c.grid) * c.pos_scale,
+                             persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.decoder_width, c.decoder_heads, c.mlp_ratio) for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(c.decoder_width)
+        self.head = nn.Linear(c.decoder_width, token)
+        self.apply(self._init)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------ patches
+
+    def patchify(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W)`` class ids -> one-hot tokens ``(N, L, p*p*C)``."""
+        n, h, w = labels.shape
+        p, c = self.config.patch, self.config.n_classes
+        onehot = F.one_hot(labels.long().clamp(0, c - 1), c).to(self.embed.weight.dtype)
+        x = onehot.reshape(n, h // p, p, w // p, p, c)  # (N, gh, p, gw, p, C)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(n, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Logit tokens ``(N, L, p*p*C)`` -> ``(N, C, H, W)``."""
+        n = tokens.shape[0]
+        p, c = self.config.patch, self.config.n_classes
+        x = tokens.reshape(n, h // p, w // p, p, p, c)  # (N, gh, gw, p, p, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+
+    def _positions(self, table: torch.Tensor, gh: int, gw: int,
+                   offset: tuple[int, int]) -> torch.Tensor:
+        g = self.config.grid
+        oy, ox = offset
+        if oy + gh > g or ox + gw > g:
+            raise ValueError(f"a {gh}x{gw} patch grid at {offset} exceeds the {g}x{g} lattice")
+        return table.reshape(g, g, -1)[oy:oy + gh, ox:ox + gw].reshape(gh * gw, -1)
+
+    # ------------------------------------------------------------ the model
+
+    def forward_encoder(self, labels: torch.Tensor, mask: torch.Tensor,
+                        offset: tuple[int, int] = (0, 0)):
+        """Encode the visible patches. Returns tokens ``(N, Lv, D)``, their patch indices
+        ``(N, Lv)`` and a validity mask ``(N, Lv)`` (False = padding)."""
+        n, h, w = labels.shape
+        p = self.config.patch
+        gh, gw = h // p, w // p
+        x = self.embed(self.patchify(labels)) + self._positions(self.pos, gh, gw, offset)
+        visible = ~mask  # (N, L)
+        counts = visible.sum(dim=1)
+        lv = max(int(counts.max()), 1)
+        # stable sort: visible patches first, in patch order
+        order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, :lv]  # (N, Lv)
+        valid = torch.arange(lv, device=labels.device)[None, :] < counts[:, None]  # (N, Lv)
+        x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))  # (N, Lv, D)
+        key_mask = None if bool(valid.all()) else valid
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.norm(x), order, valid
+
+    def forward_decoder(self, encoded: torch.Tensor, order: torch.Tensor, valid: torch.Tensor,
+                        n_patches: int, gh: int, gw: int,
+                        offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """Logit tokens ``(N, L, p*p*C)`` for every patch of the tile."""
+        n = encoded.shape[0]
+        x = self.decoder_embed(encoded)  # (N, Lv, Dd)
+        full = self.mask_token.to(x.dtype).expand(n, n_patches, -1).clone()  # (N, L, Dd)
+        idx = torch.where(valid, order, torch.full_like(order, n_patches))  # padding -> dummy
+        full = torch.cat([full, full[:, :1]], dim=1)  # one dummy slot for padded tokens
+        full.scatter_(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)
+        x = full[:, :n_patches] + self._positions(self.decoder_pos, gh, gw, offset)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.head(self.decoder_norm(x))
+
+    def forward(self, labels: torch.Tensor, mask: torch.Tensor,
+                offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """``labels (N, H, W)``, ``mask (N, L)`` -> logits ``(N, C, H, W)`` for every pixel."""
+        n, h, w = labels.shape
+        p = self.config.patch
+        encoded, order, valid = self.forward_encoder(labels, mask, offset)
+        tokens = self.forward_decoder(encoded, order, valid, mask.shape[1], h // p, w // p, offset)
+        return self.unpatchify(tokens, h, w)
+
+    def forward_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                     keep: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on pixels of removed patches that ``keep`` allows (certain, near a
+        mitochondrion). ``logits (N, C, H, W)``, ``labels/keep (N, H, W)``, ``mask (N, L)``."""
+        n, h, w = labels.shape
+        p = self.config.patch
+        pix = mask.reshape(n, h // p, 1, w // p, 1).expand(n, h // p, p, w // p, p)
+        pix = pix.reshape(n, h, w) & keep
+        target = torch.where(pix, labels.long(), torch.full_like(labels.long(), -100))
+        return F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-100)
+
+
+def mae_flops(config: MAEConfig, visible: int, total: int | None = None) -> float:
+    """Multiply-adds x 2 of one tile's forward pass with ``visible`` encoder tokens."""
+    c = config
+    total = total or c.grid * c.grid
+
+    def stack(d: int, t: int, depth: int) -> float:
+        per_layer = 4 * t * d * d + 2 * t * d * int(d * c.mlp_ratio) + 2 * t * t * d
+        return 2.0 * depth * per_layer
+
+    token = c.patch * c.patch * c.n_classes
+    return (stack(c.width, visible, c.depth) + stack(c.decoder_width, total, c.decoder_depth)
+            + 2.0 * (visible * token * c.width + visible * c.width * c.decoder_width
+                     + total * c.decoder_width * token))

@@ -1,0 +1,86 @@
+"""Model files volref ships and loads: the segmentation ensemble and the MAE refiner.
+
+``segmenter.safetensors`` holds all K members (``member{k}.<param>``); ``refiner.safetensors``
+holds one MAE. Both are written by ``volref train …`` and shipped in ``volref/models/weights``;
+:func:`load_segmenter` and :func:`load_refiner` use those when no path is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from volref.classes import N_CLASSES
+from volref.models.checkpoint import CheckpointError, load_into, load_state, save_tensors
+from volref.models.ensemble import Ensemble
+from volref.models.mae import MAEConfig, MaskedAutoencoder
+from volref.models.unet import UNet, UNetConfig
+
+WEIGHTS = Path(__file__).parent / "weights"
+DEFAULT_SEGMENTER = WEIGHTS / "segmenter.safetensors"
+DEFAULT_REFINER = WEIGHTS / "refiner.safetensors"
+SEGMENTER_KIND = "volref-unet-ensemble"
+REFINER_KIND = "volref-mae"
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file (recorded in provenance; keys per-worker model caches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_segmenter(path: str | os.PathLike, members: list[UNet],
+                   card: dict[str, Any] | None = None) -> Path:
+    tensors = {f"member{k}.{name}": t for k, m in enumerate(members)
+               for name, t in m.state_dict().items()}
+    config = {**members[0].config.to_dict(), "members": len(members)}
+    meta = {"kind": SEGMENTER_KIND, "config": config, "card": card or {}}
+    path = save_tensors(path, tensors, meta)
+    import json
+
+    Path(path).with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_segmenter(path: str | os.PathLike | None = None,
+                   device: str | torch.device = "cpu") -> Ensemble:
+    """The ensemble in ``path`` (default: the shipped one), in eval mode on ``device``."""
+    path = Path(path) if path is not None else DEFAULT_SEGMENTER
+    state, meta = load_state(path, SEGMENTER_KIND, n_classes=N_CLASSES)
+    config = dict(meta["config"])
+    k = int(config.pop("members", 0))
+    try:
+        unet_config = UNetConfig.from_dict(config)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: config does not describe a U-Net ({exc})") from exc
+    if k < 1:
+        raise CheckpointError(f"{path}: an ensemble needs at least one member")
+    members = []
+    for i in range(k):
+        prefix = f"member{i}."
+        sub = {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+        m = UNet(unet_config)
+        load_into(m, sub, path)
+        members.append(m)
+    return Ensemble(members).to(device).eval()
+
+
+def load_refiner(path: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu") -> MaskedAutoencoder:
+    """The MAE in ``path`` (default: the shipped one), in eval mode on ``device``."""
+    path = Path(path) if path is not None else DEFAULT_REFINER
+    state, meta = load_state(path, REFINER_KIND, n_classes=N_CLASSES)
+    try:
+        config = MAEConfig.from_dict(meta["config"])
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: config does not describe the MAE ({exc})") from exc
+    model = MaskedAutoencoder(config)
+    load_into(model, state, path)
+    return model.to(device).eval()

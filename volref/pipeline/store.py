@@ -1,0 +1,58 @@
+"""Where a stage writes: into the input archive (adding groups only) or a separate store, and
+the provenance it leaves there."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from volref import __version__
+from volref.errors import OutputError
+from volref.io import Multiscale, open_group, redact
+from volref.io.store import check_writable_group, is_url, local_path, prepare_new_store
+
+
+def open_target(image_location: str | os.PathLike, image: Multiscale,
+                output: str | os.PathLike | None) -> tuple[zarr.Group, str]:
+    """The group a stage writes into and its location.
+
+    Without ``output``: the input archive, opened for adding groups (refused when read-only).
+    With ``output``: that store, created in the input's zarr format if it does not exist.
+    """
+    if output is None:
+        root = open_group(image_location, mode="r+")
+        check_writable_group(root, image_location)
+        return root, str(image_location)
+    if str(output) == str(image_location):
+        return open_target(image_location, image, None)
+    exists = local_path(output).exists() if not is_url(output) else False
+    if exists:
+        root = open_group(output, mode="r+")
+        check_writable_group(root, output)
+        if root.metadata.zarr_format != image.zarr_format:
+            raise OutputError(f"{redact(output)} is zarr v{root.metadata.zarr_format} but the "
+                              f"image is zarr v{image.zarr_format} (NGFF {image.version})")
+        return root, str(output)
+    prepare_new_store(output)
+    root = open_group(output, mode="w-", zarr_format=image.zarr_format)
+    root.attrs["volref"] = {"source": redact(image_location), "version": __version__}
+    return root, str(output)
+
+
+def record_provenance(root: zarr.Group, stage: str, entry: dict[str, Any]) -> None:
+    """Add ``entry`` under ``stage`` in ``volref/provenance.json`` (and the group's attributes)."""
+    meta = root.require_group("volref")
+    attrs = dict(meta.attrs.get("volref", {}))
+    prov = dict(attrs.get("provenance", {}))
+    prov[stage] = {"volref": __version__, **entry}
+    attrs["provenance"] = prov
+    meta.attrs["volref"] = attrs
+    text = json.dumps(prov, indent=2, sort_keys=True).encode()
+    buf = default_buffer_prototype().buffer.from_bytes(text)
+    key = f"{root.path}/volref/provenance.json".lstrip("/")
+    sync(root.store.set(key, buf))

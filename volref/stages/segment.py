@@ -1,0 +1,89 @@
+"""Ensemble segmentation of a block: labels and normalised entropy, slice by slice.
+
+Each z-slice is predicted from three slices (the 2.5-D input) on a global x/y tile grid: tiles
+of ``tile`` pixels, each read with ``halo`` pixels of context on every side, so a pixel's result
+depends only on the volume and the grid — not on how the volume was cut into blocks::
+
+      halo ┌──────────────────┐
+           │  ┌────────────┐  │   network input: tile + 2 halo
+           │  │ tile (kept) │  │   output kept:   the tile
+           │  └────────────┘  │
+           └──────────────────┘
+
+The caller passes the block with one extra slice above and below (z halo 1) where the volume has
+them, and with the x/y halo already read from the neighbouring data; at the volume's edges the
+input is mirrored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from volref.models.ensemble import Ensemble
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    tile: int = 256
+    halo: int = 32
+
+    def to_dict(self) -> dict[str, int]:
+        return {"tile": self.tile, "halo": self.halo}
+
+
+def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
+                   device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Predict the middle slices of ``stack``.
+
+    Parameters
+    ----------
+    stack
+        ``(nz + 2, Y + 2*halo, X + 2*halo)`` normalised float32: the block with one slice of z
+        context on each side and ``halo`` pixels of x/y context (mirrored at volume edges).
+
+    Returns
+    -------
+    labels ``(nz, Y, X)`` uint8 and uncertainty ``(nz, Y, X)`` float32 in [0, 1].
+    """
+    t, h = settings.tile, settings.halo
+    nz = stack.shape[0] - 2
+    ny, nx = stack.shape[1] - 2 * h, stack.shape[2] - 2 * h
+    s = ensemble.config.in_slices
+    if s != 3:
+        raise ValueError(f"segment_slices expects a 3-slice network, got {s}")
+    m = ensemble.config.multiple
+    if (t + 2 * h) % m:
+        raise ValueError(f"tile + 2*halo must be a multiple of {m}")
+    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    uncertainty = np.zeros((nz, ny, nx), dtype=np.float32)
+    for z in range(nz):
+        windows, places = [], []
+        for y0 in range(0, ny, t):
+            for x0 in range(0, nx, t):
+                win = stack[z:z + 3, y0:y0 + t + 2 * h, x0:x0 + t + 2 * h]
+                if win.shape[1:] != (t + 2 * h, t + 2 * h):  # the last tiles: pad by mirroring
+                    pad = ((0, 0), (0, t + 2 * h - win.shape[1]), (0, t + 2 * h - win.shape[2]))
+                    win = np.pad(win, pad, mode="symmetric")
+                windows.append(win)
+                places.append((y0, x0))
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(windows))).to(device)
+        lab, unc = ensemble.predict(x)  # (B, t+2h, t+2h) each, on the device
+        lab = lab[:, h:h + t, h:h + t].cpu().numpy()
+        unc = unc[:, h:h + t, h:h + t].float().cpu().numpy()
+        for (y0, x0), lb, un in zip(places, lab, unc):
+            ys, xs = min(t, ny - y0), min(t, nx - x0)
+            labels[z, y0:y0 + ys, x0:x0 + xs] = lb[:ys, :xs]
+            uncertainty[z, y0:y0 + ys, x0:x0 + xs] = un[:ys, :xs]
+    return labels, uncertainty
+
+
+def uncertainty_to_uint8(u: np.ndarray) -> np.ndarray:
+    """Stored form of the normalised entropy: round(255 u) (resolution 0.004)."""
+    return np.rint(np.clip(u, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def uncertainty_from_uint8(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) / np.float32(255.0)

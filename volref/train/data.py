@@ -1,0 +1,146 @@
+"""Training data from OME-Zarr volumes: image, annotations, and where the stain was weak.
+
+Annotations of real pan-ExM data are ambiguous exactly where the stain is weak: one annotator
+draws the cristae they guess, another leaves the area as background, a third paints the whole
+mitochondrion as matrix. :func:`annotator_labels` simulates that inside the phantom's degraded
+areas, differently for every ensemble member, which is what lets the members disagree there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+from volref.errors import VolrefError
+from volref.io import intensity_sample, label_names, open_image
+from volref.io.ngff import read_multiscale
+from volref.stages.normalise import IntensityRange, normalise, range_of
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255  # label value left out of every loss
+
+
+@dataclass
+class Volume:
+    """A training volume in memory: normalised image, classes, degraded mask (all z, y, x)."""
+
+    name: str
+    image: np.ndarray  # float32, normalised
+    classes: np.ndarray  # uint8
+    degraded: np.ndarray  # bool
+    intensity: IntensityRange
+
+
+def load_volume(location: str | os.PathLike, labels: str = "ground-truth",
+                degraded: str | None = "degraded") -> Volume:
+    """Load an image and its label images fully into memory (training volumes are small)."""
+    vol = open_image(location)
+    names = label_names(vol.group)
+    if labels not in names:
+        raise VolrefError(f"{vol.location} has no label image {labels!r} (has: {', '.join(names) or 'none'})")
+    rng = range_of(intensity_sample(vol))
+    image = normalise(np.asarray(vol.data.compute()), rng)
+
+    def read(name: str) -> np.ndarray:
+        group = vol.group["labels"][name]
+        ms = read_multiscale(group, where=f"labels/{name}")
+        lead = (0,) * (ms.ndim - 3)
+        return np.asarray(group[ms.levels[0].path][lead])
+
+    classes = read(labels)
+    deg = read(degraded).astype(bool) if degraded and degraded in names else np.zeros(
+        classes.shape, dtype=bool)
+    return Volume(name=str(location), image=image, classes=classes, degraded=deg, intensity=rng)
+
+
+def annotator_labels(classes: np.ndarray, degraded: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Labels as one annotator would draw them: unchanged where the stain is clear; in degraded
+    areas one of: as truth (30 %), nothing seen (25 %), a blob of matrix (25 %), no cristae (20 %).
+    """
+    if not degraded.any():
+        return classes
+    out = classes.copy()
+    choice = rng.choice(4, p=[0.30, 0.25, 0.25, 0.20])
+    d = degraded
+    if choice == 1:
+        out[d] = BACKGROUND
+    elif choice == 2:
+        out[d & (classes != BACKGROUND)] = MATRIX
+    elif choice == 3:
+        out[d & (classes == CRISTAE)] = MATRIX
+    return out
+
+
+def slice_stack(image: np.ndarray, z: int, n: int = 3) -> np.ndarray:
+    """The ``n`` slices centred on ``z`` (edges repeated): the 2.5-D network input."""
+    half = n // 2
+    idx = np.clip(np.arange(z - half, z + half + 1), 0, image.shape[0] - 1)
+    return image[idx]
+
+
+def sample_crops(volumes: list[Volume], n: int, size: int, rng: np.random.Generator,
+                 in_slices: int = 3, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random crops: inputs ``(n, in_slices, size, size)``, labels ``(n, size, size)``.
+
+    Crops are drawn with a bias toward mitochondria (half the crops are centred on one), flipped
+    and rotated at random, and labelled by a simulated annotator (if ``ambiguity``).
+    """
+    xs = np.empty((n, in_slices, size, size), dtype=np.float32)
+    ys = np.empty((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        v = volumes[rng.integers(len(volumes))]
+        nz, ny, nx = v.classes.shape
+        if ny < size or nx < size:
+            raise VolrefError(f"{v.name}: slices {ny}x{nx} are smaller than the crop size {size}")
+        z = int(rng.integers(nz))
+        if rng.random() < 0.5:
+            fg = np.flatnonzero(v.classes[z].ravel() != BACKGROUND)
+            if len(fg):
+                c = fg[rng.integers(len(fg))]
+                cy, cx = divmod(int(c), nx)
+                y0 = int(np.clip(cy - size // 2, 0, ny - size))
+                x0 = int(np.clip(cx - size // 2, 0, nx - size))
+            else:
+                y0, x0 = int(rng.integers(ny - size + 1)), int(rng.integers(nx - size + 1))
+        else:
+            y0, x0 = int(rng.integers(ny - size + 1)), int(rng.integers(nx - size + 1))
+        x = slice_stack(v.image, z, in_slices)[:, y0:y0 + size, x0:x0 + size]
+        y = v.classes[z, y0:y0 + size, x0:x0 + size]
+        if ambiguity:
+            y = annotator_labels(y, v.degraded[z, y0:y0 + size, x0:x0 + size], rng)
+        k = int(rng.integers(4))
+        flip = bool(rng.integers(2))
+        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
+        if flip:
+            x, y = x[:, :, ::-1], y[:, ::-1]
+        xs[i], ys[i] = x, y
+    return xs, ys
+
+
+__all__ = ["IGNORE", "IMS", "Volume", "annotator_labels", "load_volume", "sample_crops",
+           "slice_stack"]
+
+
+def load_predictions(location: str | os.PathLike, labels: str = "volref-initial",
+                     uncertainty: str = "volref/uncertainty") -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's labels and uncertainty (float32 in [0, 1]) written by ``volref segment``."""
+    vol = open_image(location)
+    if labels not in label_names(vol.group):
+        raise VolrefError(f"{vol.location} has no label image {labels!r}: run volref segment first")
+    group = vol.group["labels"][labels]
+    ms = read_multiscale(group, where=f"labels/{labels}")
+    lead = (0,) * (ms.ndim - 3)
+    lab = np.asarray(group[ms.levels[0].path][lead])
+    try:
+        ugroup = vol.group[uncertainty]
+    except KeyError:
+        raise VolrefError(f"{vol.location} has no {uncertainty}: run volref segment first") from None
+    ums = read_multiscale(ugroup, where=uncertainty)
+    unc = np.asarray(ugroup[ums.levels[0].path][lead]).astype(np.float32) / np.float32(255.0)
+    return lab, unc

@@ -1,0 +1,151 @@
+"""Training the segmentation ensemble: K U-Nets on different subsets, seeds and annotators.
+
+Each member ``k`` trains on all volumes but one (when there are several), from its own seed, on
+labels drawn by its own simulated annotator in degraded areas (:mod:`volref.train.data`).
+Checkpoints after every epoch (``member-k/state.safetensors``) make an interrupted run resume;
+the finished ensemble is one file, ``segmenter.safetensors``, with a JSON model card beside it.
+
+::
+
+    OUT/
+      member-0/state.safetensors + state.json    resumable state, after every epoch
+      …
+      segmenter.safetensors / segmenter.json     the ensemble + model card
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from volref import __version__
+from volref.models.registry import save_segmenter
+from volref.models.unet import UNet, UNetConfig
+from volref.train.data import IGNORE, Volume, sample_crops
+from volref.train.state import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SegmenterRecipe:
+    members: int = 5
+    epochs: int = 6
+    steps_per_epoch: int = 60
+    batch: int = 16
+    crop: int = 96
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    class_weights: tuple[float, ...] = (0.5, 1.5, 1.5, 1.0)
+    dice_weight: float = 0.5
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["class_weights"] = list(self.class_weights)
+        return d
+
+
+def train_segmenter(volumes: list[Volume], recipe: SegmenterRecipe, out: str | os.PathLike,
+                    observer: Observer | None = None, data_names: list[str] | None = None,
+                    command: str | None = None) -> Path:
+    """Train (or resume) every member, then write the ensemble. Returns its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    members, history = [], {}
+    for k in range(recipe.members):
+        subset = volumes if len(volumes) == 1 else [v for i, v in enumerate(volumes)
+                                                    if i != k % len(volumes)]
+        model, losses = _train_member(k, subset, recipe, out / f"member-{k}", observer)
+        members.append(model)
+        history[f"member-{k}"] = losses
+    card = {
+        "volref": __version__,
+        "recipe": recipe.to_dict(),
+        "data": data_names or [v.name for v in volumes],
+        "seed": recipe.seed,
+        "command": command,
+        "loss_per_epoch": history,
+        "architecture": "2.5-D U-Net (3 slices in, middle slice out), BatchNorm, "
+                        f"{recipe.unet.levels} poolings, base width {recipe.unet.base}",
+    }
+    return save_segmenter(out / "segmenter.safetensors", members, card)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+            dice_weight: float) -> torch.Tensor:
+    """Class-weighted cross-entropy + soft Dice (thin IMS and cristae need the Dice term)."""
+    ce = F.cross_entropy(logits, target, weight=weights, ignore_index=IGNORE)
+    if dice_weight == 0:
+        return ce
+    valid = (target != IGNORE).unsqueeze(1)
+    p = torch.softmax(logits, dim=1) * valid
+    onehot = F.one_hot(target.clamp_max(logits.shape[1] - 1), logits.shape[1])
+    onehot = onehot.permute(0, 3, 1, 2).float() * valid
+    inter = (p * onehot).sum(dim=(0, 2, 3))
+    denom = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return ce + dice_weight * (1.0 - dice.mean())
+
+
+def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder: Path,
+                  observer: Observer | None) -> tuple[UNet, list[float]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = recipe.seed * 1000 + k
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = UNet(recipe.unet)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    total = recipe.epochs * recipe.steps_per_epoch
+    state_path = folder / "state.safetensors"
+    info: dict[str, Any] = {"epoch": 0, "losses": []}
+    if state_path.exists():
+        info = load_state(state_path, model, opt, rng)
+        log.info("member %d: resuming after epoch %d", k, info["epoch"])
+    weights = torch.tensor(recipe.class_weights, dtype=torch.float32)
+    step = info["epoch"] * recipe.steps_per_epoch
+    for epoch in range(info["epoch"], recipe.epochs):
+        model.train()
+        running, start = 0.0, time.perf_counter()
+        for _ in range(recipe.steps_per_epoch):
+            for g in opt.param_groups:  # cosine schedule with a short warm-up, from the step count
+                g["lr"] = _lr(recipe.lr, step, total)
+            x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices)
+            logits = model(torch.from_numpy(x))
+            loss = loss_fn(logits, torch.from_numpy(y).long(), weights, recipe.dice_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            step += 1
+            if observer:
+                observer({"member": k, "members": recipe.members, "epoch": epoch + 1,
+                          "epochs": recipe.epochs, "step": step, "steps": total,
+                          "loss": loss.item()})
+        info["losses"].append(running / recipe.steps_per_epoch)
+        info["epoch"] = epoch + 1
+        save_state(state_path, model, opt, rng, info)
+        log.info("member %d epoch %d: loss %.4f (%.0f s)", k, epoch + 1, info["losses"][-1],
+                 time.perf_counter() - start)
+    return model.eval(), info["losses"]
+
+
+def _lr(base: float, step: int, total: int) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + np.cos(np.pi * min(t, 1.0)))
