@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean weights
 
 install: $(STAMP)
 
@@ -26,6 +26,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Reproduce the shipped weights (volref/models/weights) on this CPU: ~1.5 h on 2 cores.
+# Training phantoms use seeds 101-104; evaluation (benchmarks.paper_models) uses 998-999.
+TRAIN := build/train
+weights: $(STAMP)
+	mkdir -p $(TRAIN)
+	for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q synth $(TRAIN)/train-$$s.ome.zarr \
+		--shape 48 512 512 --density 1.2 --degraded-fraction 0.3 --seed $$s --overwrite; done
+	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter --data train-101.ome.zarr \
+		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
+		--out seg --members 5 --epochs 8 --steps 80 --seed 0
+	cd $(TRAIN) && for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q segment \
+		train-$$s.ome.zarr --model seg/segmenter.safetensors --overwrite; done
+	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
+		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
+		--out mae --epochs 36 --steps 100 --batch 32 --seed 0
+	cp $(TRAIN)/seg/segmenter.safetensors $(TRAIN)/seg/segmenter.json volref/models/weights/
+	cp $(TRAIN)/mae/refiner.safetensors $(TRAIN)/mae/refiner.json volref/models/weights/
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .hypothesis

@@ -27,11 +27,14 @@ from volref.models.ensemble import Ensemble
 
 @dataclass(frozen=True)
 class SegmentSettings:
+    """``batch`` tiles go through the ensemble at once (bounds memory: K members' activations)."""
+
     tile: int = 256
     halo: int = 32
+    batch: int = 4
 
     def to_dict(self) -> dict[str, int]:
-        return {"tile": self.tile, "halo": self.halo}
+        return {"tile": self.tile, "halo": self.halo, "batch": self.batch}
 
 
 def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
@@ -69,14 +72,15 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
                     win = np.pad(win, pad, mode="symmetric")
                 windows.append(win)
                 places.append((y0, x0))
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(windows))).to(device)
-        lab, unc = ensemble.predict(x)  # (B, t+2h, t+2h) each, on the device
-        lab = lab[:, h:h + t, h:h + t].cpu().numpy()
-        unc = unc[:, h:h + t, h:h + t].float().cpu().numpy()
-        for (y0, x0), lb, un in zip(places, lab, unc):
-            ys, xs = min(t, ny - y0), min(t, nx - x0)
-            labels[z, y0:y0 + ys, x0:x0 + xs] = lb[:ys, :xs]
-            uncertainty[z, y0:y0 + ys, x0:x0 + xs] = un[:ys, :xs]
+        for i in range(0, len(windows), settings.batch):
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(windows[i:i + settings.batch])))
+            lab, unc = ensemble.predict(x.to(device))  # (B, t+2h, t+2h) each, on the device
+            lab = lab[:, h:h + t, h:h + t].cpu().numpy()
+            unc = unc[:, h:h + t, h:h + t].float().cpu().numpy()
+            for (y0, x0), lb, un in zip(places[i:i + settings.batch], lab, unc):
+                ys, xs = min(t, ny - y0), min(t, nx - x0)
+                labels[z, y0:y0 + ys, x0:x0 + xs] = lb[:ys, :xs]
+                uncertainty[z, y0:y0 + ys, x0:x0 + xs] = un[:ys, :xs]
     return labels, uncertainty
 
 

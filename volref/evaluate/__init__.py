@@ -1,0 +1,1 @@
+"""Experiments that check volref against the paper (METHOD.md), on phantoms."""

@@ -1,0 +1,124 @@
+"""The paper's model experiments on phantoms (METHOD.md, "Evaluation facts").
+
+* :func:`uncertainty_under_degradation` — §4.3: the same phantom with and without a degraded area
+  along every mitochondrion's skeleton (one seed, so geometry and noise are identical outside the
+  areas); mean ensemble uncertainty per area before and after.
+* :func:`reconstruction_dice` — Table 1: clearly stained tiles of the ensemble's own segmentation,
+  random removal of candidate patches at a given ratio, Dice of the MAE's reconstruction against
+  the removed labels.
+* :func:`segmentation_dice` — against ground truth, which the paper did not have: Dice per class
+  of a label volume, in a region (clear or degraded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from volref.classes import BACKGROUND, CLASS_NAMES, N_CLASSES
+from volref.metrics import dice, dice_per_class
+from volref.models.mae import MaskedAutoencoder
+from volref.train.refiner import patch_distance
+
+
+def uncertainty_under_degradation(before: np.ndarray, after: np.ndarray, instances: np.ndarray,
+                                  degraded: np.ndarray) -> dict:
+    """Per-mitochondrion mean uncertainty in its degraded area, before and after degradation.
+
+    ``before``/``after``: uncertainty volumes (float) of the clean and the degraded phantom;
+    ``instances``: ground-truth ids; ``degraded``: the degraded phantom's area mask. An area is
+    the part of a mitochondrion inside its degraded area.
+    """
+    area = np.where(degraded.astype(bool), instances, 0)
+    ids = np.unique(area[area > 0])
+    b = ndimage.mean(before, labels=area, index=ids)
+    a = ndimage.mean(after, labels=area, index=ids)
+    low = b <= np.percentile(b, 10)
+    top60 = np.percentile(b, 40)  # entering the top 60 % of the before-distribution
+    return {
+        "areas": int(len(ids)),
+        "mean_before": float(b.mean()),
+        "mean_after": float(a.mean()),
+        "relative_rise_percent": float(100.0 * (a.mean() / b.mean() - 1.0)),
+        "median_per_area_rise_percent": float(np.median(100.0 * (a / np.maximum(b, 1e-6) - 1.0))),
+        "lowest_decile_areas": int(low.sum()),
+        "lowest_decile_moved_to_top60": int((a[low] >= top60).sum()),
+        "lowest_decile_moved_to_top60_percent": float(100.0 * (a[low] >= top60).mean()),
+    }
+
+
+@dataclass(frozen=True)
+class Tiles:
+    labels: np.ndarray  # (T, 128, 128) uint8
+
+
+def clear_tiles(labels: np.ndarray, degraded: np.ndarray | None, tile: int = 128,
+                min_mito_fraction: float = 0.3, max_tiles: int | None = None,
+                seed: int = 0) -> Tiles:
+    """Non-overlapping tiles with > 30 % mitochondrion and no degraded voxel."""
+    out = []
+    nz, ny, nx = labels.shape
+    for z in range(nz):
+        for y in range(0, ny - tile + 1, tile):
+            for x in range(0, nx - tile + 1, tile):
+                lab = labels[z, y:y + tile, x:x + tile]
+                if degraded is not None and degraded[z, y:y + tile, x:x + tile].any():
+                    continue
+                if (lab != BACKGROUND).mean() > min_mito_fraction:
+                    out.append(lab)
+    tiles = np.stack(out) if out else np.empty((0, tile, tile), np.uint8)
+    if max_tiles is not None and len(tiles) > max_tiles:
+        keep = np.sort(np.random.default_rng(seed).choice(len(tiles), max_tiles, replace=False))
+        tiles = tiles[keep]
+    return Tiles(tiles)
+
+
+@torch.no_grad()
+def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, seed: int = 0,
+                        candidate_fraction: float = 0.7, batch: int = 16,
+                        device: str = "cpu") -> dict:
+    """Remove ``ratio`` of each tile's candidate patches, reconstruct, score the removed pixels.
+
+    Dice per class is pooled over all tiles (removed pixels only); ``mean`` averages the four
+    classes.
+    """
+    rng = np.random.default_rng(seed)
+    p = model.config.patch
+    g = tiles.labels.shape[1] // p
+    inter = np.zeros(N_CLASSES)
+    total = np.zeros(N_CLASSES)
+    accuracy = [0, 0]
+    for i in range(0, len(tiles.labels), batch):
+        labs = tiles.labels[i:i + batch]
+        masks = np.zeros((len(labs), g * g), dtype=bool)
+        for j, lab in enumerate(labs):
+            _, pdist = patch_distance(lab, p)
+            cand = np.argsort(pdist, kind="stable")[: int(round(candidate_fraction * g * g))]
+            masks[j, rng.choice(cand, int(round(ratio * len(cand))), replace=False)] = True
+        logits = model(torch.from_numpy(labs).to(device), torch.from_numpy(masks).to(device))
+        pred = logits.argmax(1).cpu().numpy().astype(np.uint8)
+        pix = np.kron(masks.reshape(-1, g, g), np.ones((1, p, p), bool)).astype(bool)
+        for c in range(N_CLASSES):
+            a, b = (pred == c) & pix, (labs == c) & pix
+            inter[c] += (a & b).sum()
+            total[c] += a.sum() + b.sum()
+        accuracy[0] += int((pred[pix] == labs[pix]).sum())
+        accuracy[1] += int(pix.sum())
+    per_class = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    return {"ratio": ratio, "tiles": int(len(tiles.labels)),
+            "dice": {CLASS_NAMES[c]: float(per_class[c]) for c in range(N_CLASSES)},
+            "mean_dice": float(per_class.mean()),
+            "pixel_accuracy": accuracy[0] / max(accuracy[1], 1)}
+
+
+def segmentation_dice(pred: np.ndarray, truth: np.ndarray, region: np.ndarray | None) -> dict:
+    """Dice per class, their mean, and Dice of the mitochondrion as a whole, inside ``region``."""
+    d = dice_per_class(pred, truth, N_CLASSES, region=region)
+    if region is not None:
+        pred, truth = pred[region.astype(bool)], truth[region.astype(bool)]
+    return {"per_class": {CLASS_NAMES[c]: float(d[c]) for c in range(N_CLASSES)},
+            "mean": float(d.mean()),
+            "mitochondrion": dice(pred != BACKGROUND, truth != BACKGROUND)}
