@@ -167,6 +167,20 @@ def refine(ctx, image, output, model, tau, stride, channel, timepoint, device, o
                f"in {time.perf_counter() - start:.1f} s")
 
 
+@cli.command()
+@click.argument("image", type=str)
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--output", type=str, default=None,
+              help="Store holding the volref results (default: IMAGE's archive).")
+@click.option("--tiles", type=click.IntRange(min=1), default=4, show_default=True)
+def panel(image, out, output, tiles):
+    """Draw tiles as in the paper's Fig. 6: image, initial, removed patches, refined, truth."""
+    from volref.report import refinement_panel
+
+    refinement_panel(image, out, results=output, n_tiles=tiles)
+    click.echo(f"wrote {out}")
+
+
 def _register() -> None:
     from volref.cli.train import train
 

@@ -1,0 +1,111 @@
+"""A figure like the paper's Fig. 6: per tile, the image, the initial segmentation, the patches
+removed for refinement, the refined segmentation and (for phantoms) the ground truth.
+
+The removed patches are recomputed from the stored initial labels and uncertainty with the same
+rule the refinement used (:func:`volref.stages.refine.removal_mask`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from volref.classes import CLASS_COLORS
+from volref.errors import VolrefError
+from volref.io import open_image
+from volref.stages.refine import RefineSettings, removal_mask
+
+TILE = 128
+
+
+def _rgb(labels: np.ndarray) -> np.ndarray:
+    out = np.zeros(labels.shape + (3,))
+    for value, rgba in CLASS_COLORS:
+        out[labels == value] = np.array(rgba[:3]) / 255.0 * (rgba[3] / 255.0)
+    return out
+
+
+def pick_tiles(removed_count: np.ndarray, n: int) -> list[tuple[int, int, int]]:
+    """The ``n`` tiles (z, y, x origins) with the most removed pixels, at most one per slice."""
+    order = np.argsort(removed_count.ravel(), kind="stable")[::-1]
+    picked, slices = [], set()
+    for flat in order:
+        z, ty, tx = np.unravel_index(flat, removed_count.shape)
+        if removed_count[z, ty, tx] == 0 or z in slices:
+            continue
+        picked.append((int(z), int(ty) * TILE, int(tx) * TILE))
+        slices.add(z)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
+                     results: str | os.PathLike | None = None, n_tiles: int = 4,
+                     settings: RefineSettings | None = None) -> Path:
+    """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = settings or RefineSettings()
+    vol = open_image(location)
+    res = zarr.open_group(str(results or location), mode="r")
+    try:
+        initial = res["labels/volref-initial/s0"]
+        refined = res["labels/volref-refined/s0"]
+        unc = res["volref/uncertainty/s0"]
+    except KeyError:
+        raise VolrefError("run volref segment and volref refine first") from None
+    root = zarr.open_group(str(location), mode="r")
+    truth = root["labels/ground-truth/s0"] if "ground-truth" in _labels(root) else None
+    nz, ny, nx = vol.shape
+    gy, gx = ny // TILE, nx // TILE
+    counts = np.zeros((nz, gy, gx), dtype=np.int64)
+    masks = {}
+    for z in range(nz):
+        lab, u = initial[z], unc[z].astype(np.float32) / 255.0
+        lab, u = lab[:gy * TILE, :gx * TILE], u[:gy * TILE, :gx * TILE]
+        rm = removal_mask(lab, u, 4, settings.tau, settings.near_px)
+        rm = np.kron(rm, np.ones((4, 4), bool))
+        masks[z] = rm
+        counts[z] = rm.reshape(gy, TILE, gx, TILE).sum(axis=(1, 3))
+    tiles = pick_tiles(counts, n_tiles)
+    if not tiles:
+        raise VolrefError("no patch was removed anywhere: nothing to show")
+    cols = ["image", "initial", "removed patches", "refined"] + (["ground truth"] if truth is not None else [])
+    fig, axes = plt.subplots(len(tiles), len(cols), figsize=(2.4 * len(cols), 2.4 * len(tiles)),
+                             squeeze=False)
+    for r, (z, y, x) in enumerate(tiles):
+        win = (slice(y, y + TILE), slice(x, x + TILE))
+        img = np.asarray(vol.data[z][win].compute(), dtype=np.float64)
+        lo, hi = np.percentile(img, [0.5, 99.8])
+        ini = initial[z][win]
+        shown = _rgb(ini)
+        shown[masks[z][win]] = (0.15, 0.15, 0.15)
+        panels = [np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), _rgb(ini), shown,
+                  _rgb(refined[z][win])]
+        if truth is not None:
+            panels.append(_rgb(truth[z][win]))
+        for c, (ax, p) in enumerate(zip(axes[r], panels)):
+            ax.imshow(p, cmap="gray" if c == 0 else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=9)
+        axes[r][0].set_ylabel(f"z {z}, y {y}, x {x}", fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _labels(root: zarr.Group) -> list[str]:
+    from volref.io import label_names
+
+    return label_names(root)
