@@ -14,6 +14,7 @@ import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
+from tests.conftest import SMALL, tree_digest
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES, N_CLASSES
 from volref.errors import (
     InputNotFoundError,
@@ -42,7 +43,6 @@ from volref.io import (
 from volref.io.store import check_writable_group
 from volref.pipeline import write_phantom
 from volref.synth import SynthConfig
-from tests.conftest import SMALL, tree_digest
 
 
 def write_image(path, data: np.ndarray, axes: str, *, version="0.5", chunks=None, levels=1,
@@ -285,7 +285,7 @@ def test_read_only_store_refused(phantom_copy):
             check_writable_group(open_group(phantom_copy, mode="r+"), phantom_copy)
         assert tree_digest(phantom_copy) == before
     finally:
-        for root, dirs, _ in os.walk(phantom_copy):
+        for root, _dirs, _ in os.walk(phantom_copy):
             os.chmod(root, 0o755)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from volref.classes import BACKGROUND, CRISTAE, MATRIX
+from volref.classes import CRISTAE, MATRIX
 from volref.models.checkpoint import CheckpointError, load_state, save_model
 from volref.models.ensemble import Ensemble, normalised_entropy
 from volref.models.mae import MAEConfig, MaskedAutoencoder, sincos_2d
@@ -249,3 +249,28 @@ def test_tiny_segmenter_training_lowers_the_loss(small_phantom, tmp_path):
     # resume: a finished run re-opened trains nothing more and gives the same file contents
     again = train_segmenter([vol], recipe, tmp_path / "seg")
     assert again.read_bytes() == path.read_bytes()
+
+
+def test_interrupted_training_resumes_to_identical_weights(small_phantom, tmp_path):
+    from volref.train.data import load_volume
+    from volref.train.segmenter import SegmenterRecipe, train_segmenter
+
+    vol = load_volume(small_phantom)
+    recipe = SegmenterRecipe(members=1, epochs=3, steps_per_epoch=3, batch=2, crop=32,
+                             unet=TINY_UNET)
+    straight = train_segmenter([vol], recipe, tmp_path / "straight")
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(event):
+        if event["epoch"] == 2 and event["step"] == 5:  # mid-way through the second epoch
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_segmenter([vol], recipe, tmp_path / "resumed", observer=interrupt)
+    assert not (tmp_path / "resumed" / "segmenter.safetensors").exists()
+    resumed = train_segmenter([vol], recipe, tmp_path / "resumed")
+    a, b = load_segmenter(straight), load_segmenter(resumed)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)

@@ -16,7 +16,6 @@ Levels halve y and x and keep z, as pan-ExM stacks are already coarser in z::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -21,7 +21,14 @@ from dask.delayed import Delayed
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
 from volref.errors import ConfigError, VolrefError
-from volref.io import LabelInfo, create_label_image, label_levels, open_image, read_multiscale, store_pyramid
+from volref.io import (
+    LabelInfo,
+    create_label_image,
+    label_levels,
+    open_image,
+    read_multiscale,
+    store_pyramid,
+)
 from volref.models.registry import DEFAULT_REFINER, file_hash, load_refiner
 from volref.pipeline.segment import INITIAL
 from volref.pipeline.store import open_target, record_provenance

@@ -23,6 +23,7 @@ import zarr
 from dask.delayed import Delayed
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
+from volref.errors import OutputExistsError
 from volref.io import (
     LabelInfo,
     Volume,
@@ -33,7 +34,6 @@ from volref.io import (
     open_image,
     store_pyramid,
 )
-from volref.errors import OutputExistsError
 from volref.io.store import has_member
 from volref.models.registry import DEFAULT_SEGMENTER, file_hash, load_segmenter
 from volref.pipeline.store import open_target, record_provenance

@@ -62,6 +62,7 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
         raise ValueError(f"tile + 2*halo must be a multiple of {m}")
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
     uncertainty = np.zeros((nz, ny, nx), dtype=np.float32)
+    dev = torch.device(device)
     for z in range(nz):
         windows, places = [], []
         for y0 in range(0, ny, t):
@@ -74,7 +75,8 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
                 places.append((y0, x0))
         for i in range(0, len(windows), settings.batch):
             x = torch.from_numpy(np.ascontiguousarray(np.stack(windows[i:i + settings.batch])))
-            lab, unc = ensemble.predict(x.to(device))  # (B, t+2h, t+2h) each, on the device
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                lab, unc = ensemble.predict(x.to(dev))  # (B, t+2h, t+2h) each, on the device
             lab = lab[:, h:h + t, h:h + t].cpu().numpy()
             unc = unc[:, h:h + t, h:h + t].float().cpu().numpy()
             for (y0, x0), lb, un in zip(places[i:i + settings.batch], lab, unc):

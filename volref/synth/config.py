@@ -9,7 +9,6 @@ from typing import Any
 from volref.errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class SynthConfig:
     """Everything that decides the voxels of a phantom.

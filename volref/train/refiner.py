@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,10 @@ from volref.classes import BACKGROUND
 from volref.models.checkpoint import save_model
 from volref.models.mae import MAEConfig, MaskedAutoencoder
 from volref.models.registry import REFINER_KIND
+from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
 log = logging.getLogger(__name__)
-Observer = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         running, start = 0.0, time.perf_counter()
         for _ in range(recipe.steps_per_epoch):
             for grp in opt.param_groups:
-                grp["lr"] = _lr(recipe.lr, step, total)
+                grp["lr"] = cosine_lr(recipe.lr, step, total, floor=0.05)
             labels, mask, keep, offset = make_batch(pool, recipe, rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits = model(labels, mask, offset)
@@ -182,10 +181,3 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
     return save_model(out / "refiner.safetensors", model.eval(), REFINER_KIND,
                       recipe.mae.to_dict(), card)
 
-
-def _lr(base: float, step: int, total: int) -> float:
-    warm = max(1, total // 20)
-    if step < warm:
-        return base * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return base * (0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * min(t, 1.0))))

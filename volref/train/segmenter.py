@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from volref import __version__
 from volref.models.registry import save_segmenter
 from volref.models.unet import UNet, UNetConfig
 from volref.train.data import IGNORE, Volume, sample_crops
+from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
-Observer = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder
         running, start = 0.0, time.perf_counter()
         for _ in range(recipe.steps_per_epoch):
             for g in opt.param_groups:  # cosine schedule with a short warm-up, from the step count
-                g["lr"] = _lr(recipe.lr, step, total)
+                g["lr"] = cosine_lr(recipe.lr, step, total)
             x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices)
             logits = model(torch.from_numpy(x))
             loss = loss_fn(logits, torch.from_numpy(y).long(), weights, recipe.dice_weight)
@@ -142,10 +141,3 @@ def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder
                  time.perf_counter() - start)
     return model.eval(), info["losses"]
 
-
-def _lr(base: float, step: int, total: int) -> float:
-    warm = max(1, total // 20)
-    if step < warm:
-        return base * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return base * 0.5 * (1.0 + np.cos(np.pi * min(t, 1.0)))
