@@ -105,10 +105,12 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--crop", type=click.Choice(["64", "128"]), default="64", show_default=True,
               help="Training tile size (64 on CPU; the paper's 128 on a GPU).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-4,
+              show_default=True, help="Peak learning rate (AdamW, cosine schedule).")
 @click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.pass_context
-def refiner(ctx, data, out, epochs, steps, batch, crop, fp32, seed):
+def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed):
     """Train the MAE on the ensemble's own predictions (labels/volref-initial).
 
     Interrupted runs resume from the last finished epoch when started again with the same OUT.
@@ -117,7 +119,7 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, fp32, seed):
     from volref.train.refiner import RefinerRecipe, tile_pool, train_refiner
 
     recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
-                           bf16=not fp32, seed=seed)
+                           lr=lr, bf16=not fp32, seed=seed)
     pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction)
     with TrainingProgress("refiner", ctx.obj["progress"]) as progress:
         path = train_refiner(pool, recipe, out, observer=progress, data_names=list(data),
