@@ -28,13 +28,19 @@ def _rgb(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def pick_tiles(removed_count: np.ndarray, n: int) -> list[tuple[int, int, int]]:
-    """The ``n`` tiles (z, y, x origins) with the most removed pixels, at most one per slice."""
-    order = np.argsort(removed_count.ravel(), kind="stable")[::-1]
+def pick_tiles(removed_count: np.ndarray, n: int,
+               fraction: tuple[float, float] = (0.05, 0.5)) -> list[tuple[int, int, int]]:
+    """``n`` tiles (z, y, x origins), at most one per slice, with the most removed pixels among
+    those whose removed share lies in ``fraction`` — tiles the MAE can rebuild from their
+    surroundings, as the method intends (a fully removed tile leaves it nothing to go on)."""
+    share = removed_count / float(TILE * TILE)
+    eligible = (share >= fraction[0]) & (share <= fraction[1])
+    score = np.where(eligible, removed_count, -1)
+    order = np.argsort(score.ravel(), kind="stable")[::-1]
     picked, slices = [], set()
     for flat in order:
         z, ty, tx = np.unravel_index(flat, removed_count.shape)
-        if removed_count[z, ty, tx] == 0 or z in slices:
+        if score[z, ty, tx] <= 0 or z in slices:
             continue
         picked.append((int(z), int(ty) * TILE, int(tx) * TILE))
         slices.add(z)
