@@ -37,7 +37,6 @@ from volref.train.state import load_state, save_state
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class SegmenterRecipe:
     members: int = 5
