@@ -6,6 +6,7 @@ is a bug and shows its traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -15,7 +16,7 @@ import dask
 
 from volref import __version__
 from volref.cli.info import describe
-from volref.cli.progress import DaskProgress
+from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import VolrefError
 
 log = logging.getLogger(__name__)
@@ -112,59 +113,145 @@ def _compute(work, description: str, progress: bool) -> None:
         dask.compute(work)
 
 
-@cli.command()
-@click.argument("image", type=str)
-@click.option("--output", type=str, default=None,
-              help="Separate store for the results (default: add them to IMAGE's archive).")
-@click.option("--model", type=click.Path(dir_okay=False), default=None,
-              help="Ensemble checkpoint (default: the shipped weights).")
-@click.option("--channel", type=click.IntRange(min=0), default=None)
-@click.option("--timepoint", type=click.IntRange(min=0), default=None)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option("--overwrite", is_flag=True, help="Replace earlier volref results.")
-@click.pass_context
-def segment(ctx, image, output, model, channel, timepoint, device, overwrite):
-    """Ensemble segmentation: labels/volref-initial and volref/uncertainty."""
-    from volref.pipeline.segment import segment as run_segment
+def engine_options(stage_options):
+    """Options every engine command shares: where results go and where the blocks run."""
 
-    start = time.perf_counter()
-    work = run_segment(image, output=output, model=model, channel=channel, timepoint=timepoint,
-                       overwrite=overwrite, device=device)
-    _compute(work, "segment", ctx.obj["progress"])
-    click.echo(f"wrote labels/volref-initial and volref/uncertainty to {output or image} "
-               f"in {time.perf_counter() - start:.1f} s")
+    def wrap(f):
+        options = [
+            click.argument("image", type=str),
+            click.option("--output", type=str, default=None,
+                         help="Separate store for the results (default: add them to IMAGE's "
+                              "archive, groups only)."),
+            click.option("--workers", type=click.IntRange(min=0), default=None,
+                         help="Local worker processes (default: one per core, one per GPU "
+                              "with GPUs; 0: run blocks one by one in this process)."),
+            click.option("--block-shape", nargs=3, type=click.IntRange(min=1), default=None,
+                         help="Block Z Y X: multiples of the output chunks and the tile grid "
+                              "(default: one chunk deep, ~512 px wide)."),
+            click.option("--scheduler", type=str, default=None,
+                         help="Address of a running Dask scheduler to use."),
+            click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False),
+                         default=None, help="Cluster file (see cluster/*.yaml) to start."),
+            click.option("--overwrite", is_flag=True,
+                         help="Recompute results made with other settings."),
+            click.option("--channel", type=click.IntRange(min=0), default=None),
+            click.option("--timepoint", type=click.IntRange(min=0), default=None),
+            *stage_options,
+            click.pass_context,
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
 
 
-@cli.command()
-@click.argument("image", type=str)
-@click.option("--output", type=str, default=None,
-              help="Store where volref segment wrote its results (default: IMAGE's archive).")
-@click.option("--model", type=click.Path(dir_okay=False), default=None,
-              help="MAE checkpoint (default: the shipped weights).")
-@click.option("--tau", type=click.FloatRange(0, 1), default=0.4, show_default=True,
-              help="Patches whose mean uncertainty exceeds this are rebuilt.")
-@click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
-              help="Tile stride (tiles are 128 px; overlaps are blended).")
-@click.option("--channel", type=click.IntRange(min=0), default=None)
-@click.option("--timepoint", type=click.IntRange(min=0), default=None)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier labels/volref-refined.")
-@click.pass_context
-def refine(ctx, image, output, model, tau, stride, channel, timepoint, device, overwrite):
-    """MAE refinement: labels/volref-refined from labels/volref-initial."""
-    from volref.pipeline.refine import refine as run_refine
+SEGMENTER_OPTION = click.option("--segmenter", type=click.Path(dir_okay=False), default=None,
+                                help="Ensemble checkpoint (default: the shipped weights).")
+REFINER_OPTIONS = (
+    click.option("--refiner", type=click.Path(dir_okay=False), default=None,
+                 help="MAE checkpoint (default: the shipped weights)."),
+    click.option("--tau", type=click.FloatRange(0, 1), default=0.4, show_default=True,
+                 help="Patches whose mean uncertainty exceeds this are rebuilt."),
+    click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
+                 help="Tile stride (tiles are 128 px; overlaps are blended)."),
+)
+CSV_OPTION = click.option("--csv", is_flag=True, help="Also write volref/metrics.csv.")
+
+
+def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
+             overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
+             csv=False, block=None):
+    from volref.engine.cluster import ClusterSpec
+    from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
 
     try:
-        settings = RefineSettings(tau=tau, stride=stride)
+        refine_settings = RefineSettings(tau=tau, stride=stride)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--stride") from None
+    settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,
+                           block_shape=tuple(block_shape) if block_shape else None,
+                           overwrite=overwrite, csv=csv)
+    if block is not None:
+        result = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
+                           output=output, settings=settings, channel=channel,
+                           timepoint=timepoint)
+        click.echo(json.dumps(result, indent=2))
+        return
+    spec = ClusterSpec(workers=workers, scheduler=scheduler, cluster_file=cluster_file,
+                       gpus=gpu_count())
     start = time.perf_counter()
-    work = run_refine(image, output=output, model=model, settings=settings, channel=channel,
-                      timepoint=timepoint, overwrite=overwrite, device=device)
-    _compute(work, "refine", ctx.obj["progress"])
-    click.echo(f"wrote labels/volref-refined to {output or image} "
-               f"in {time.perf_counter() - start:.1f} s")
+    with EngineProgress(enabled=ctx.obj["progress"]) as progress:
+        result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
+                     channel=channel, timepoint=timepoint, observer=progress,
+                     on_connect=lambda c: click.echo(
+                         f"cluster: {c.description}" +
+                         (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True))
+    click.echo(f"{result.target}: {len(result.grid)} blocks of {' x '.join(map(str, result.grid.block))}"
+               f" in {time.perf_counter() - start:.1f} s")
+    for rep in result.reports:
+        click.echo(f"  {rep.stage:<10} {rep.computed:>5} computed, {rep.skipped:>5} already "
+                   f"done, {rep.seconds:8.1f} s")
+    measured = result.report("measure")
+    if measured is not None:
+        click.echo(metrics_summary(measured.results["table"]))
+
+
+def metrics_summary(table) -> str:
+    """Mean of each consistency metric before and after refinement."""
+    from volref.metrics.consistency import METRICS
+
+    lines = [f"{len(table)} mitochondria; mean per mitochondrion   initial   refined"]
+    for m in METRICS:
+        a, b = table.get(f"initial_{m}"), table.get(f"refined_{m}")
+        if a is None:
+            continue
+        lines.append(f"  {m:<36} {a.mean():8.2f}  {b.mean():8.2f}")
+    return "\n".join(lines)
+
+
+def _block_index(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise click.BadParameter("expected Z,Y,X block indices, e.g. 0,1,2")
+    return parts
+
+
+@cli.command("run")
+@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, CSV_OPTION,
+                 click.option("--block", type=str, default=None, callback=_block_index,
+                              help="Run only block Z,Y,X (segment + refine) in this process, "
+                                   "for debugging.")])
+def run_command(ctx, **options):
+    """Segment, refine, label and measure every mitochondrion of IMAGE."""
+    _execute(ctx, ("segment", "refine", "instances", "measure"), **options)
+
+
+@cli.command()
+@engine_options([SEGMENTER_OPTION])
+def segment(ctx, **options):
+    """Ensemble segmentation: labels/volref-initial and volref/uncertainty."""
+    _execute(ctx, ("segment",), **options)
+
+
+@cli.command()
+@engine_options(list(REFINER_OPTIONS))
+def refine(ctx, **options):
+    """MAE refinement: labels/volref-refined from labels/volref-initial."""
+    _execute(ctx, ("refine",), **options)
+
+
+@cli.command()
+@engine_options([CSV_OPTION])
+def measure(ctx, **options):
+    """Mitochondria (labels/volref-mitochondria) and their metrics (volref/metrics.parquet)."""
+    _execute(ctx, ("instances", "measure"), **options)
 
 
 @cli.command()

@@ -55,3 +55,39 @@ class DaskProgress(Callback):
         elif self.enabled and not errored:
             elapsed = time.perf_counter() - self._start
             print(f"{self.description}: {self._ntasks} tasks in {elapsed:.1f} s", file=sys.stderr)
+
+
+class EngineProgress:
+    """Blocks done / total, rate and ETA per stage, fed by the engine's observer events."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self._progress: Progress | None = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> EngineProgress:
+        if self.enabled and self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("blocks"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=self.console, transient=False)
+            self._progress.start()
+        return self
+
+    def __call__(self, event: dict) -> None:
+        stage = event["stage"]
+        if self._progress is not None:
+            if event["event"] == "start":
+                self._tasks[stage] = self._progress.add_task(
+                    stage, total=event["total"], completed=event["done"])
+            elif event["event"] == "block" and stage in self._tasks:
+                self._progress.update(self._tasks[stage], completed=event["done"])
+        elif self.enabled and event["event"] == "end" and "blocks" in event:
+            print(f"{stage}: {event.get('computed', 0)} blocks computed, "
+                  f"{event.get('skipped', 0)} already done, {event.get('failed', 0)} failed, "
+                  f"{event.get('seconds', 0):.1f} s", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -166,3 +166,49 @@ def _remove_tree(path: Path) -> None:
     if not any((path / m).exists() for m in markers):
         raise OutputError(f"refusing to overwrite {path}: it is not a zarr store")
     shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------- plain files inside a store
+# volref keeps small non-array files (provenance, manifests, tables) under its own group. They
+# go through the zarr store API, so the same code works for a directory and a remote URL.
+
+
+def _key(group: zarr.Group, name: str) -> str:
+    return f"{group.path}/{name}".strip("/")
+
+
+def write_file(group: zarr.Group, name: str, data: bytes) -> None:
+    """Write ``data`` to ``name`` below ``group``, replacing it atomically where the store can."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = default_buffer_prototype().buffer.from_bytes(data)
+    sync(group.store.set(_key(group, name), buf))
+
+
+def read_file(group: zarr.Group, name: str) -> bytes | None:
+    """The bytes of ``name`` below ``group``, or None when it does not exist."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(group.store.get(_key(group, name), prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def list_files(group: zarr.Group, prefix: str) -> list[str]:
+    """Names (relative to ``prefix``) of every key below ``group``/``prefix``."""
+    from zarr.core.sync import sync
+
+    full = _key(group, prefix).rstrip("/") + "/"
+
+    async def collect() -> list[str]:
+        return [k[len(full):] async for k in group.store.list_prefix(full)]
+
+    return sorted(sync(collect()))
+
+
+def delete_files(group: zarr.Group, prefix: str) -> None:
+    """Remove every key below ``group``/``prefix``."""
+    from zarr.core.sync import sync
+
+    sync(group.store.delete_dir(_key(group, prefix)))

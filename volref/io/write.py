@@ -116,10 +116,11 @@ def _create_array(group: zarr.Group, lv: Level, axes: Sequence[Axis], version: s
                               chunk_key_encoding={"name": "v2", "separator": "/"})
 
 
-def store_pyramid(data: da.Array, arrays: Sequence[zarr.Array], method: str) -> Delayed:
+def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array], method: str) -> Delayed:
     """Lazy work that writes ``data`` to ``arrays[0]`` and each level from the one before.
 
-    ``data`` has the shape of ``arrays[0]`` (any leading non-spatial axes of size 1 included);
+    ``data`` has the shape of ``arrays[0]`` (any leading non-spatial axes of size 1 included),
+    or is None when level 0 is already stored (the engine writes it block by block);
     ``method`` is ``"mean"`` (images) or ``"nearest"`` (labels).
     """
     if method not in ("mean", "nearest"):
@@ -127,11 +128,15 @@ def store_pyramid(data: da.Array, arrays: Sequence[zarr.Array], method: str) -> 
     stores: list[Delayed] = []
     src = data
     for k, target in enumerate(arrays):
+        if k == 0 and data is None:
+            continue
         if k > 0:
             prev = arrays[k - 1]
             lead = (1,) * (prev.ndim - 3)
             read_chunks = lead + tuple(c * f for c, f in zip(target.chunks[-3:], FACTORS))
-            src = bind(da.from_zarr(prev, chunks=read_chunks), stores[-1])
+            src = da.from_zarr(prev, chunks=read_chunks)
+            if stores:
+                src = bind(src, stores[-1])
             src = _downsample(src, target.shape, method)
         if tuple(src.shape) != tuple(target.shape):
             raise VolrefError(f"internal: level {k} shape {src.shape} != target {target.shape}")

@@ -169,21 +169,25 @@ class MaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------ the model
 
     def forward_encoder(self, labels: torch.Tensor, mask: torch.Tensor,
-                        offset: tuple[int, int] = (0, 0)):
+                        offset: tuple[int, int] = (0, 0), pad_to: int | None = None):
         """Encode the visible patches. Returns tokens ``(N, Lv, D)``, their patch indices
-        ``(N, Lv)`` and a validity mask ``(N, Lv)`` (False = padding)."""
+        ``(N, Lv)`` and a validity mask ``(N, Lv)`` (False = padding).
+
+        ``pad_to`` fixes Lv (default: the most visible patches in the batch): with fixed shapes
+        a tile's result does not depend on the other tiles of its batch, bit for bit."""
         n, h, w = labels.shape
         p = self.config.patch
         gh, gw = h // p, w // p
         x = self.embed(self.patchify(labels)) + self._positions(self.pos, gh, gw, offset)
         visible = ~mask  # (N, L)
         counts = visible.sum(dim=1)
-        lv = max(int(counts.max()), 1)
+        lv = pad_to if pad_to is not None else max(int(counts.max()), 1)
         # stable sort: visible patches first, in patch order
         order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, :lv]  # (N, Lv)
         valid = torch.arange(lv, device=labels.device)[None, :] < counts[:, None]  # (N, Lv)
         x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))  # (N, Lv, D)
-        key_mask = None if bool(valid.all()) else valid
+        # with fixed shapes always pass the mask: the attention kernel must not depend on batch-mates
+        key_mask = valid if pad_to is not None or not bool(valid.all()) else None
         for block in self.blocks:
             x = block(x, key_mask)
         return self.norm(x), order, valid
@@ -204,11 +208,11 @@ class MaskedAutoencoder(nn.Module):
         return self.head(self.decoder_norm(x))
 
     def forward(self, labels: torch.Tensor, mask: torch.Tensor,
-                offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                offset: tuple[int, int] = (0, 0), pad_to: int | None = None) -> torch.Tensor:
         """``labels (N, H, W)``, ``mask (N, L)`` -> logits ``(N, C, H, W)`` for every pixel."""
         n, h, w = labels.shape
         p = self.config.patch
-        encoded, order, valid = self.forward_encoder(labels, mask, offset)
+        encoded, order, valid = self.forward_encoder(labels, mask, offset, pad_to)
         tokens = self.forward_decoder(encoded, order, valid, mask.shape[1], h // p, w // p, offset)
         return self.unpatchify(tokens, h, w)
 

@@ -1,8 +1,17 @@
 """``refine``: MAE refinement of ``labels/volref-initial`` into ``labels/volref-refined``.
 
 Reads the initial labels and the uncertainty where ``segment`` wrote them (the image's archive or
-``output``) and writes the refined labels beside them. Blocks are whole z-chunks over the whole
-x/y plane; slices are independent, so any z-blocking gives the same bytes.
+``output``) and writes the refined labels beside them, block by block. A block task reads its
+block with ``context`` pixels around it (the tiles' reach plus the reach of the "near a
+mitochondrion" test, on the tile grid), refines the tiles of the global grid that touch it, and
+writes its own chunks::
+
+       context ┌─────────────────────────┐
+               │   tiles reaching in  ┌──┼──┐
+               │   ┌─────────────┐    │  │  │   every tile touching the block is run (in
+               │   │ block (kept)│    └──┼──┘   global z, y, x order, fixed batch shapes);
+               │   └─────────────┘       │      blended probabilities kept inside the block
+               └─────────────────────────┘
 """
 
 from __future__ import annotations
@@ -10,109 +19,113 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
-from functools import lru_cache
+import time
+from dataclasses import dataclass
+from typing import Any
 
-import dask
-import dask.array as da
-import numpy as np
 import zarr
-from dask.delayed import Delayed
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
+from volref.engine.grid import Block, BlockGrid
+from volref.engine.manifest import Manifest
+from volref.engine.runner import BlockTask, Executor, Observer, StageReport
 from volref.errors import ConfigError, VolrefError
-from volref.io import (
-    LabelInfo,
-    create_label_image,
-    label_levels,
-    open_image,
-    read_multiscale,
-    store_pyramid,
-)
-from volref.models.registry import DEFAULT_REFINER, file_hash, load_refiner
-from volref.pipeline.segment import INITIAL
-from volref.pipeline.store import open_target, record_provenance
-from volref.stages.refine import RefineSettings, refine_slice
+from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
+from volref.models.registry import DEFAULT_REFINER, load_refiner
+from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device, open_outputs
+from volref.pipeline.segment import INITIAL, check_model, finish_stage, levels_of
+from volref.pipeline.store import record_provenance
+from volref.stages.refine import RefineSettings, context, refine_region
 from volref.stages.segment import uncertainty_from_uint8
 
 log = logging.getLogger(__name__)
 
 REFINED = "volref-refined"
-_MODEL_LOCK = threading.Lock()
 
 
-@lru_cache(maxsize=4)
-def cached_refiner(path: str, digest: str, device: str):
-    return load_refiner(path, device=device)
+@dataclass(frozen=True)
+class RefineJob:
+    initial: Source
+    uncertainty: Source
+    refined: Source
+    settings: RefineSettings
+    model: tuple[str, str]
+    manifest: Manifest
 
 
-def refine(location: str | os.PathLike, *, output: str | os.PathLike | None = None,
-           model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
-           channel: int | None = None, timepoint: int | None = None,
-           overwrite: bool = False, device: str = "cpu") -> Delayed:
-    """Prepare ``labels/volref-refined`` and return the lazy work that fills it."""
-    settings = settings or RefineSettings()
-    vol = open_image(location, channel=channel, timepoint=timepoint)
-    model_path = str(model or DEFAULT_REFINER)
-    digest = file_hash(model_path)
-    tile = cached_refiner(model_path, digest, device).config.tile
-    if settings.tile != tile:  # the model decides the tile size
-        stride = settings.stride if settings.stride < tile else tile // 2
-        try:
-            settings = dataclasses.replace(settings, tile=tile, stride=stride)
-        except ValueError as exc:
-            raise ConfigError(f"stride {settings.stride} does not fit {tile}-pixel tiles: {exc}") from None
-    root, where = open_target(location, vol.multiscale, output)
-    initial, uncertainty = _inputs(root, where)
-    ms = vol.multiscale
-    _, arrays = create_label_image(root, REFINED, label_levels(ms, "uint8"), ms.axes,
-                                   version=ms.version,
-                                   info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
-                                   overwrite=overwrite)
-    record_provenance(root, "refine", {"model": model_path, "model_sha256": digest,
-                                       "settings": settings.to_dict(), "method": "mae"})
-    nz, ny, nx = vol.shape
-    cz = arrays[0].chunks[-3]
-    zchunks = tuple(min(cz, nz - z) for z in range(0, nz, cz))
-    refined = da.map_blocks(
-        _refine_block, dtype=np.uint8, chunks=(zchunks, (ny,), (nx,)),
-        meta=np.empty((0, 0, 0), np.uint8), initial=initial, uncertainty=uncertainty,
-        settings=settings, model=(model_path, digest, device))
-    lead = (None,) * (ms.ndim - 3)
-    log.info("refine %s -> %s: %d blocks", vol.location, where, len(zchunks))
-    return dask.delayed(lambda *_: None)(store_pyramid(refined[lead], arrays, "nearest"))
-
-
-def _inputs(root: zarr.Group, where: str):
+def model_settings(model_key: tuple[str, str], settings: RefineSettings) -> RefineSettings:
+    """The model decides the tile size; a stride that does not fit becomes half a tile."""
+    tile = cached_model(load_refiner, *model_key, "cpu").config.tile
+    if settings.tile == tile:
+        return settings
+    stride = settings.stride if settings.stride < tile else tile // 2
     try:
-        lab_group = root["labels"][INITIAL]
-        unc_group = root["volref"]["uncertainty"]
-    except KeyError:
-        raise VolrefError(f"{where} has no labels/{INITIAL} and volref/uncertainty: "
-                          "run volref segment first (with the same --output)") from None
-    lab_ms = read_multiscale(lab_group, where=f"labels/{INITIAL}")
-    unc_ms = read_multiscale(unc_group, where="volref/uncertainty")
-    lead = (0,) * (lab_ms.ndim - 3)
-    return (lab_group[lab_ms.levels[0].path], lead), (unc_group[unc_ms.levels[0].path], lead)
+        return dataclasses.replace(settings, tile=tile, stride=stride)
+    except ValueError as exc:
+        raise ConfigError(f"stride {settings.stride} does not fit {tile}-pixel tiles: {exc}") \
+            from None
 
 
-def _read(source, z0: int, z1: int, margin: int) -> np.ndarray:
-    array, lead = source
-    data = np.asarray(array[lead + (slice(z0, z1),)])
-    return np.pad(data, ((0, 0), (margin, margin), (margin, margin)))
+def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
+                model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
+                overwrite: bool = False) -> tuple[RefineJob, list[BlockTask], list[zarr.Array]]:
+    model_key = check_model(model, DEFAULT_REFINER, load_refiner)
+    settings = model_settings(model_key, settings or RefineSettings())
+    meta = root.require_group("volref")
+    upstream = Manifest(meta, "segment")
+    if not upstream.done:
+        raise VolrefError(f"labels/{INITIAL} and volref/uncertainty are missing or unfinished "
+                          "here: run volref segment first (with the same --output)")
+    initial = levels_of(root["labels"][INITIAL])
+    unc = levels_of(root["volref"]["uncertainty"])
+    ms = vol.multiscale
+    record = {"segment": upstream.settings_digest(), "model_sha256": model_key[1],
+              "settings": settings.to_dict(), "method": "mae"}
+    manifest = Manifest(meta, "refine")
+
+    def create(over: bool) -> list[zarr.Array]:
+        return create_label_image(root, REFINED, label_levels(ms, "uint8"), ms.axes,
+                                  version=ms.version,
+                                  info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
+                                  overwrite=over)[1]
+
+    def reopen() -> list[zarr.Array] | None:
+        try:
+            return levels_of(root["labels"][REFINED])
+        except KeyError:
+            return None
+
+    arrays, _ = open_outputs(manifest, record, overwrite, create, reopen)
+    record_provenance(root, "refine", {"model": model_key[0], **record})
+    lead = (0,) * (ms.ndim - 3)
+    job = RefineJob(Source(initial[0], lead), Source(unc[0], lead), Source(arrays[0], lead),
+                    settings, model_key, manifest)
+    tasks = [BlockTask(b.key, refine_block, (job, b), gpu=True) for b in grid]
+    return job, tasks, arrays
 
 
-def _refine_block(initial, uncertainty, settings: RefineSettings, model,
-                  block_info=None) -> np.ndarray:
-    (z0, z1), _, _ = block_info[None]["array-location"]
-    m = settings.margin
-    labels = _read(initial, z0, z1, m)
-    unc = uncertainty_from_uint8(_read(uncertainty, z0, z1, m))
-    mae = cached_refiner(*model)
-    out = np.empty((z1 - z0, labels.shape[1] - 2 * m, labels.shape[2] - 2 * m), dtype=np.uint8)
-    autocast = model[2].startswith("cuda")
-    with _MODEL_LOCK:
-        for k in range(z1 - z0):
-            out[k] = refine_slice(mae, labels[k], unc[k], settings, device=model[2],
-                                  autocast=autocast).labels
-    return out
+def refine(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
+           observer: Observer | None = None, **options: Any) -> StageReport:
+    job, tasks, arrays = plan_refine(vol, root, grid, **options)
+    return finish_stage(executor, job.manifest, "refine", tasks, observer,
+                        [store_pyramid(None, arrays, "nearest")])
+
+
+def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
+    """Refine one block, write its chunks, then record it. Returns tile counts and timings."""
+    start = time.perf_counter()
+    s = job.settings
+    dev = device()
+    mae = cached_model(load_refiner, *job.model, dev)
+    c = context(s, mae.config.patch)
+    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
+    lo, hi = (z0, y0 - c, x0 - c), (z1, y1 + c, x1 + c)
+    labels = job.initial.read(lo, hi, "zero")
+    unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "zero"))
+    with MODEL_LOCK:
+        out = refine_region(mae, labels, unc, s, device=dev, autocast=dev.startswith("cuda"))
+    job.refined.write(block, out.labels)
+    stats = {"seconds": round(time.perf_counter() - start, 3), "tiles": out.tiles_total,
+             "tiles_run": out.tiles_run, "removed_px": int(out.removed.sum())}
+    job.manifest.record(block.key, stats)
+    return stats

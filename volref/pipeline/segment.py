@@ -1,28 +1,31 @@
-"""``segment``: ensemble labels and uncertainty for a whole OME-Zarr image.
+"""``segment``: ensemble labels and uncertainty for a whole OME-Zarr image, block by block.
 
 Writes (into the image's archive, or ``output``)::
 
     labels/volref-initial      ensemble argmax, uint8, as many levels as the image
     volref/uncertainty         normalised entropy as an OME-Zarr image, uint8 (255 = 1.0)
-    volref/provenance.json     model hash, settings, intensity range
+    volref/manifests/segment   finished blocks
 
-Blocks span whole z-chunks and the whole x/y plane, so each block task writes whole chunks only.
+A block task reads its block with one slice of z context and ``halo`` pixels of x/y context
+(mirrored past the volume), predicts every tile of the segmentation grid inside it and writes its
+own chunks, then its manifest record. Tiles sit on a global grid, batches have a fixed shape:
+the bytes written do not depend on the block shape or the number of workers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from functools import lru_cache
+import time
+from dataclasses import dataclass
+from typing import Any
 
-import dask
-import dask.array as da
-import numpy as np
 import zarr
-from dask.delayed import Delayed
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
+from volref.engine.grid import Block, BlockGrid
+from volref.engine.manifest import Manifest
+from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
 from volref.errors import OutputExistsError
 from volref.io import (
     LabelInfo,
@@ -31,12 +34,13 @@ from volref.io import (
     create_multiscale,
     intensity_sample,
     label_levels,
-    open_image,
+    read_multiscale,
     store_pyramid,
 )
 from volref.io.store import has_member
 from volref.models.registry import DEFAULT_SEGMENTER, file_hash, load_segmenter
-from volref.pipeline.store import open_target, record_provenance
+from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device, open_outputs
+from volref.pipeline.store import record_provenance
 from volref.stages.normalise import IntensityRange, normalise, range_of
 from volref.stages.segment import SegmentSettings, segment_slices, uncertainty_to_uint8
 
@@ -44,50 +48,114 @@ log = logging.getLogger(__name__)
 
 INITIAL = "volref-initial"
 UNCERTAINTY = "volref/uncertainty"
-_MODEL_LOCK = threading.Lock()  # one forward pass at a time per process: torch uses every core
 
 
-@lru_cache(maxsize=4)
-def cached_segmenter(path: str, digest: str, device: str):
-    """Models load once per process, keyed by file hash (never shipped through the graph)."""
-    return load_segmenter(path, device=device)
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a block task needs (small and picklable: arrays are opened stores)."""
+
+    image: Source
+    labels: Source
+    uncertainty: Source
+    settings: SegmentSettings
+    intensity: IntensityRange
+    model: tuple[str, str]  # path, sha256
+    manifest: Manifest
 
 
-def segment(location: str | os.PathLike, *, output: str | os.PathLike | None = None,
-            model: str | os.PathLike | None = None, settings: SegmentSettings | None = None,
-            channel: int | None = None, timepoint: int | None = None,
-            overwrite: bool = False, device: str = "cpu") -> Delayed:
-    """Prepare outputs and return the lazy work that segments every block."""
+def check_model(model: str | os.PathLike | None, default, loader) -> tuple[str, str]:
+    """Path and hash of a checkpoint, loaded once here so a bad file fails before any block."""
+    path = str(model or default)
+    digest = file_hash(path)
+    cached_model(loader, path, digest, "cpu")
+    return path, digest
+
+
+def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
+                 model: str | os.PathLike | None = None, settings: SegmentSettings | None = None,
+                 overwrite: bool = False) -> tuple[SegmentJob, list[BlockTask], dict[str, Any]]:
+    """Create or reopen the outputs and list the block tasks (nothing is computed)."""
     settings = settings or SegmentSettings()
-    vol = open_image(location, channel=channel, timepoint=timepoint)
-    model_path = str(model or DEFAULT_SEGMENTER)
-    digest = file_hash(model_path)
-    cached_segmenter(model_path, digest, device)  # fail early on a bad checkpoint
+    model_key = check_model(model, DEFAULT_SEGMENTER, load_segmenter)
     irange = range_of(intensity_sample(vol))
-    root, where = open_target(location, vol.multiscale, output)
     ms = vol.multiscale
-    _, label_arrays = create_label_image(root, INITIAL, label_levels(ms, "uint8"), ms.axes,
-                                         version=ms.version,
-                                         info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
-                                         overwrite=overwrite)
-    unc_arrays = _uncertainty_image(root, ms, overwrite)
-    record_provenance(root, "segment", {
-        "image": vol.location, "selection": vol.selection, "model": model_path,
-        "model_sha256": digest, "settings": settings.to_dict(), "intensity": irange.to_dict()})
+    record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype), "selection": vol.selection},
+              "model_sha256": model_key[1], "settings": settings.to_dict(),
+              "intensity": irange.to_dict()}
+    meta = root.require_group("volref")
+    manifest = Manifest(meta, "segment")
 
-    chunks_z = label_arrays[0].chunks[-3]
-    nz, ny, nx = vol.shape
-    zchunks = tuple(min(chunks_z, nz - z) for z in range(0, nz, chunks_z))
-    source = _level0(vol)
-    stack = da.map_blocks(
-        _segment_block, dtype=np.uint8, chunks=((2,), zchunks, (ny,), (nx,)),
-        meta=np.empty((0, 0, 0, 0), np.uint8), source=source, irange=irange,
-        settings=settings, model=(model_path, digest, device))
-    lead = (None,) * (ms.ndim - 3)
-    labels, unc = stack[0][lead], stack[1][lead]
-    log.info("segment %s -> %s: %d blocks", vol.location, where, len(zchunks))
-    return dask.delayed(lambda *_: None)(store_pyramid(labels, label_arrays, "nearest"),
-                                          store_pyramid(unc, unc_arrays, "mean"))
+    def create(over: bool) -> list[zarr.Array]:
+        _, labels = create_label_image(root, INITIAL, label_levels(ms, "uint8"), ms.axes,
+                                       version=ms.version,
+                                       info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
+                                       overwrite=over)
+        return [labels, _uncertainty_image(root, ms, over)]
+
+    def reopen() -> list[zarr.Array] | None:
+        try:
+            return [levels_of(root["labels"][INITIAL]), levels_of(root["volref"]["uncertainty"])]
+        except KeyError:
+            return None
+
+    (labels, unc), resumed = open_outputs(manifest, record, overwrite, create, reopen)
+    record_provenance(root, "segment", {"image": vol.location, "selection": vol.selection,
+                                        "model": model_key[0], **record})
+    lead = tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3])
+    nlead = (0,) * (ms.ndim - 3)
+    job = SegmentJob(image=Source(vol.group[ms.levels[vol.level].path], lead),
+                     labels=Source(labels[0], nlead), uncertainty=Source(unc[0], nlead),
+                     settings=settings, intensity=irange, model=model_key, manifest=manifest)
+    tasks = [BlockTask(b.key, segment_block, (job, b), gpu=True) for b in grid]
+    return job, tasks, {"resumed": resumed, "arrays": (labels, unc)}
+
+
+def segment(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
+            observer: Observer | None = None, **options: Any) -> StageReport:
+    """Segment every unfinished block, then build the pyramids of both outputs."""
+    job, tasks, info = plan_segment(vol, root, grid, **options)
+    labels, unc = info["arrays"]
+    return finish_stage(executor, job.manifest, "segment", tasks, observer,
+                        [store_pyramid(None, labels, "nearest"),
+                         store_pyramid(None, unc, "mean")])
+
+
+def finish_stage(executor: Executor, manifest: Manifest, stage: str, tasks: list[BlockTask],
+                 observer: Observer | None, pyramids: list) -> StageReport:
+    """Run the blocks not yet recorded, then the pyramid levels, then mark the stage done."""
+    report = run_blocks(executor, stage, tasks, manifest.finished(), observer)
+    if report.computed or not manifest.done:
+        start = time.perf_counter()
+        executor.compute(pyramids)
+        report.seconds += time.perf_counter() - start
+        manifest.mark_done(report.to_dict())
+    return report
+
+
+def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
+    """Segment one block, write its chunks, then record it. Returns its timings."""
+    start = time.perf_counter()
+    s = job.settings
+    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
+    t, h = s.tile, s.halo
+    yp, xp = -(-(y1 - y0) // t) * t, -(-(x1 - x0) // t) * t  # whole tiles (mirrored past the end)
+    raw = job.image.read((z0 - 1, y0 - h, x0 - h), (z1 + 1, y0 + yp + h, x0 + xp + h), "mirror")
+    stack = normalise(raw, job.intensity)
+    dev = device()
+    ensemble = cached_model(load_segmenter, *job.model, dev)
+    with MODEL_LOCK:
+        labels, unc = segment_slices(ensemble, stack, s, device=dev)
+    core = (slice(None), slice(0, y1 - y0), slice(0, x1 - x0))
+    job.labels.write(block, labels[core])
+    job.uncertainty.write(block, uncertainty_to_uint8(unc[core]))
+    seconds = time.perf_counter() - start
+    job.manifest.record(block.key, {"seconds": round(seconds, 3), "device": dev})
+    return {"seconds": seconds}
+
+
+def levels_of(group: zarr.Group) -> list[zarr.Array]:
+    ms = read_multiscale(group, where=group.path)
+    return [group[lv.path] for lv in ms.levels]
 
 
 def _uncertainty_image(root: zarr.Group, ms, overwrite: bool) -> list[zarr.Array]:
@@ -99,31 +167,3 @@ def _uncertainty_image(root: zarr.Group, ms, overwrite: bool) -> list[zarr.Array
     group = meta.create_group("uncertainty")
     return create_multiscale(group, label_levels(ms, "uint8"), ms.axes, version=ms.version,
                              name="volref uncertainty (normalised entropy x 255)", method="mean")
-
-
-def _level0(vol: Volume):
-    """The zarr array and leading index of the selected volume (read directly by block tasks)."""
-    ms = vol.multiscale
-    lead = tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3])
-    return vol.group[ms.levels[vol.level].path], lead
-
-
-def read_stack(source, z0: int, z1: int, zhalo: int, xyhalo: int) -> np.ndarray:
-    """Slices ``[z0 - zhalo, z1 + zhalo)`` of the whole x/y plane, mirrored past the volume."""
-    array, lead = source
-    nz = array.shape[-3]
-    lo, hi = max(z0 - zhalo, 0), min(z1 + zhalo, nz)
-    data = np.asarray(array[lead + (slice(lo, hi),)])
-    pad = ((zhalo - (z0 - lo), zhalo - (hi - z1)), (xyhalo, xyhalo), (xyhalo, xyhalo))
-    return np.pad(data, pad, mode="symmetric") if any(p for q in pad for p in q) else data
-
-
-def _segment_block(source, irange: IntensityRange, settings: SegmentSettings, model,
-                   block_info=None) -> np.ndarray:
-    (_, _), (z0, z1), _, _ = block_info[None]["array-location"]
-    raw = read_stack(source, z0, z1, 1, settings.halo)
-    stack = normalise(raw, irange)
-    ensemble = cached_segmenter(*model)
-    with _MODEL_LOCK:
-        labels, unc = segment_slices(ensemble, stack, settings, device=model[2])
-    return np.stack([labels, uncertainty_to_uint8(unc)])

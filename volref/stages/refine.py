@@ -72,55 +72,102 @@ def window(tile: int) -> np.ndarray:
 
 
 @dataclass
-class RefinedSlice:
-    labels: np.ndarray  # (Y, X) uint8
-    removed: np.ndarray  # (Y, X) bool, pixels of removed patches
-    tiles_total: int
-    tiles_run: int
+class Refined:
+    labels: np.ndarray  # (nz, Y, X) uint8
+    removed: np.ndarray  # (nz, Y, X) bool, pixels of removed patches
+    tiles_total: int  # tiles of the grid that touch the region's core
+    tiles_run: int  # of those, the ones the MAE saw (the others hold no removed patch)
+
+
+def context(settings: RefineSettings, patch: int) -> int:
+    """Pixels of context a region needs on each side, on the tile grid (a multiple of stride):
+    the tiles' reach past the core plus what decides whether a patch at the reach's edge is
+    near a mitochondrion."""
+    need = settings.margin + int(np.ceil(settings.near_px)) + patch
+    return settings.stride * -(-need // settings.stride)
 
 
 @torch.no_grad()
-def refine_slice(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
-                 settings: RefineSettings, device: str | torch.device = "cpu",
-                 autocast: bool = False) -> RefinedSlice:
-    """Refine one slice given with ``settings.margin`` pixels of context on every side.
+def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
+                  settings: RefineSettings, device: str | torch.device = "cpu",
+                  autocast: bool = False) -> Refined:
+    """Refine the core of a region of slices.
 
-    ``labels``/``uncertainty``: ``(Y + 2m, X + 2m)`` with m = margin; outside the volume pass
-    background and zero uncertainty. Y and X may be anything; the slice is padded internally.
+    ``labels``/``uncertainty``: ``(nz, Y + 2c, X + 2c)`` with ``c = context(settings, patch)``,
+    the region starting on the global tile grid (its core at a multiple of ``stride``); outside
+    the volume pass background and zero uncertainty. Tiles are processed in global (z, y, x)
+    order in batches of fixed shape, so the result is the same for any cut of the volume.
     """
     t, st, m = settings.tile, settings.stride, settings.margin
     p = model.config.patch
     if model.config.tile != t:
         raise ValueError(f"the MAE expects {model.config.tile}-pixel tiles, settings say {t}")
-    ny, nx = labels.shape[0] - 2 * m, labels.shape[1] - 2 * m
-    # pad bottom/right so that tiles starting before the slice's end fit
-    py, px = (-(ny + m)) % st + m, (-(nx + m)) % st + m
-    py, px = py + (-(ny + 2 * m + py)) % p, px + (-(nx + 2 * m + px)) % p
-    lab = np.pad(labels, ((0, py), (0, px)), constant_values=BACKGROUND)
-    unc = np.pad(uncertainty, ((0, py), (0, px)), constant_values=0.0)
-    remove = removal_mask(lab, unc, p, settings.tau, settings.near_px)  # (gh, gw) on padded grid
-    origins = [(y, x) for y in range(0, ny + m, st) for x in range(0, nx + m, st)]
+    c = context(settings, p)
+    nz = labels.shape[0]
+    ny, nx = labels.shape[1] - 2 * c, labels.shape[2] - 2 * c
+    yp, xp = st * -(-ny // st), st * -(-nx // st)  # core rounded up to the tile grid
+    pad = ((0, 0), (0, yp - ny), (0, xp - nx))
+    lab = np.pad(labels, pad, constant_values=BACKGROUND)
+    unc = np.pad(uncertainty, pad, constant_values=0.0)
     g = t // p
-    todo = [(y, x) for y, x in origins if remove[y // p:y // p + g, x // p:x // p + g].any()]
-    acc = np.zeros((model.config.n_classes,) + lab.shape, dtype=np.float32)
-    wsum = np.zeros(lab.shape, dtype=np.float32)
+    remove = np.stack([removal_mask(lab[z], unc[z], p, settings.tau, settings.near_px)
+                       for z in range(nz)])  # (nz, H/p, W/p)
+    origins = [(y, x) for y in range(c - m, c + yp, st) for x in range(c - m, c + xp, st)]
+    todo = []
+    for z in range(nz):
+        for y, x in origins:
+            r = remove[z, y // p:y // p + g, x // p:x // p + g]
+            if r.any() and not r.all():  # nothing to do / nothing to rebuild from
+                todo.append((z, y, x))
     win = window(t)
-    for i in range(0, len(todo), settings.batch):
-        chunk = todo[i:i + settings.batch]
-        tiles = np.stack([lab[y:y + t, x:x + t] for y, x in chunk])
-        masks = np.stack([remove[y // p:y // p + g, x // p:x // p + g].ravel() for y, x in chunk])
-        x_lab = torch.from_numpy(tiles).to(device)
-        x_mask = torch.from_numpy(masks).to(device)
+    out = lab[:, c:c + ny, c:c + nx].copy()
+    removed = np.repeat(np.repeat(remove, p, axis=1), p, axis=2)
+    acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def finish(z: int) -> None:
+        a, w = acc.pop(z)
+        core = (slice(c, c + ny), slice(c, c + nx))
+        sel = removed[z][core] & (w[core] > 0)
+        out[z][sel] = a[(slice(None),) + core][:, sel].argmax(axis=0).astype(np.uint8)
+
+    b = settings.batch
+    dummy_tile = np.zeros((t, t), dtype=lab.dtype)
+    dummy_mask = np.zeros(g * g, dtype=bool)
+    for i in range(0, len(todo), b):
+        chunk = todo[i:i + b]
+        tiles = [lab[z, y:y + t, x:x + t] for z, y, x in chunk]
+        masks = [remove[z, y // p:y // p + g, x // p:x // p + g].ravel() for z, y, x in chunk]
+        n_pad = b - len(chunk)  # fixed batch shape: results do not depend on batch-mates
+        x_lab = torch.from_numpy(np.stack(tiles + [dummy_tile] * n_pad)).to(device)
+        x_mask = torch.from_numpy(np.stack(masks + [dummy_mask] * n_pad)).to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x_lab, x_mask)
-        prob = torch.softmax(logits.float(), dim=1).cpu().numpy()  # (B, C, t, t)
-        for (y, x), pr in zip(chunk, prob):
-            acc[:, y:y + t, x:x + t] += pr * win
-            wsum[y:y + t, x:x + t] += win
-    removed = np.kron(remove, np.ones((p, p), dtype=bool)).astype(bool)
-    out = lab.copy()
-    sel = removed & (wsum > 0)
-    out[sel] = acc[:, sel].argmax(axis=0).astype(np.uint8)
-    core = (slice(m, m + ny), slice(m, m + nx))
-    return RefinedSlice(labels=out[core], removed=removed[core], tiles_total=len(origins),
-                        tiles_run=len(todo))
+            logits = model(x_lab, x_mask, pad_to=g * g)
+        prob = torch.softmax(logits[:len(chunk)].float(), dim=1).cpu().numpy()  # (B, C, t, t)
+        for (z, y, x), pr in zip(chunk, prob):
+            for done in [k for k in acc if k < z]:
+                finish(done)
+            if z not in acc:
+                acc[z] = (np.zeros((model.config.n_classes,) + lab.shape[1:], np.float32),
+                          np.zeros(lab.shape[1:], np.float32))
+            a, w = acc[z]
+            a[:, y:y + t, x:x + t] += pr * win
+            w[y:y + t, x:x + t] += win
+    for z in sorted(acc):
+        finish(z)
+    core_removed = removed[:, c:c + ny, c:c + nx]
+    return Refined(labels=out, removed=core_removed, tiles_total=nz * len(origins),
+                   tiles_run=len(todo))
+
+
+def refine_slice(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
+                 settings: RefineSettings, device: str | torch.device = "cpu",
+                 autocast: bool = False) -> Refined:
+    """Refine one slice given with ``settings.margin`` pixels of context on every side (outside
+    the volume: background, zero uncertainty); results have the slice's shape, without z."""
+    m = settings.margin
+    extra = context(settings, model.config.patch) - m
+    lab = np.pad(labels, extra, constant_values=BACKGROUND)[None]
+    unc = np.pad(uncertainty, extra, constant_values=0.0)[None]
+    r = refine_region(model, lab, unc, settings, device=device, autocast=autocast)
+    return Refined(labels=r.labels[0], removed=r.removed[0], tiles_total=r.tiles_total,
+                   tiles_run=r.tiles_run)

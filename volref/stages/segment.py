@@ -74,7 +74,11 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
                 windows.append(win)
                 places.append((y0, x0))
         for i in range(0, len(windows), settings.batch):
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(windows[i:i + settings.batch])))
+            part = windows[i:i + settings.batch]
+            # every forward pass has the same shape (the last batch padded with zeros), so a
+            # tile's result never depends on which other tiles share its batch
+            part = part + [np.zeros_like(part[0])] * (settings.batch - len(part))
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(part)))
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 lab, unc = ensemble.predict(x.to(dev))  # (B, t+2h, t+2h) each, on the device
             lab = lab[:, h:h + t, h:h + t].cpu().numpy()

@@ -1,0 +1,181 @@
+"""Where the blocks run: a local Dask cluster sized to the machine, an existing scheduler, or a
+cluster described by a YAML file (``cluster/*.yaml``).
+
+=====================  =====================================================================
+choice                 cluster
+=====================  =====================================================================
+``workers=0``          no cluster: blocks run one by one in this process (debugging)
+default, no GPU        ``LocalCluster``: one single-threaded worker process per core
+default, GPUs          dask-cuda ``LocalCUDACluster``: one worker per GPU, ``GPU=1`` resource
+``scheduler=ADDRESS``  join a running scheduler (``dask scheduler`` / ``dask worker``)
+``cluster=FILE``       ``kind: local | local-cuda | slurm | kubernetes`` plus its options
+=====================  =====================================================================
+
+Local schedulers and dashboards listen on 127.0.0.1 only, unless a cluster file says otherwise.
+Worker processes get ``OMP_NUM_THREADS`` = their thread count, so the model libraries do not
+oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from volref.errors import ConfigError, VolrefError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("local", "local-cuda", "slurm", "kubernetes")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    workers: int | None = None  # None: one per core (per GPU with GPUs); 0: in this process
+    scheduler: str | None = None
+    cluster_file: str | None = None
+    gpus: int = 0  # GPUs on this machine (the caller detects them)
+    threads_per_worker: int = 1
+    memory_limit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheduler and self.cluster_file:
+            raise ConfigError("give --scheduler or --cluster, not both")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError("--workers must be >= 0")
+
+
+@dataclass
+class Connection:
+    client: Any | None  # distributed.Client, or None for in-process
+    description: str
+    dashboard: str | None = None
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def connect(spec: ClusterSpec) -> Iterator[Connection]:
+    """Start or join the cluster ``spec`` describes; closes what it started on exit."""
+    if spec.scheduler:
+        yield from _join(spec.scheduler)
+        return
+    if spec.cluster_file:
+        config = load_cluster_file(spec.cluster_file)
+        with _start(config) as conn:
+            yield conn
+        return
+    if spec.workers == 0:
+        yield Connection(None, "in this process, one block at a time")
+        return
+    if spec.gpus > 0:
+        config = {"kind": "local-cuda", "workers": spec.workers or spec.gpus}
+    else:
+        n = spec.workers or max(1, cores() // spec.threads_per_worker)
+        config = {"kind": "local", "workers": n, "threads_per_worker": spec.threads_per_worker}
+    if spec.memory_limit:
+        config["memory_limit"] = spec.memory_limit
+    with _start(config) as conn:
+        yield conn
+
+
+def _join(address: str) -> Iterator[Connection]:
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="20s")
+    except OSError as exc:
+        raise VolrefError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    try:
+        n = len(client.scheduler_info(n_workers=-1)["workers"])
+        yield Connection(client, f"scheduler {address} ({n} workers)", client.dashboard_link)
+    finally:
+        client.close()
+
+
+def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"cluster file {p} does not exist")
+    try:
+        config = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cluster file {p} is not valid YAML: {exc}") from None
+    if not isinstance(config, dict) or config.get("kind") not in KINDS:
+        raise ConfigError(f"cluster file {p} needs 'kind: {' | '.join(KINDS)}'")
+    return config
+
+
+@contextlib.contextmanager
+def _start(config: dict[str, Any]) -> Iterator[Connection]:
+    config = dict(config)
+    kind = config.pop("kind")
+    if kind in ("local", "local-cuda"):
+        cluster = _local(kind, config)
+    else:
+        cluster = _batch(kind, config)
+    from distributed import Client
+
+    try:
+        client = Client(cluster)
+        if kind not in ("local", "local-cuda"):
+            n = int(config.get("scale", 1))
+            cluster.scale(n)
+            client.wait_for_workers(1, timeout=config.get("wait", "600s"))
+        n = len(client.scheduler_info(n_workers=-1)["workers"])
+        yield Connection(client, f"{kind} cluster ({n} workers)", client.dashboard_link)
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+        cluster.close()
+
+
+def _local(kind: str, config: dict[str, Any]):
+    workers = int(config.pop("workers", 0) or 0) or None
+    threads = int(config.pop("threads_per_worker", 1))
+    common = {
+        "host": config.pop("host", "127.0.0.1"),
+        "dashboard_address": config.pop("dashboard_address", "127.0.0.1:0"),
+        "threads_per_worker": threads,
+        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        **config,
+    }
+    if kind == "local":
+        from distributed import LocalCluster
+
+        return LocalCluster(n_workers=workers or max(1, cores() // threads), processes=True,
+                            **common)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ConfigError(f"a local-cuda cluster needs dask-cuda: {exc}") from None
+    common["env"] = {}  # GPU workers feed the device; leave their CPU threads alone
+    return LocalCUDACluster(n_workers=workers, resources={"GPU": 1}, **common)
+
+
+def _batch(kind: str, config: dict[str, Any]):
+    options = dict(config.get("options", {}))
+    if kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise ConfigError("a slurm cluster needs dask-jobqueue (pip install dask-jobqueue)") \
+                from None
+        return SLURMCluster(**options)
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError:
+        raise ConfigError("a kubernetes cluster needs dask-kubernetes "
+                          "(pip install dask-kubernetes)") from None
+    return KubeCluster(**options)

@@ -1,0 +1,127 @@
+"""The block grid: how a volume is cut into tasks.
+
+Blocks tile the volume's level-0 grid (z, y, x) from the origin. Their shape is a multiple of the
+output chunks (so a block task writes whole chunks and no two tasks share a chunk) and, in y and
+x, of the stages' tile grids (so every tile belongs to the same global grid whatever the block
+size). Blocks at the far edges are cut by the volume::
+
+      x ->  0        B        2B     X
+      y  0  ┌────────┬────────┬──┐
+            │ (0,0,0)│ (0,0,1)│  │   each block reads block + halo (stage-specific),
+         B  ├────────┼────────┼──┤   writes exactly its own chunks
+            │ (0,1,0)│ (0,1,1)│  │
+         Y  └────────┴────────┴──┘
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from volref.errors import ConfigError
+
+#: y/x of a default block aim at this many pixels (rounded up to the alignment)
+DEFAULT_BLOCK_XY = 512
+
+
+@dataclass(frozen=True, order=True)
+class Block:
+    """One block: its grid index and its voxel range ``[start, stop)`` per axis."""
+
+    index: tuple[int, int, int]
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    @property
+    def key(self) -> str:
+        """Region name used in manifests: the same block under another block shape differs."""
+        return "_".join(f"{a}-{b}" for a, b in zip(self.start, self.stop))
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    shape: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or len(self.block) != 3:
+            raise ConfigError("a block grid is 3-D (z, y, x)")
+        if any(b < 1 for b in self.block):
+            raise ConfigError(f"block shape {self.block} must be positive")
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+
+    def __len__(self) -> int:
+        return math.prod(self.counts)
+
+    def __iter__(self) -> Iterator[Block]:
+        nz, ny, nx = self.counts
+        for i in range(nz):
+            for j in range(ny):
+                for k in range(nx):
+                    yield self[(i, j, k)]
+
+    def __getitem__(self, index: Sequence[int]) -> Block:
+        index = tuple(int(i) for i in index)
+        if len(index) != 3 or any(not 0 <= i < c for i, c in zip(index, self.counts)):
+            raise ConfigError(f"block {index} is outside the grid {self.counts}")
+        start = tuple(i * b for i, b in zip(index, self.block))
+        stop = tuple(min(s + b, n) for s, b, n in zip(start, self.block, self.shape))
+        return Block(index=index, start=start, stop=stop)
+
+    def linear(self, index: Sequence[int]) -> int:
+        """Row-major number of a block (stateless id bases use it)."""
+        _, ny, nx = self.counts
+        i, j, k = index
+        return (i * ny + j) * nx + k
+
+    def neighbours(self) -> Iterator[tuple[Block, Block, int]]:
+        """Pairs of face-adjacent blocks ``(low, high, axis)``, in a fixed order."""
+        for blk in self:
+            for axis in range(3):
+                nxt = list(blk.index)
+                nxt[axis] += 1
+                if nxt[axis] < self.counts[axis]:
+                    yield blk, self[nxt], axis
+
+
+def plan_blocks(shape: Sequence[int], chunks: Sequence[int], align_xy: int,
+                block: Sequence[int] | None = None) -> BlockGrid:
+    """Check or choose a block shape for a volume.
+
+    A block is a multiple of ``chunks`` on every axis and of ``align_xy`` (the stages' tile
+    grids) in y and x; the last block on an axis may be cut by the volume. Without ``block``,
+    one chunk deep in z and about :data:`DEFAULT_BLOCK_XY` pixels in y and x.
+    """
+    shape, chunks = tuple(int(n) for n in shape), tuple(int(c) for c in chunks)
+    unit = (chunks[0], math.lcm(chunks[1], align_xy), math.lcm(chunks[2], align_xy))
+    if block is None:
+        xy = [u * max(1, -(-DEFAULT_BLOCK_XY // u)) for u in unit[1:]]
+        block = (unit[0], *xy)
+    block = tuple(int(b) for b in block)
+    for axis, b, u, n in zip("zyx", block, unit, shape):
+        if b < 1:
+            raise ConfigError(f"block shape must be positive, got {block}")
+        if b % u and b < n:  # a block covering the whole axis may be anything
+            why = f"the output chunks ({chunks})" if axis == "z" or u == chunks["zyx".index(axis)] \
+                else f"the output chunks ({chunks}) and the {align_xy}-pixel tile grid"
+            raise ConfigError(f"block shape {block}: {axis} = {b} is not a multiple of {u}, "
+                              f"required by {why}")
+    # a block past the volume's end is the whole axis
+    block = tuple(min(b, u * -(-n // u)) for b, u, n in zip(block, unit, shape))
+    return BlockGrid(shape, block)

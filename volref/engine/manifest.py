@@ -1,0 +1,101 @@
+"""Per-stage records of finished blocks, so a re-run does only what is left.
+
+Chunk existence is not a record: zarr never writes an all-background chunk, and a killed task can
+leave a half-written one. A block task therefore writes its chunks first and its record last::
+
+    volref/manifests/<stage>/
+        settings.json          digest of the stage's inputs and settings (+ the settings)
+        blocks/<region>.json   one per finished block, written after its chunks
+        done.json              the stage finished (level 0 and the pyramid)
+
+A record that cannot be parsed (a kill during its write) counts as not finished. A run whose
+settings digest differs from the recorded one is refused unless the caller overwrites, which
+clears the records first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import zarr
+
+from volref.errors import ConfigError
+from volref.io.store import delete_files, list_files, read_file, write_file
+
+
+def digest(settings: dict[str, Any]) -> str:
+    """A stable hash of JSON-able settings."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Manifest:
+    def __init__(self, group: zarr.Group, stage: str) -> None:
+        self.group = group  # the store's ``volref`` group
+        self.stage = stage
+        self.prefix = f"manifests/{stage}"
+
+    # ------------------------------------------------------------ settings
+
+    def settings_digest(self) -> str | None:
+        raw = read_file(self.group, f"{self.prefix}/settings.json")
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)["digest"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def begin(self, settings: dict[str, Any], overwrite: bool) -> str:
+        """Start or resume the stage with ``settings``; returns their digest.
+
+        Resuming needs the same digest; otherwise :class:`ConfigError` unless ``overwrite``, which
+        clears every record of the stage.
+        """
+        new = digest(settings)
+        old = self.settings_digest()
+        if old is not None and old != new and not overwrite:
+            raise ConfigError(
+                f"the {self.stage} results in this store were made with other inputs or settings "
+                f"(digest {old}, now {new}); pass --overwrite to recompute them")
+        if overwrite or old != new:
+            self.clear()
+        if old != new or overwrite:
+            body = json.dumps({"digest": new, "settings": settings}, indent=2, sort_keys=True,
+                              default=str)
+            write_file(self.group, f"{self.prefix}/settings.json", body.encode())
+        return new
+
+    def clear(self) -> None:
+        delete_files(self.group, self.prefix)
+
+    # ------------------------------------------------------------ blocks
+
+    def finished(self) -> dict[str, Any]:
+        """Region key -> payload of every readable block record."""
+        out: dict[str, Any] = {}
+        for name in list_files(self.group, f"{self.prefix}/blocks"):
+            if not name.endswith(".json"):
+                continue
+            raw = read_file(self.group, f"{self.prefix}/blocks/{name}")
+            try:
+                out[name[:-5]] = json.loads(raw) if raw is not None else None
+            except ValueError:
+                continue  # torn by a kill: not finished
+        return {k: v for k, v in out.items() if isinstance(v, dict)}
+
+    def record(self, key: str, payload: dict[str, Any] | None = None) -> None:
+        body = json.dumps({"block": key, **(payload or {})}, sort_keys=True)
+        write_file(self.group, f"{self.prefix}/blocks/{key}.json", body.encode())
+
+    # ------------------------------------------------------------ the stage
+
+    @property
+    def done(self) -> bool:
+        return read_file(self.group, f"{self.prefix}/done.json") is not None
+
+    def mark_done(self, summary: dict[str, Any]) -> None:
+        write_file(self.group, f"{self.prefix}/done.json",
+                   json.dumps(summary, indent=2, sort_keys=True).encode())

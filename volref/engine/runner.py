@@ -1,0 +1,187 @@
+"""Running block tasks: on a Dask cluster, or one by one in this process (for debugging).
+
+A stage hands the runner a list of :class:`BlockTask` — a pure function and its arguments per
+block — and the runner submits those not yet finished, with retries, routes model tasks to GPU
+workers, reports progress to an observer and gathers failures into one summary. Scheduling policy
+lives here; what a block computes lives in the pipeline and the stages.
+
+Resources: when some worker advertises a ``GPU`` resource, model tasks ask for ``{"GPU": 1}``
+(so they run only there, one at a time per GPU); when some worker advertises ``CPU``, other
+tasks ask for ``{"CPU": 1}`` and stay off GPU-only workers. Without such workers no resources are
+requested and every worker takes every task. Resources are given per submitted task, not through
+``dask.annotate``, so graph optimisation cannot drop them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+
+from volref.errors import VolrefError
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[dict[str, Any]], None]
+
+
+class BlocksFailedError(VolrefError, RuntimeError):
+    """Some blocks failed after their retries; finished blocks are kept for the next run."""
+
+    def __init__(self, stage: str, failed: dict[str, str]) -> None:
+        self.stage, self.failed = stage, failed
+        first = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        super().__init__(f"{stage}: {len(failed)} block(s) failed: {first}{more}. Finished blocks "
+                         "are recorded; run the same command again to retry the rest")
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    key: str  # the block's region name (manifest key)
+    fn: Callable[..., Any]
+    args: tuple = ()
+    gpu: bool = False  # runs a model: goes to GPU workers when there are any
+
+
+@dataclass
+class StageReport:
+    stage: str
+    total: int
+    skipped: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "blocks": self.total, "skipped": self.skipped,
+                "computed": self.computed, "seconds": round(self.seconds, 3)}
+
+
+class _Done:
+    """A finished in-process 'future'."""
+
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Executor:
+    """Submit functions to a distributed client, or run them here when ``client`` is None."""
+
+    def __init__(self, client=None, retries: int = 2) -> None:
+        self.client = client
+        self.retries = retries
+        # keys are unique per run: a shared scheduler must never hand back another run's result
+        self.token = uuid.uuid4().hex[:8]
+        self.gpu_workers = self.cpu_resource = False
+        if client is not None:
+            resources = [w.get("resources", {}) or {}
+                         for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+            self.gpu_workers = any("GPU" in r for r in resources)
+            self.cpu_resource = any("CPU" in r for r in resources)
+
+    @property
+    def inline(self) -> bool:
+        return self.client is None
+
+    def _resources(self, gpu: bool) -> dict[str, int] | None:
+        if gpu and self.gpu_workers:
+            return {"GPU": 1}
+        if not gpu and self.cpu_resource:
+            return {"CPU": 1}
+        return None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str, gpu: bool = False):
+        """A future of ``fn(*args)``; ``args`` may hold futures of this executor."""
+        if self.client is None:
+            try:
+                values = [a.result() if isinstance(a, _Done) else a for a in args]
+                return _Done(fn(*values))
+            except Exception as exc:  # noqa: BLE001 - reported per block by the caller
+                return _Done(error=exc)
+        return self.client.submit(fn, *args, key=f"{key}-{self.token}", pure=False, retries=self.retries,
+                                  resources=self._resources(gpu))
+
+    def gather(self, futures: Sequence[Any]) -> list[Any]:
+        if self.client is None:
+            return [f.result() for f in futures]
+        return self.client.gather(list(futures))
+
+    def compute(self, work: Any) -> Any:
+        """Compute a Dask collection (the pyramid levels) on the same workers."""
+        if self.client is None:
+            return dask.compute(work, scheduler="sync")[0]
+        future = self.client.compute(dask.delayed(list)(work) if isinstance(work, list) else work,
+                                     resources=self._resources(False))
+        return future.result()
+
+    def as_completed(self, futures: dict[Any, str]):
+        """``(key, value, error)`` as tasks finish."""
+        if self.client is None:
+            for fut, key in futures.items():
+                yield key, fut.value, fut.error
+            return
+        from distributed import as_completed
+
+        for fut in as_completed(list(futures)):
+            key = futures[fut]
+            if fut.status == "error":
+                yield key, None, fut.exception()
+            else:
+                yield key, fut.result(), None
+            fut.release()
+
+
+def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
+               finished: dict[str, Any] | None = None,
+               observer: Observer | None = None) -> StageReport:
+    """Run every task whose key is not in ``finished``; raise :class:`BlocksFailedError` at the
+    end if any failed after its retries. Results of finished blocks (their manifest payloads)
+    and of new ones are returned together, keyed by block."""
+    finished = finished or {}
+    todo = [t for t in tasks if t.key not in finished]
+    report = StageReport(stage, total=len(tasks), skipped=len(tasks) - len(todo))
+    keys = {t.key for t in tasks}
+    report.results.update({k: v for k, v in finished.items() if k in keys})
+    notify = observer or (lambda event: None)
+    notify({"event": "start", "stage": stage, "total": len(tasks), "done": report.skipped})
+    start = time.perf_counter()
+    failed: dict[str, str] = {}
+    if executor.inline:
+        futures = {}
+        for t in todo:  # run and report one by one, so progress moves
+            fut = executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu)
+            futures[fut] = t.key
+            _collect(report, failed, t.key, fut.value, fut.error, notify, stage)
+    else:
+        futures = {executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu): t.key
+                   for t in todo}
+        for key, value, error in executor.as_completed(futures):
+            _collect(report, failed, key, value, error, notify, stage)
+    report.seconds = time.perf_counter() - start
+    notify({"event": "end", "stage": stage, **report.to_dict(), "failed": len(failed)})
+    if failed:
+        raise BlocksFailedError(stage, failed)
+    return report
+
+
+def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
+             error: BaseException | None, notify: Observer, stage: str) -> None:
+    if error is not None:
+        log.error("%s block %s failed: %r", stage, key, error)
+        failed[key] = f"{type(error).__name__}: {error}"
+    else:
+        report.computed += 1
+        report.results[key] = value
+    notify({"event": "block", "stage": stage, "key": key, "ok": error is None,
+            "done": report.skipped + report.computed + len(failed), "total": report.total})

@@ -1,0 +1,118 @@
+"""What block tasks share: reading a block with its halo, writing its chunks, the per-process model
+cache, and opening (or resuming) a stage's outputs.
+
+Reading a region that reaches past the volume::
+
+      requested   [y0 - h ........................ y1 + h)
+      volume      [0 ............... n)
+      mirrored                          n-1 n-2 ...           (images: as np.pad "symmetric")
+      filled                            0   0   ...           (labels: background)
+
+Whatever block asks, a voxel outside the volume reads the same value, so overlapping reads agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import zarr
+
+from volref.engine.grid import Block
+from volref.engine.manifest import Manifest
+from volref.errors import OutputExistsError
+
+log = logging.getLogger(__name__)
+
+#: one model forward pass at a time per process (torch already uses every core it is given)
+MODEL_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A 3-D view of a stored array: the array and the index of its leading (t, c) axes."""
+
+    array: zarr.Array
+    lead: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape[-3:])
+
+    def read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
+        """Voxels ``[start, stop)`` (may reach past the volume): ``mode`` "mirror" or "zero"."""
+        shape = self.shape
+        inside = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, shape))
+        if mode == "zero":
+            out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=self.array.dtype)
+            if all(s.stop > s.start for s in inside):
+                data = np.asarray(self.array[self.lead + inside])
+                out[tuple(slice(s.start - a, s.stop - a) for s, a in zip(inside, start))] = data
+            return out
+        idx = [reflect(np.arange(a, b), n) for a, b, n in zip(start, stop, shape)]
+        lo = [int(i.min()) for i in idx]
+        hi = [int(i.max()) + 1 for i in idx]
+        data = np.asarray(self.array[self.lead + tuple(slice(a, b) for a, b in zip(lo, hi))])
+        return data[np.ix_(*(i - a for i, a in zip(idx, lo)))]
+
+    def write(self, block: Block, data: np.ndarray) -> None:
+        self.array[self.lead + block.slices] = data
+
+
+def reflect(index: np.ndarray, n: int) -> np.ndarray:
+    """Mirror indices into ``[0, n)`` like ``np.pad(mode="symmetric")``, for any distance."""
+    m = np.mod(index, 2 * n)
+    return np.where(m >= n, 2 * n - 1 - m, m)
+
+
+def level0(group: zarr.Group, path: str, ndim: int) -> Source:
+    return Source(group[path], (0,) * (ndim - 3))
+
+
+# ---------------------------------------------------------------- models, once per process
+
+
+def device() -> str:
+    """The device of this worker: its (first visible) GPU, else the CPU."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=8)
+def cached_model(loader: Callable[..., Any], path: str, digest: str, dev: str) -> Any:
+    """Models load once per worker process, keyed by file hash; never shipped in the graph."""
+    log.info("loading %s (%s) on %s", path, digest[:12], dev)
+    return loader(path, device=dev)
+
+
+# ---------------------------------------------------------------- stage outputs
+
+
+def open_outputs(manifest: Manifest, settings: dict[str, Any], overwrite: bool,
+                 create: Callable[[bool], list[zarr.Array]],
+                 reopen: Callable[[], list[zarr.Array] | None]) -> tuple[list[zarr.Array], bool]:
+    """The output arrays of a stage and whether they resume an earlier run.
+
+    Same digest as recorded -> reopen and resume. Otherwise create them: over earlier results
+    only with ``overwrite`` (a different digest is refused by the manifest, outputs written
+    without a manifest by :class:`OutputExistsError`).
+    """
+    same = manifest.settings_digest() is not None and not overwrite
+    manifest.begin(settings, overwrite)  # raises on other settings without overwrite
+    if same:
+        arrays = reopen()
+        if arrays is not None:
+            return arrays, True
+        manifest.begin(settings, overwrite=True)  # records without outputs: start again
+    try:
+        arrays = create(overwrite)
+    except OutputExistsError:
+        manifest.clear()
+        raise
+    return arrays, False

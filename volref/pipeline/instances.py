@@ -1,0 +1,132 @@
+"""``instances``: one id per mitochondrion across the volume, ``labels/volref-mitochondria``.
+
+Steps (see :mod:`volref.stages.instances`): label blocks and keep their faces (tasks), pair ids
+across every face between neighbours (tasks), union-find and compaction (here: only ids that
+touch a face and one key per block-local id), relabel blocks with their own small table (tasks,
+recorded in the manifest). Steps 1-3 are cheap and repeated on a resumed run; they give the same
+tables, so finished relabel blocks stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from volref.classes import BACKGROUND
+from volref.engine.grid import Block, BlockGrid
+from volref.engine.manifest import Manifest
+from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
+from volref.errors import VolrefError
+from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
+from volref.pipeline.blocks import Source, open_outputs
+from volref.pipeline.refine import REFINED
+from volref.pipeline.segment import levels_of
+from volref.pipeline.store import record_provenance
+from volref.stages.instances import BlockLabels, block_labels, face_pairs, label_block, resolve
+
+log = logging.getLogger(__name__)
+
+MITOCHONDRIA = "volref-mitochondria"
+
+
+@dataclass(frozen=True)
+class InstanceJob:
+    refined: Source
+    out: Source
+    volume: tuple[int, int, int]
+    manifest: Manifest
+
+
+def _mask(job: InstanceJob, block: Block) -> np.ndarray:
+    return job.refined.read(block.start, block.stop, "zero") != BACKGROUND
+
+
+def label_task(job: InstanceJob, block: Block) -> BlockLabels:
+    return block_labels(_mask(job, block), block.start, job.volume)
+
+
+def pair_task(low: BlockLabels, high: BlockLabels, axis: int) -> np.ndarray:
+    return face_pairs(low.faces[(axis, 1)], high.faces[(axis, 0)])
+
+
+def summary_task(b: BlockLabels) -> tuple[int, np.ndarray]:
+    return b.n, b.keys
+
+
+def relabel_task(job: InstanceJob, block: Block, table: np.ndarray) -> dict[str, Any]:
+    labels, n = label_block(_mask(job, block))
+    if n + 1 != len(table):
+        raise VolrefError(f"block {block.key}: {n} components now, {len(table) - 1} when merged "
+                          "(the refined labels changed during the run)")
+    job.out.write(block, table[labels])
+    count = int(np.count_nonzero(np.unique(table[1:])))
+    job.manifest.record(block.key, {"mitochondria": count})
+    return {"mitochondria": count}
+
+
+def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
+              observer: Observer | None = None, overwrite: bool = False) -> StageReport:
+    meta = root.require_group("volref")
+    upstream = Manifest(meta, "refine")
+    if not upstream.done:
+        raise VolrefError(f"labels/{REFINED} is missing or unfinished here: run volref refine "
+                          "first (with the same --output)")
+    ms = vol.multiscale
+    refined = levels_of(root["labels"][REFINED])
+    manifest = Manifest(meta, "instances")
+    record = {"refine": upstream.settings_digest(), "connectivity": 6}
+
+    def create(over: bool) -> list[zarr.Array]:
+        return create_label_image(root, MITOCHONDRIA, label_levels(ms, "uint32"), ms.axes,
+                                  version=ms.version, info=LabelInfo(), overwrite=over)[1]
+
+    def reopen() -> list[zarr.Array] | None:
+        try:
+            return levels_of(root["labels"][MITOCHONDRIA])
+        except KeyError:
+            return None
+
+    arrays, _ = open_outputs(manifest, record, overwrite, create, reopen)
+    record_provenance(root, "instances", record)
+    lead = (0,) * (ms.ndim - 3)
+    job = InstanceJob(Source(refined[0], lead), Source(arrays[0], lead), vol.shape, manifest)
+    finished = manifest.finished()
+    blocks = list(grid)
+    start = time.perf_counter()
+    if manifest.done and len(finished) == len(blocks):
+        return StageReport("instances", total=len(blocks), skipped=len(blocks))
+    # steps 1-2 on the workers
+    notify = observer or (lambda e: None)
+    notify({"event": "start", "stage": "instances: faces", "total": len(blocks), "done": 0})
+    labelled = {b.index: executor.submit(label_task, job, b, key=f"label-{b.key}")
+                for b in blocks}
+    pairs = [(a.index, b.index, axis,
+              executor.submit(pair_task, labelled[a.index], labelled[b.index], axis,
+                              key=f"pair-{a.key}-{axis}"))
+             for a, b, axis in grid.neighbours()]
+    summaries = executor.gather([executor.submit(summary_task, labelled[b.index],
+                                                 key=f"summary-{b.key}") for b in blocks])
+    pair_values = executor.gather([p[3] for p in pairs])
+    del labelled  # release the faces
+    notify({"event": "end", "stage": "instances: faces", "blocks": len(blocks)})
+    # step 3 here
+    number = {b.index: i for i, b in enumerate(blocks)}
+    block_voxels = int(np.prod(grid.block))
+    bases = [grid.linear(b.index) * block_voxels for b in blocks]
+    edges = [(number[a], number[b], v) for (a, b, _, _), v in zip(pairs, pair_values)]
+    tables, n = resolve(summaries, bases, edges)
+    log.info("instances: %d mitochondria from %d block-local pieces", n,
+             sum(s[0] for s in summaries))
+    # step 4 on the workers
+    tasks = [BlockTask(b.key, relabel_task, (job, b, t)) for b, t in zip(blocks, tables)]
+    report = run_blocks(executor, "instances", tasks, finished, observer)
+    executor.compute([store_pyramid(None, arrays, "nearest")])
+    report.seconds = time.perf_counter() - start
+    report.results = {"mitochondria": n}
+    manifest.mark_done({**report.to_dict(), "mitochondria": n})
+    return report

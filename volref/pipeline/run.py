@@ -1,0 +1,139 @@
+"""``run``: segment -> refine -> instances -> measure over a whole OME-Zarr image, on a cluster.
+
+One block grid serves every stage: blocks are multiples of the output chunks and, in y and x, of
+both stages' tile grids. Each stage reads what the previous one wrote, records finished blocks,
+and is skipped when its manifest says it is done with the same inputs and settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from volref.engine.cluster import ClusterSpec, connect
+from volref.engine.grid import BlockGrid, plan_blocks
+from volref.engine.runner import Executor, Observer, StageReport
+from volref.errors import ConfigError
+from volref.io import Volume, open_image, redact
+from volref.pipeline.instances import instances
+from volref.pipeline.measure import measure
+from volref.pipeline.refine import model_settings, plan_refine, refine, refine_block
+from volref.pipeline.segment import check_model, plan_segment, segment, segment_block
+from volref.pipeline.store import open_target
+from volref.stages.refine import RefineSettings
+from volref.stages.segment import SegmentSettings
+
+log = logging.getLogger(__name__)
+
+STAGES = ("segment", "refine", "instances", "measure")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run computes (the cluster is chosen separately)."""
+
+    segmenter: str | None = None
+    refiner: str | None = None
+    segment: SegmentSettings = field(default_factory=SegmentSettings)
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    block_shape: tuple[int, int, int] | None = None
+    overwrite: bool = False
+    csv: bool = False
+
+
+@dataclass
+class RunResult:
+    target: str
+    grid: BlockGrid
+    cluster: str
+    dashboard: str | None
+    reports: list[StageReport]
+
+    def report(self, stage: str) -> StageReport | None:
+        return next((r for r in self.reports if r.stage == stage), None)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def block_grid(vol: Volume, settings: RunSettings) -> BlockGrid:
+    """The grid shared by every stage (see the module doc)."""
+    from volref.models.registry import DEFAULT_REFINER, load_refiner
+
+    ref = model_settings(check_model(settings.refiner, DEFAULT_REFINER, load_refiner),
+                         settings.refine)
+    align = math.lcm(settings.segment.tile, ref.tile)
+    chunks = vol.multiscale.levels[0].chunks[-3:]
+    return plan_blocks(vol.shape, chunks, align, settings.block_shape)
+
+
+def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
+        output: str | os.PathLike | None = None, settings: RunSettings | None = None,
+        cluster: ClusterSpec | None = None, channel: int | None = None,
+        timepoint: int | None = None, observer: Observer | None = None,
+        on_connect=None) -> RunResult:
+    """Run ``stages`` (in pipeline order) on the image at ``location``.
+
+    ``on_connect(connection)`` is called once the cluster is up (the CLI prints the dashboard).
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    settings = settings or RunSettings()
+    cluster = cluster or ClusterSpec(gpus=gpu_count())
+    vol = open_image(location, channel=channel, timepoint=timepoint)
+    grid = block_grid(vol, settings)
+    root, where = open_target(location, vol.multiscale, output)
+    reports: list[StageReport] = []
+    with connect(cluster) as conn:
+        if on_connect is not None:
+            on_connect(conn)
+        executor = Executor(conn.client)
+        common: dict[str, Any] = {"observer": observer, "overwrite": settings.overwrite}
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            log.info("%s: %d blocks of %s on %s", stage, len(grid), grid.block, conn.description)
+            if stage == "segment":
+                rep = segment(vol, root, grid, executor, model=settings.segmenter,
+                              settings=settings.segment, **common)
+            elif stage == "refine":
+                rep = refine(vol, root, grid, executor, model=settings.refiner,
+                             settings=settings.refine, **common)
+            elif stage == "instances":
+                rep = instances(vol, root, grid, executor, **common)
+            else:
+                rep = measure(vol, root, grid, executor, csv=settings.csv, **common)
+            reports.append(rep)
+    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports)
+
+
+def run_block(location: str | os.PathLike, index: Sequence[int], *,
+              stages: Sequence[str] = ("segment", "refine"),
+              output: str | os.PathLike | None = None, settings: RunSettings | None = None,
+              channel: int | None = None, timepoint: int | None = None) -> dict[str, Any]:
+    """Run one block of the block stages here, in this process (for debugging): a plain function
+    call, so a debugger or a profiler sees everything. Writes and records the block as a run
+    would. ``refine`` needs ``segment`` finished on the whole volume (it reads neighbours)."""
+    settings = settings or RunSettings()
+    vol = open_image(location, channel=channel, timepoint=timepoint)
+    grid = block_grid(vol, settings)
+    block = grid[index]
+    root, _ = open_target(location, vol.multiscale, output)
+    out: dict[str, Any] = {"block": block.key}
+    if "segment" in stages:
+        job, _, _ = plan_segment(vol, root, grid, model=settings.segmenter,
+                                 settings=settings.segment, overwrite=settings.overwrite)
+        out["segment"] = segment_block(job, block)
+    if "refine" in stages:
+        job, _, _ = plan_refine(vol, root, grid, model=settings.refiner,
+                                settings=settings.refine, overwrite=settings.overwrite)
+        out["refine"] = refine_block(job, block)
+    return out
