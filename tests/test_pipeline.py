@@ -1,9 +1,19 @@
-"""segment and refine on whole stores with tiny models: layout, validation, inputs untouched."""
+"""The engine end to end on small stores with tiny models: layout, determinism across block shapes
+and workers, resume after a kill, a real scheduler with separate worker processes."""
 
 from __future__ import annotations
 
-import dask
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import zarr
@@ -11,19 +21,20 @@ import zarr
 from tests.conftest import tree_digest
 from tests.test_models import TINY_MAE, TINY_UNET
 from volref.cli.main import main
-from volref.errors import OutputExistsError, VolrefError
+from volref.engine.cluster import ClusterSpec
+from volref.errors import ConfigError, OutputExistsError, VolrefError
 from volref.io import validate_image, validate_label_image
 from volref.models.checkpoint import save_model
 from volref.models.mae import MaskedAutoencoder
 from volref.models.registry import REFINER_KIND, save_segmenter
 from volref.models.unet import UNet
-from volref.pipeline.refine import refine
-from volref.pipeline.segment import segment
+from volref.pipeline.run import RunSettings, run
 from volref.stages.refine import RefineSettings
 from volref.stages.segment import SegmentSettings
 
-SEG = SegmentSettings(tile=64, halo=16)
-REF = RefineSettings(tile=32, stride=16, tau=0.3)
+OUTPUTS = ("labels/volref-initial/s0", "volref/uncertainty/s0", "labels/volref-refined/s0",
+           "labels/volref-mitochondria/s0")
+INLINE = ClusterSpec(workers=0)
 
 
 @pytest.fixture(scope="module")
@@ -33,80 +44,269 @@ def models(tmp_path_factory):
     seg = save_segmenter(d / "seg.safetensors", [UNet(TINY_UNET).eval() for _ in range(3)])
     mae = save_model(d / "mae.safetensors", MaskedAutoencoder(TINY_MAE).eval(), REFINER_KIND,
                      TINY_MAE.to_dict())
-    return seg, mae
+    return str(seg), str(mae)
 
 
-def run(work):
-    with dask.config.set(scheduler="threads"):
-        dask.compute(work)
-
-
-def test_segment_and_refine_into_the_archive(phantom_copy, models):
+def tiny(models, **kw) -> RunSettings:
     seg, mae = models
+    return RunSettings(segmenter=seg, refiner=mae, segment=SegmentSettings(tile=64, halo=16),
+                       refine=RefineSettings(tile=32, stride=16, tau=0.3), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(small_phantom, models, tmp_path_factory):
+    """One uninterrupted in-process run: the bytes every other run must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    result = run(small_phantom, output=out, settings=tiny(models), cluster=INLINE)
+    root = zarr.open_group(out, mode="r")
+    return out, result, {k: root[k][:] for k in OUTPUTS}
+
+
+def assert_same(store: Path, expected: dict[str, np.ndarray]) -> None:
+    root = zarr.open_group(store, mode="r")
+    for key, want in expected.items():
+        np.testing.assert_array_equal(root[key][:], want, err_msg=key)
+
+
+def test_run_writes_the_layout_and_validates(reference, small_phantom):
+    out, result, arrays = reference
+    assert [r.stage for r in result.reports] == ["segment", "refine", "instances", "measure"]
+    root = zarr.open_group(out, mode="r")
+    for name in ("volref-initial", "volref-refined", "volref-mitochondria"):
+        validate_label_image(root["labels"][name])
+    validate_image(root["volref/uncertainty"])
+    ids = arrays["labels/volref-mitochondria/s0"]
+    assert ids.dtype == np.uint32 and ids.shape == zarr.open_group(small_phantom)["s0"].shape
+    n = int(ids.max())
+    assert set(np.unique(ids)) == set(range(n + 1))  # compact ids 1..N
+    table = pd.read_parquet(out / "volref" / "metrics.parquet")
+    assert list(table["label"]) == list(range(1, n + 1))
+    assert (table["voxels"].to_numpy() == np.bincount(ids.ravel())[1:]).all()
+    assert {"initial_cristae_boundary_ratio", "refined_skeleton_cycles",
+            "skeleton_length_um", "centroid_z", "bbox_x1"} <= set(table.columns)
+    props = json.loads((out / "labels/volref-mitochondria/zarr.json").read_text())
+    props = props["attributes"]["ome"]["image-label"]["properties"]
+    assert [p["label-value"] for p in props] == list(range(1, n + 1))
+    # only uncertain places may change
+    unc = arrays["volref/uncertainty/s0"]
+    changed = arrays["labels/volref-initial/s0"] != arrays["labels/volref-refined/s0"]
+    assert not np.any(changed & (unc == 0))
+
+
+def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phantom, models,
+                                                         tmp_path):
+    _, _, expected = reference
+    a = tmp_path / "blocks.zarr"
+    result = run(small_phantom, output=a, settings=tiny(models, block_shape=(20, 64, 128)),
+                 cluster=INLINE)
+    assert len(result.grid) == 12
+    assert_same(a, expected)
+    b = tmp_path / "workers.zarr"
+    result = run(small_phantom, output=b, settings=tiny(models, block_shape=(40, 128, 128)),
+                 cluster=ClusterSpec(workers=2))
+    assert result.cluster.startswith("local cluster (2 workers)")
+    assert_same(b, expected)
+
+
+def test_into_the_archive_adds_groups_only(phantom_copy, models):
     before = tree_digest(phantom_copy)
-    run(segment(phantom_copy, model=seg, settings=SEG))
-    run(refine(phantom_copy, model=mae, settings=REF))
+    run(phantom_copy, settings=tiny(models), cluster=INLINE)
     after = tree_digest(phantom_copy)
     changed = {k for k in before if before[k] != after.get(k)}
     assert changed <= {"labels/zarr.json", "volref/zarr.json"}  # listings and provenance only
-    root = zarr.open_group(phantom_copy, mode="r")
-    validate_image(root)
-    initial = root["labels/volref-initial/s0"][:]
-    refined = root["labels/volref-refined/s0"][:]
-    unc = root["volref/uncertainty/s0"][:]
-    assert initial.shape == refined.shape == unc.shape == root["s0"].shape
-    assert set(np.unique(initial)) <= {0, 1, 2, 3}
-    # only uncertain places may change
-    changed_px = initial != refined
-    assert not np.any(changed_px & (unc == 0))
-    prov = (phantom_copy / "volref" / "provenance.json").read_text()
-    assert "model_sha256" in prov and "segment" in prov and "refine" in prov
+    assert all(k in after for k in before)
+    validate_image(zarr.open_group(phantom_copy, mode="r"))
+    prov = json.loads((phantom_copy / "volref" / "provenance.json").read_text())
+    assert {"segment", "refine", "instances", "measure"} <= set(prov)
 
 
-def test_results_do_not_depend_on_z_blocking(phantom_copy, models, tmp_path):
-    seg, mae = models
-    out_a, out_b = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    run(segment(phantom_copy, model=seg, settings=SEG, output=out_a))
-    run(refine(phantom_copy, model=mae, settings=REF, output=out_a))
-    # same image stored with other z-chunks
-    src = zarr.open_group(phantom_copy, mode="r")
-    rechunked = tmp_path / "rechunked.ome.zarr"
-    dst = zarr.open_group(rechunked, mode="w")
-    dst.attrs.update(dict(src.attrs))
-    dst.create_array("s0", data=src["s0"][:], chunks=(7, 64, 64),
-                     dimension_names=["z", "y", "x"])
-    run(segment(rechunked, model=seg, settings=SEG, output=out_b))
-    run(refine(rechunked, model=mae, settings=REF, output=out_b))
-    a, b = zarr.open_group(out_a, mode="r"), zarr.open_group(out_b, mode="r")
-    for path in ("labels/volref-initial/s0", "volref/uncertainty/s0", "labels/volref-refined/s0"):
-        np.testing.assert_array_equal(a[path][:], b[path][:])
-    validate_label_image(a["labels/volref-refined"])
-
-
-def test_output_store_leaves_input_untouched(small_phantom, models, tmp_path):
-    seg, mae = models
+def test_rerun_skips_finished_work_and_refuses_other_settings(reference, small_phantom, models,
+                                                             tmp_path):
+    out = tmp_path / "o.zarr"
+    run(small_phantom, output=out, settings=tiny(models), stages=("segment",), cluster=INLINE)
     before = tree_digest(small_phantom)
-    out = tmp_path / "out.zarr"
-    run(segment(small_phantom, model=seg, settings=SEG, output=out))
-    run(refine(small_phantom, model=mae, settings=REF, output=out))
+    again = run(small_phantom, output=out, settings=tiny(models), cluster=INLINE)
+    seg = again.report("segment")
+    assert seg.computed == 0 and seg.skipped == seg.total
+    assert_same(out, reference[2])
     assert tree_digest(small_phantom) == before
+    other = tiny(models)
+    other = RunSettings(**{**other.__dict__, "refine": RefineSettings(tile=32, stride=16, tau=0.5)})
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run(small_phantom, output=out, settings=other, stages=("refine",), cluster=INLINE)
+    redo = run(small_phantom, output=out, stages=("refine",), cluster=INLINE,
+               settings=RunSettings(**{**other.__dict__, "overwrite": True}))
+    assert redo.report("refine").computed == redo.report("refine").total
+
+
+def test_results_without_a_manifest_are_not_overwritten(phantom_copy, models):
+    root = zarr.open_group(phantom_copy, mode="r+")
+    root.require_group("labels").create_group("volref-initial")
     with pytest.raises(OutputExistsError):
-        segment(small_phantom, model=seg, settings=SEG, output=out)
-    run(segment(small_phantom, model=seg, settings=SEG, output=out, overwrite=True))
+        run(phantom_copy, settings=tiny(models), stages=("segment",), cluster=INLINE)
 
 
-def test_refine_needs_segment_first(phantom_copy, models):
+def test_stages_need_their_inputs(phantom_copy, models):
     with pytest.raises(VolrefError, match="run volref segment first"):
-        refine(phantom_copy, model=models[1], settings=REF)
+        run(phantom_copy, settings=tiny(models), stages=("refine",), cluster=INLINE)
+    with pytest.raises(VolrefError, match="run volref refine"):
+        run(phantom_copy, settings=tiny(models), stages=("instances",), cluster=INLINE)
 
 
-def test_cli_segment_refine(phantom_copy, models, capsys):
+def test_cli_run_summary_and_one_block(phantom_copy, models, capsys):
     seg, mae = models
-    assert main(["-q", "segment", str(phantom_copy), "--model", str(seg)]) == 0
-    assert main(["-q", "refine", str(phantom_copy), "--model", str(mae)]) == 0
-    assert main(["-q", "segment", str(phantom_copy), "--model", str(seg)]) == 2
+    assert main(["-q", "run", str(phantom_copy), "--segmenter", seg, "--refiner", mae,
+                 "--workers", "0", "--csv"]) == 0
+    out = capsys.readouterr().out
+    assert "segment" in out and "mitochondria; mean per mitochondrion" in out
+    assert (phantom_copy / "volref" / "metrics.csv").exists()
+    assert main(["-q", "run", str(phantom_copy), "--segmenter", seg, "--refiner", mae,
+                 "--block", "0,0,0"]) == 0
+    assert '"segment"' in capsys.readouterr().out
+    assert main(["-q", "run", str(phantom_copy), "--block", "9,9,9", "--segmenter", seg,
+                 "--refiner", mae]) == 2
+    assert main(["-q", "segment", str(phantom_copy), "--block-shape", "7", "64", "64",
+                 "--segmenter", seg]) == 2
     err = capsys.readouterr().err
-    assert "--overwrite" in err and "Traceback" not in err
-    code = main(["-q", "segment", str(phantom_copy), "--model", str(phantom_copy / "zarr.json"),
-                 "--overwrite"])
-    assert code == 2
+    assert "outside the grid" in err and "not a multiple" in err and "Traceback" not in err
+
+
+def test_ground_truth_mitochondria_keep_one_id_across_blocks(small_phantom, tmp_path):
+    """The instance stage on a store whose refined labels are the phantom's ground truth."""
+    from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
+    from volref.engine.manifest import Manifest
+    from volref.io import LabelInfo, create_label_image, label_levels, open_image
+    from volref.pipeline.store import open_target
+
+    src = zarr.open_group(small_phantom, mode="r")
+    truth = src["labels/ground-truth-instances/s0"][:]
+    vol = open_image(small_phantom)
+    root, _ = open_target(small_phantom, vol.multiscale, tmp_path / "gt.zarr")
+    _, arrays = create_label_image(root, "volref-refined", label_levels(vol.multiscale, "uint8"),
+                                   vol.multiscale.axes, version=vol.multiscale.version,
+                                   info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES))
+    arrays[0][:] = src["labels/ground-truth/s0"][:]
+    done = Manifest(root.require_group("volref"), "refine")  # as if refine had finished
+    done.begin({"ground truth": True}, overwrite=False)
+    done.mark_done({})
+    result = run(small_phantom, output=tmp_path / "gt.zarr", stages=("instances",),
+                 cluster=INLINE, settings=RunSettings(block_shape=(20, 64, 128), min_voxels=0))
+    assert len(result.grid) == 12
+    ids = zarr.open_group(tmp_path / "gt.zarr", mode="r")["labels/volref-mitochondria/s0"][:]
+    n_truth = len(np.unique(truth)) - 1
+    assert result.report("instances").results["mitochondria"] == n_truth == ids.max()
+    crossing = 0
+    for t in np.unique(truth)[1:]:
+        found = np.unique(ids[truth == t])
+        assert len(found) == 1 and found[0] > 0  # one id per mitochondrion
+        zz, yy, xx = np.nonzero(truth == t)
+        blocks = {(z // 20, y // 64, x // 128) for z, y, x in zip(zz, yy, xx)}
+        crossing += len(blocks) > 1
+    assert crossing >= 3
+    assert set(np.unique(ids[truth == 0])) == {0}
+
+
+# ---------------------------------------------------------------- kill and resume
+
+SCRIPT = """
+import sys
+from volref.engine.cluster import ClusterSpec
+from volref.pipeline.run import RunSettings, run
+from volref.stages.refine import RefineSettings
+from volref.stages.segment import SegmentSettings
+if __name__ == "__main__":
+    run(sys.argv[1], output=sys.argv[2], cluster=ClusterSpec(workers=0),
+        settings=RunSettings(segmenter=sys.argv[3], refiner=sys.argv[4],
+                             segment=SegmentSettings(tile=64, halo=16),
+                             refine=RefineSettings(tile=32, stride=16, tau=0.3),
+                             block_shape=(20, 64, 128)))
+"""
+
+
+def _records(out: Path, stage: str) -> int:
+    d = out / "volref" / "manifests" / stage / "blocks"
+    return len(list(d.glob("*.json"))) if d.exists() else 0
+
+
+def _kill_when(cmd: list[str], out: Path, stage: str, n: int) -> int:
+    log = out.parent / f"{stage}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while _records(out, stage) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before the kill: {log.read_text()}")
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return _records(out, stage)
+
+
+def test_killed_run_resumes_to_identical_output(reference, small_phantom, models, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, str(script), str(small_phantom), str(out), *models]
+    seg_done = _kill_when(cmd, out, "segment", 3)  # during segment
+    assert 3 <= seg_done < 12
+    ref_done = _kill_when(cmd, out, "refine", 4)  # resumed, then killed during refine
+    assert 4 <= ref_done < 12
+    before = tree_digest(small_phantom)
+    result = run(small_phantom, output=out, cluster=INLINE,
+                 settings=tiny(models, block_shape=(20, 64, 128)))
+    seg, ref = result.report("segment"), result.report("refine")
+    assert (seg.computed, seg.skipped) == (0, 12)
+    assert (ref.computed, ref.skipped) == (12 - ref_done, ref_done)  # only unfinished blocks
+    assert_same(out, reference[2])
+    assert tree_digest(small_phantom) == before
+
+
+# ---------------------------------------------------------------- a real scheduler
+
+
+def _dask(*args: str, log: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "dask"
+    with log.open("w") as f:
+        return subprocess.Popen([str(exe), *args], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def test_separate_scheduler_and_workers_with_gpu_routing(reference, small_phantom, models,
+                                                         tmp_path):
+    from distributed import Client
+
+    sched_file = tmp_path / "scheduler.json"
+    procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                   "--scheduler-file", str(sched_file), log=tmp_path / "scheduler.log")]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
+            time.sleep(0.1)
+        for name, extra in (("gpu", ["--resources", "GPU=1"]), ("cpu", [])):
+            procs.append(_dask("worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                               "--no-dashboard", "--name", name, "--host", "127.0.0.1", *extra,
+                               log=tmp_path / f"{name}.log"))
+        address = json.loads(sched_file.read_text())["address"]
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=120)
+            gpu_worker = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                              if "GPU" in (w.get("resources") or {}))
+        out = tmp_path / "dist.zarr"
+        result = run(small_phantom, output=out, cluster=ClusterSpec(scheduler=address),
+                     settings=tiny(models, block_shape=(20, 64, 128)))
+        assert "2 workers" in result.cluster
+        assert_same(out, reference[2])
+        for stage in ("segment", "refine"):  # model tasks ran on the GPU-resource worker only
+            recs = (out / "volref" / "manifests" / stage / "blocks").glob("*.json")
+            workers = {json.loads(r.read_text())["worker"] for r in recs}
+            assert workers == {gpu_worker}, stage
+    finally:
+        for p in reversed(procs):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)

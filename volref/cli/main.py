@@ -32,6 +32,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Refine mitochondria segmentations in OME-Zarr z-stacks."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Dask's loggers keep their own INFO level; show their chatter only with -vv
+    for name in ("distributed", "dask_cuda"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     ctx.obj = {"progress": not quiet}
 
 
@@ -157,11 +160,14 @@ REFINER_OPTIONS = (
                  help="Tile stride (tiles are 128 px; overlaps are blended)."),
 )
 CSV_OPTION = click.option("--csv", is_flag=True, help="Also write volref/metrics.csv.")
+MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), default=1000,
+                                 show_default=True,
+                                 help="Smaller connected pieces are specks, not mitochondria.")
 
 
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
-             csv=False, block=None):
+             csv=False, block=None, min_voxels=1000):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
@@ -172,7 +178,7 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
         raise click.BadParameter(str(exc), param_hint="--stride") from None
     settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,
                            block_shape=tuple(block_shape) if block_shape else None,
-                           overwrite=overwrite, csv=csv)
+                           overwrite=overwrite, csv=csv, min_voxels=min_voxels)
     if block is not None:
         result = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
                            output=output, settings=settings, channel=channel,
@@ -224,7 +230,7 @@ def _block_index(ctx, param, value):
 
 
 @cli.command("run")
-@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, CSV_OPTION,
+@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, CSV_OPTION, MIN_VOXELS_OPTION,
                  click.option("--block", type=str, default=None, callback=_block_index,
                               help="Run only block Z,Y,X (segment + refine) in this process, "
                                    "for debugging.")])
@@ -248,7 +254,7 @@ def refine(ctx, **options):
 
 
 @cli.command()
-@engine_options([CSV_OPTION])
+@engine_options([CSV_OPTION, MIN_VOXELS_OPTION])
 def measure(ctx, **options):
     """Mitochondria (labels/volref-mitochondria) and their metrics (volref/metrics.parquet)."""
     _execute(ctx, ("instances", "measure"), **options)

@@ -185,3 +185,13 @@ def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
         report.results[key] = value
     notify({"event": "block", "stage": stage, "key": key, "ok": error is None,
             "done": report.skipped + report.computed + len(failed), "total": report.total})
+
+
+def worker_address() -> str | None:
+    """The Dask worker running the current task (None in this process)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None

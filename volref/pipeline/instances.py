@@ -32,6 +32,8 @@ from volref.stages.instances import BlockLabels, block_labels, face_pairs, label
 log = logging.getLogger(__name__)
 
 MITOCHONDRIA = "volref-mitochondria"
+#: fewer voxels than this is a speck, not a mitochondrion (a 40 px wide tube has ~1000 per slice)
+MIN_VOXELS = 1000
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ def pair_task(low: BlockLabels, high: BlockLabels, axis: int) -> np.ndarray:
     return face_pairs(low.faces[(axis, 1)], high.faces[(axis, 0)])
 
 
-def summary_task(b: BlockLabels) -> tuple[int, np.ndarray]:
-    return b.n, b.keys
+def summary_task(b: BlockLabels) -> tuple[int, np.ndarray, np.ndarray]:
+    return b.n, b.keys, b.sizes
 
 
 def relabel_task(job: InstanceJob, block: Block, table: np.ndarray) -> dict[str, Any]:
@@ -64,13 +66,14 @@ def relabel_task(job: InstanceJob, block: Block, table: np.ndarray) -> dict[str,
         raise VolrefError(f"block {block.key}: {n} components now, {len(table) - 1} when merged "
                           "(the refined labels changed during the run)")
     job.out.write(block, table[labels])
-    count = int(np.count_nonzero(np.unique(table[1:])))
+    count = int(np.count_nonzero(np.unique(table[labels])))
     job.manifest.record(block.key, {"mitochondria": count})
     return {"mitochondria": count}
 
 
 def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
-              observer: Observer | None = None, overwrite: bool = False) -> StageReport:
+              observer: Observer | None = None, overwrite: bool = False,
+              min_voxels: int = MIN_VOXELS) -> StageReport:
     meta = root.require_group("volref")
     upstream = Manifest(meta, "refine")
     if not upstream.done:
@@ -79,7 +82,7 @@ def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor
     ms = vol.multiscale
     refined = levels_of(root["labels"][REFINED])
     manifest = Manifest(meta, "instances")
-    record = {"refine": upstream.settings_digest(), "connectivity": 6}
+    record = {"refine": upstream.settings_digest(), "connectivity": 6, "min_voxels": min_voxels}
 
     def create(over: bool) -> list[zarr.Array]:
         return create_label_image(root, MITOCHONDRIA, label_levels(ms, "uint32"), ms.axes,
@@ -119,7 +122,7 @@ def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor
     block_voxels = int(np.prod(grid.block))
     bases = [grid.linear(b.index) * block_voxels for b in blocks]
     edges = [(number[a], number[b], v) for (a, b, _, _), v in zip(pairs, pair_values)]
-    tables, n = resolve(summaries, bases, edges)
+    tables, n = resolve(summaries, bases, edges, min_voxels)
     log.info("instances: %d mitochondria from %d block-local pieces", n,
              sum(s[0] for s in summaries))
     # step 4 on the workers

@@ -30,9 +30,9 @@ from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
 from volref.errors import VolrefError
+from volref.io import Volume
 from volref.io.ngff import set_ome
 from volref.io.store import write_file
-from volref.io import Volume
 from volref.metrics.consistency import METRICS, SliceCounts, skeleton_length, slice_counts
 from volref.pipeline.blocks import Source
 from volref.pipeline.instances import MITOCHONDRIA

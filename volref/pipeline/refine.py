@@ -28,7 +28,7 @@ import zarr
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
 from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
-from volref.engine.runner import BlockTask, Executor, Observer, StageReport
+from volref.engine.runner import BlockTask, Executor, Observer, StageReport, worker_address
 from volref.errors import ConfigError, VolrefError
 from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
 from volref.models.registry import DEFAULT_REFINER, load_refiner
@@ -126,6 +126,7 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         out = refine_region(mae, labels, unc, s, device=dev, autocast=dev.startswith("cuda"))
     job.refined.write(block, out.labels)
     stats = {"seconds": round(time.perf_counter() - start, 3), "tiles": out.tiles_total,
-             "tiles_run": out.tiles_run, "removed_px": int(out.removed.sum())}
+             "tiles_run": out.tiles_run, "removed_px": int(out.removed.sum()),
+             "device": dev, "worker": worker_address()}
     job.manifest.record(block.key, stats)
     return stats

@@ -19,7 +19,7 @@ from volref.engine.grid import BlockGrid, plan_blocks
 from volref.engine.runner import Executor, Observer, StageReport
 from volref.errors import ConfigError
 from volref.io import Volume, open_image, redact
-from volref.pipeline.instances import instances
+from volref.pipeline.instances import MIN_VOXELS, instances
 from volref.pipeline.measure import measure
 from volref.pipeline.refine import model_settings, plan_refine, refine, refine_block
 from volref.pipeline.segment import check_model, plan_segment, segment, segment_block
@@ -43,6 +43,7 @@ class RunSettings:
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False
     csv: bool = False
+    min_voxels: int = MIN_VOXELS
 
 
 @dataclass
@@ -63,13 +64,18 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def block_grid(vol: Volume, settings: RunSettings) -> BlockGrid:
-    """The grid shared by every stage (see the module doc)."""
+def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGES) -> BlockGrid:
+    """The grid shared by the stages that run (see the module doc): model stages align blocks
+    to their tile grids, the others only to the chunks."""
     from volref.models.registry import DEFAULT_REFINER, load_refiner
 
-    ref = model_settings(check_model(settings.refiner, DEFAULT_REFINER, load_refiner),
-                         settings.refine)
-    align = math.lcm(settings.segment.tile, ref.tile)
+    align = 1
+    if "segment" in stages:
+        align = math.lcm(align, settings.segment.tile)
+    if "refine" in stages:
+        ref = model_settings(check_model(settings.refiner, DEFAULT_REFINER, load_refiner),
+                             settings.refine)
+        align = math.lcm(align, ref.tile)
     chunks = vol.multiscale.levels[0].chunks[-3:]
     return plan_blocks(vol.shape, chunks, align, settings.block_shape)
 
@@ -89,7 +95,7 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
     settings = settings or RunSettings()
     cluster = cluster or ClusterSpec(gpus=gpu_count())
     vol = open_image(location, channel=channel, timepoint=timepoint)
-    grid = block_grid(vol, settings)
+    grid = block_grid(vol, settings, stages)
     root, where = open_target(location, vol.multiscale, output)
     reports: list[StageReport] = []
     with connect(cluster) as conn:
@@ -108,7 +114,8 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
                 rep = refine(vol, root, grid, executor, model=settings.refiner,
                              settings=settings.refine, **common)
             elif stage == "instances":
-                rep = instances(vol, root, grid, executor, **common)
+                rep = instances(vol, root, grid, executor, min_voxels=settings.min_voxels,
+                                **common)
             else:
                 rep = measure(vol, root, grid, executor, csv=settings.csv, **common)
             reports.append(rep)
@@ -124,7 +131,7 @@ def run_block(location: str | os.PathLike, index: Sequence[int], *,
     would. ``refine`` needs ``segment`` finished on the whole volume (it reads neighbours)."""
     settings = settings or RunSettings()
     vol = open_image(location, channel=channel, timepoint=timepoint)
-    grid = block_grid(vol, settings)
+    grid = block_grid(vol, settings, stages)
     block = grid[index]
     root, _ = open_target(location, vol.multiscale, output)
     out: dict[str, Any] = {"block": block.key}

@@ -25,7 +25,14 @@ import zarr
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
 from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
-from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
+from volref.engine.runner import (
+    BlockTask,
+    Executor,
+    Observer,
+    StageReport,
+    run_blocks,
+    worker_address,
+)
 from volref.errors import OutputExistsError
 from volref.io import (
     LabelInfo,
@@ -149,7 +156,8 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     job.labels.write(block, labels[core])
     job.uncertainty.write(block, uncertainty_to_uint8(unc[core]))
     seconds = time.perf_counter() - start
-    job.manifest.record(block.key, {"seconds": round(seconds, 3), "device": dev})
+    job.manifest.record(block.key, {"seconds": round(seconds, 3), "device": dev,
+                                       "worker": worker_address()})
     return {"seconds": seconds}
 
 

@@ -11,6 +11,10 @@ The scheme (as large-volume engines do it), never holding the whole volume or a 
                    mitochondrion's key = the smallest key of its parts; ids 1..N in key order
     4. per block   relabel with the block's own small table (local id -> final id)
 
+Components smaller than ``min_voxels`` in total (specks of a few voxels that a segmentation
+leaves near membranes) are not mitochondria and get id 0; their sizes merge across blocks like
+their ids, so a large mitochondrion cut into small pieces by blocks is kept.
+
 Keys are positions in the volume, not block numbers, so the final ids are the same for any block
 shape: mitochondrion 1 is the one whose first voxel comes first in z, y, x raster order.
 """
@@ -33,6 +37,7 @@ class BlockLabels:
 
     n: int
     keys: np.ndarray  # (n,) uint64 global raster index of each local id's first voxel
+    sizes: np.ndarray  # (n,) int64 voxels of each local id
     faces: dict[tuple[int, int], np.ndarray]  # (axis, 0=low | 1=high) -> local ids on that plane
 
 
@@ -67,7 +72,8 @@ def block_labels(mask: np.ndarray, start: Sequence[int], volume: Sequence[int]) 
     for axis in range(3):
         for side, index in ((0, 0), (1, labels.shape[axis] - 1)):
             faces[(axis, side)] = np.take(labels, index, axis=axis).copy()
-    return BlockLabels(n, first_voxel_keys(labels, n, start, volume), faces)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    return BlockLabels(n, first_voxel_keys(labels, n, start, volume), sizes, faces)
 
 
 def face_pairs(low_face: np.ndarray, high_face: np.ndarray) -> np.ndarray:
@@ -102,18 +108,21 @@ class UnionFind:
             self.parent[hi] = lo
 
 
-def resolve(blocks: Sequence[tuple[int, np.ndarray]], bases: Sequence[int],
-            edges: Iterable[tuple[int, int, np.ndarray]]) -> tuple[list[np.ndarray], int]:
+def resolve(blocks: Sequence[tuple[int, np.ndarray, np.ndarray]], bases: Sequence[int],
+            edges: Iterable[tuple[int, int, np.ndarray]],
+            min_voxels: int = 0) -> tuple[list[np.ndarray], int]:
     """Final ids for every block's local ids.
 
     Parameters
     ----------
     blocks
-        ``(n, keys)`` per block (step 1), in block order.
+        ``(n, keys, sizes)`` per block (step 1), in block order.
     bases
         Stateless id base of each block (block number x block voxels).
     edges
         ``(block a, block b, pairs)``: local ids of ``a`` and ``b`` that touch.
+    min_voxels
+        Components with fewer voxels in total (specks, not mitochondria) get id 0.
 
     Returns
     -------
@@ -125,20 +134,22 @@ def resolve(blocks: Sequence[tuple[int, np.ndarray]], bases: Sequence[int],
             uf.union(bases[a] + la, bases[b] + lb)
     # each mitochondrion's key: the smallest first-voxel key of its parts
     best: dict[int, int] = {}
+    size: dict[int, int] = {}
     roots_per_block = []
-    for (n, keys), base in zip(blocks, bases):
+    for (n, keys, sizes), base in zip(blocks, bases):
         roots = np.array([uf.find(base + i) for i in range(1, n + 1)], dtype=np.uint64)
         roots_per_block.append(roots)
-        for r, k in zip(roots.tolist(), keys.tolist()):
+        for r, k, v in zip(roots.tolist(), keys.tolist(), sizes.tolist()):
             if k < best.get(r, 2**64):
                 best[r] = k
-    order = sorted(best, key=best.__getitem__)
+            size[r] = size.get(r, 0) + v
+    order = sorted((r for r in best if size[r] >= min_voxels), key=best.__getitem__)
     final = {r: i + 1 for i, r in enumerate(order)}
     if len(final) >= 2**32:
         raise ValueError(f"{len(final)} mitochondria do not fit uint32 ids")
     tables = []
     for roots in roots_per_block:
         table = np.zeros(len(roots) + 1, dtype=np.uint32)
-        table[1:] = [final[r] for r in roots.tolist()]
+        table[1:] = [final.get(r, 0) for r in roots.tolist()]
         tables.append(table)
     return tables, len(final)

@@ -1,0 +1,150 @@
+"""The engine's parts on their own: block grid, manifests, cross-block instance merging, the
+in-process runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from volref.engine.grid import BlockGrid, plan_blocks
+from volref.engine.manifest import Manifest
+from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
+from volref.errors import ConfigError
+from volref.pipeline.blocks import Source, reflect
+from volref.stages.instances import STRUCTURE, block_labels, face_pairs, label_block, resolve
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 70), st.integers(1, 70))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, block=st.tuples(st.integers(1, 16), st.integers(1, 32), st.integers(1, 32)))
+def test_blocks_cover_every_voxel_exactly_once(shape, block):
+    grid = BlockGrid(shape, block)
+    count = np.zeros(shape, dtype=np.int32)
+    for b in grid:
+        assert all(0 <= a < z <= n for a, z, n in zip(b.start, b.stop, shape))
+        count[b.slices] += 1
+    assert (count == 1).all()
+    assert len(grid) == len(list(grid))
+
+
+def test_plan_blocks_checks_alignment():
+    grid = plan_blocks((40, 1000, 1000), (20, 256, 256), 128)
+    assert grid.block == (20, 512, 512)
+    assert plan_blocks((40, 1000, 1000), (20, 64, 64), 256, (40, 256, 768)).block == (40, 256, 768)
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        plan_blocks((40, 1000, 1000), (20, 64, 64), 256, (20, 128, 256))
+    with pytest.raises(ConfigError, match="z = 10"):
+        plan_blocks((40, 1000, 1000), (20, 256, 256), 128, (10, 256, 256))
+    # a block covering a whole axis may be any size
+    assert plan_blocks((40, 100, 1000), (20, 64, 64), 128, (40, 100, 256)).block[1] == 100
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), i=st.integers(-30, 30))
+def test_reflect_matches_numpy_symmetric_padding(n, i):
+    a = np.arange(n)
+    padded = np.pad(a, 40, mode="symmetric")
+    assert reflect(np.array([i]), n)[0] == padded[i + 40]
+
+
+def test_source_reads_past_the_volume(tmp_path):
+    data = np.arange(2 * 5 * 6, dtype=np.uint16).reshape(2, 5, 6)
+    arr = zarr.create_array(tmp_path / "a.zarr", data=data, chunks=(1, 2, 4))
+    src = Source(arr)
+    np.testing.assert_array_equal(src.read((0, -3, -2), (2, 8, 9), "mirror"),
+                                  np.pad(data, ((0, 0), (3, 3), (2, 3)), mode="symmetric"))
+    np.testing.assert_array_equal(src.read((-1, -3, -2), (2, 8, 9), "zero"),
+                                  np.pad(data, ((1, 0), (3, 3), (2, 3))))
+
+
+def test_manifest_resume_refuse_and_torn_records(tmp_path):
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    meta = root.require_group("volref")
+    m = Manifest(meta, "segment")
+    m.begin({"tau": 0.4}, overwrite=False)
+    m.record("0-1_0-1_0-1", {"seconds": 1})
+    assert set(m.finished()) == {"0-1_0-1_0-1"}
+    # a torn record (killed while writing) is not finished
+    (tmp_path / "s.zarr/volref/manifests/segment/blocks/1-2_0-1_0-1.json").write_text('{"blo')
+    assert set(m.finished()) == {"0-1_0-1_0-1"}
+    m.begin({"tau": 0.4}, overwrite=False)  # same settings: resume
+    assert set(m.finished()) == {"0-1_0-1_0-1"}
+    with pytest.raises(ConfigError, match="--overwrite"):
+        m.begin({"tau": 0.5}, overwrite=False)
+    m.begin({"tau": 0.5}, overwrite=True)
+    assert m.finished() == {}
+
+
+def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0) -> np.ndarray:
+    """Run the whole instance scheme on a numpy mask (what the stage does on a store)."""
+    grid = BlockGrid(mask.shape, block)
+    blocks = list(grid)
+    parts = [block_labels(mask[b.slices], b.start, mask.shape) for b in blocks]
+    number = {b.index: i for i, b in enumerate(blocks)}
+    bases = [grid.linear(b.index) * int(np.prod(grid.block)) for b in blocks]
+    edges = [(number[a.index], number[b.index],
+              face_pairs(parts[number[a.index]].faces[(ax, 1)], parts[number[b.index]].faces[(ax, 0)]))
+             for a, b, ax in grid.neighbours()]
+    tables, n = resolve([(p.n, p.keys, p.sizes) for p in parts], bases, edges, min_voxels)
+    out = np.zeros(mask.shape, dtype=np.uint32)
+    for b, table in zip(blocks, tables):
+        local, _ = label_block(mask[b.slices])
+        out[b.slices] = table[local]
+    return out, n
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), fill=st.floats(0.2, 0.6),
+       block=st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9)))
+def test_instances_across_blocks_equal_scipy_on_the_whole_volume(seed, fill, block):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((7, 13, 11)) < fill
+    expected, n_expected = ndimage.label(mask, structure=STRUCTURE)
+    got, n = _labels_by_blocks(mask, block)
+    assert n == n_expected
+    # scipy numbers components by their first voxel in raster order, as volref does
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_mitochondrion_across_four_blocks_keeps_one_id():
+    mask = np.zeros((4, 20, 20), dtype=bool)
+    mask[1:3, 5:15, 5:15] = True  # crosses the y and x block faces at 10
+    mask[0, 0, 0] = True
+    got, n = _labels_by_blocks(mask, (4, 10, 10))
+    assert n == 2
+    assert set(np.unique(got[1:3, 5:15, 5:15])) == {2} and got[0, 0, 0] == 1
+
+
+def _ok(x):
+    return x * 2
+
+
+def _fail_on(x):
+    if x == 3:
+        raise ValueError("boom")
+    return x
+
+
+def test_inline_runner_skips_finished_and_summarises_failures():
+    ex = Executor(None)
+    tasks = [BlockTask(str(i), _ok, (i,)) for i in range(5)]
+    events = []
+    rep = run_blocks(ex, "s", tasks, {"0": {"x": 1}}, events.append)
+    assert rep.skipped == 1 and rep.computed == 4 and rep.results["4"] == 8
+    assert events[-1]["event"] == "end" and events[0]["done"] == 1
+    with pytest.raises(BlocksFailedError, match="1 block\\(s\\) failed: 3: ValueError: boom"):
+        run_blocks(ex, "s", [BlockTask(str(i), _fail_on, (i,)) for i in range(5)])
+
+
+def test_specks_are_dropped_by_their_merged_size():
+    mask = np.zeros((4, 20, 20), dtype=bool)
+    mask[0:4, 2:18, 9:11] = True  # 128 voxels, cut into 4 pieces of 32 by the blocks
+    mask[2, 0, 0] = mask[3, 19, 19] = True  # specks
+    got, n = _labels_by_blocks(mask, (2, 10, 10), min_voxels=50)
+    assert n == 1 and set(np.unique(got)) == {0, 1}
+    assert (got[mask] == 1).sum() == 128
