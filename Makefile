@@ -1,5 +1,5 @@
 # Two commands for a fresh machine; each installs what it needs into .venv first.
-#   make demo   - make a phantom z-stack, segment and refine it with the shipped models, draw it
+#   make demo   - make a phantom z-stack, run the whole refinement on it (volref run), draw it
 #   make test   - the test suite (what CI runs)
 # torch is pinned by constraints.txt to the local CPU wheel; a GPU machine installs without it.
 
@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/volref synth $(DEMO)/phantom.ome.zarr --shape 32 512 512 --density 1.5 \
 		--degraded-fraction 0.4 --seed 5 --overwrite
-	$(VENV)/bin/volref segment $(DEMO)/phantom.ome.zarr --overwrite
-	$(VENV)/bin/volref refine $(DEMO)/phantom.ome.zarr --overwrite
+	$(VENV)/bin/volref run $(DEMO)/phantom.ome.zarr --overwrite --csv
 	$(VENV)/bin/volref info $(DEMO)/phantom.ome.zarr
 	$(VENV)/bin/volref snapshot $(DEMO)/phantom.ome.zarr $(DEMO)/phantom.png
 	$(VENV)/bin/volref panel $(DEMO)/phantom.ome.zarr $(DEMO)/refinement.png
 	@echo "outputs: $(DEMO)/phantom.ome.zarr (labels/volref-initial, labels/volref-refined," \
-		"volref/uncertainty), $(DEMO)/phantom.png, $(DEMO)/refinement.png"
+		"labels/volref-mitochondria, volref/uncertainty, volref/metrics.parquet, volref/metrics.csv)," \
+		"$(DEMO)/phantom.png, $(DEMO)/refinement.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
@@ -43,7 +43,7 @@ weights: $(STAMP)
 		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
 		--out seg --members 5 --epochs 8 --steps 80 --seed 0
 	cd $(TRAIN) && for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q segment \
-		train-$$s.ome.zarr --model seg/segmenter.safetensors --overwrite; done
+		train-$$s.ome.zarr --segmenter seg/segmenter.safetensors --overwrite; done
 	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
 		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
 		--out mae --epochs 30 --steps 100 --batch 32 --lr 5e-4 --seed 0

@@ -26,6 +26,7 @@ import zarr
 
 from benchmarks.common import machine
 from volref.classes import CLASS_NAMES
+from volref.engine.cluster import ClusterSpec
 from volref.evaluate.models import (
     clear_tiles,
     reconstruction_dice,
@@ -34,7 +35,7 @@ from volref.evaluate.models import (
 )
 from volref.models.registry import DEFAULT_REFINER, DEFAULT_SEGMENTER, file_hash, load_refiner
 from volref.pipeline import write_phantom
-from volref.pipeline.segment import segment
+from volref.pipeline.run import RunSettings, run
 from volref.stages.refine import RefineSettings, refine_slice
 from volref.synth import SynthConfig
 
@@ -131,11 +132,10 @@ def _provenance(path: Path, stage: str) -> dict:
 
 
 def _segmented(path: Path, model: str, digest: str) -> None:
-    if _provenance(path, "segment").get("model_sha256") == digest and \
-            (path / "labels" / "volref-initial").exists():
-        return
-    with dask.config.set(scheduler="threads"):
-        dask.compute(segment(path, model=model, overwrite=True))
+    """Segment with ``volref run``'s segment stage (resumes; recomputes when the model changed)."""
+    run(path, stages=("segment",), cluster=ClusterSpec(workers=0),
+        settings=RunSettings(segmenter=model,
+                             overwrite=_provenance(path, "segment").get("model_sha256") != digest))
 
 
 def _refine_sample(path: Path, model: str, every: int):

@@ -18,7 +18,7 @@ FORBIDDEN = {
     "metrics": {"torch", "dask", "distributed"},
     "models": {"dask", "distributed", "zarr", "volref.io", "volref.engine", "volref.pipeline"},
     "stages": {"dask", "distributed", "zarr", "volref.engine", "volref.pipeline"},
-    "engine": {"volref.pipeline", "volref.cli"},
+    "engine": {"torch", "volref.models", "volref.stages", "volref.pipeline", "volref.cli"},
     "pipeline": {"volref.cli"},
 }
 

@@ -199,6 +199,9 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     for rep in result.reports:
         click.echo(f"  {rep.stage:<10} {rep.computed:>5} computed, {rep.skipped:>5} already "
                    f"done, {rep.seconds:8.1f} s")
+    if result.peak_memory:
+        peak = max(result.peak_memory.values()) / 2**30
+        click.echo(f"  peak memory per worker: {peak:.2f} GiB ({len(result.peak_memory)} workers)")
     measured = result.report("measure")
     if measured is not None:
         click.echo(metrics_summary(measured.results["table"]))

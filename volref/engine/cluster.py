@@ -179,3 +179,16 @@ def _batch(kind: str, config: dict[str, Any]):
         raise ConfigError("a kubernetes cluster needs dask-kubernetes "
                           "(pip install dask-kubernetes)") from None
     return KubeCluster(**options)
+
+
+def _max_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def peak_memory(client) -> dict[str, int]:
+    """Peak resident memory (bytes) of every worker process since it started."""
+    if client is None:
+        return {"this process": _max_rss()}
+    return client.run(_max_rss)

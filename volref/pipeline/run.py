@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from volref.engine.cluster import ClusterSpec, connect
+from volref.engine.cluster import ClusterSpec, connect, peak_memory
 from volref.engine.grid import BlockGrid, plan_blocks
 from volref.engine.runner import Executor, Observer, StageReport
 from volref.errors import ConfigError
@@ -53,6 +53,7 @@ class RunResult:
     cluster: str
     dashboard: str | None
     reports: list[StageReport]
+    peak_memory: dict[str, int] = field(default_factory=dict)  # bytes per worker
 
     def report(self, stage: str) -> StageReport | None:
         return next((r for r in self.reports if r.stage == stage), None)
@@ -119,7 +120,8 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
             else:
                 rep = measure(vol, root, grid, executor, csv=settings.csv, **common)
             reports.append(rep)
-    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports)
+        peaks = peak_memory(conn.client)
+    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, peaks)
 
 
 def run_block(location: str | os.PathLike, index: Sequence[int], *,

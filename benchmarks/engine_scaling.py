@@ -1,0 +1,87 @@
+"""End-to-end ``volref run`` on phantoms of growing size: time per stage and peak memory per worker.
+
+    python -m benchmarks.engine_scaling [--quick] [--sizes 1,4] [--base 8 512 512] [--json OUT]
+
+Each size is a phantom ``k`` times the base volume (the y and x extent grows by sqrt(k) when k
+is a square, else z grows), run on a fresh local cluster of ``--workers`` single-threaded worker
+processes with the shipped models and the default block shape. Peak memory is each worker
+process's maximum resident set since it started (getrusage), read before the cluster closes.
+``--quick`` uses a smaller base volume (for a smoke run; numbers are not comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import dask
+
+from benchmarks.common import machine, write_json
+from volref.engine.cluster import ClusterSpec
+from volref.pipeline import write_phantom
+from volref.pipeline.run import RunSettings, run
+from volref.synth import SynthConfig
+
+
+def scaled(base: tuple[int, int, int], k: int) -> tuple[int, int, int]:
+    r = math.isqrt(k)
+    if r * r == k:
+        return base[0], base[1] * r, base[2] * r
+    return base[0] * k, base[1], base[2]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,4", help="volume multiples, e.g. 1,2,4,8")
+    ap.add_argument("--base", nargs=3, type=int, default=(8, 512, 512))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    base = (4, 256, 256) if args.quick else tuple(args.base)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
+    rows = []
+    for k in (int(s) for s in args.sizes.split(",")):
+        shape = scaled(base, k)
+        image = work / f"phantom-{k}.ome.zarr"
+        if image.exists():
+            shutil.rmtree(image)
+        config = SynthConfig(shape=shape, seed=21, chunks=(base[0], 256, 256), density=1.5,
+                             degraded_fraction=0.2)
+        with dask.config.set(scheduler="threads"):
+            dask.compute(write_phantom(config, image))
+        start = time.perf_counter()
+        result = run(image, settings=RunSettings(), cluster=ClusterSpec(workers=args.workers))
+        wall = time.perf_counter() - start
+        voxels = math.prod(shape)
+        row = {"multiple": k, "shape": shape, "voxels": voxels, "blocks": len(result.grid),
+               "block": result.grid.block, "wall_s": wall, "voxels_per_s": voxels / wall,
+               "stages_s": {r.stage: r.seconds for r in result.reports},
+               "peak_rss_gib_per_worker": {w: m / 2**30 for w, m in result.peak_memory.items()},
+               "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30}
+        rows.append(row)
+        print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {len(result.grid):>4} blocks "
+              f"{wall:8.1f} s {voxels / wall / 1e3:8.1f} kvoxel/s  peak/worker "
+              f"{row['peak_rss_gib_max']:.2f} GiB  "
+              + " ".join(f"{s}={t:.0f}s" for s, t in row["stages_s"].items()), flush=True)
+    first = rows[0]
+    for row in rows[1:]:
+        row["time_per_voxel_vs_1x"] = (row["wall_s"] / row["voxels"]) / \
+            (first["wall_s"] / first["voxels"])
+        row["peak_memory_vs_1x"] = row["peak_rss_gib_max"] / first["peak_rss_gib_max"]
+        print(f"{row['multiple']}x vs {first['multiple']}x: time per voxel "
+              f"{row['time_per_voxel_vs_1x']:.2f}x, peak memory per worker "
+              f"{row['peak_memory_vs_1x']:.2f}x")
+    payload = {"machine": machine(), "workers": args.workers, "rows": rows,
+               "command": "python -m benchmarks.engine_scaling " + " ".join(argv or [])}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
