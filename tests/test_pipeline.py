@@ -310,3 +310,21 @@ def test_separate_scheduler_and_workers_with_gpu_routing(reference, small_phanto
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_stale_locks_recover(small_phantom,
+                                                                             models, tmp_path):
+    from volref.engine.lock import StoreLockedError
+
+    out = tmp_path / "locked.zarr"
+    run(small_phantom, output=out, settings=tiny(models), stages=("segment",), cluster=INLINE)
+    lock = out / "volref" / "run.lock"
+    assert not lock.exists()  # released after the run
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "started": 0}))
+    with pytest.raises(StoreLockedError, match="another volref run"):
+        run(small_phantom, output=out, settings=tiny(models), stages=("segment",), cluster=INLINE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": 0}))
+    run(small_phantom, output=out, settings=tiny(models), stages=("segment",), cluster=INLINE)
+    assert not lock.exists()

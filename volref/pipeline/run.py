@@ -16,9 +16,11 @@ from typing import Any
 
 from volref.engine.cluster import ClusterSpec, connect, peak_memory
 from volref.engine.grid import BlockGrid, plan_blocks
+from volref.engine.lock import store_lock
 from volref.engine.runner import Executor, Observer, StageReport
 from volref.errors import ConfigError
 from volref.io import Volume, open_image, redact
+from volref.io.store import is_url, local_path
 from volref.pipeline.instances import MIN_VOXELS, instances
 from volref.pipeline.measure import measure
 from volref.pipeline.refine import model_settings, plan_refine, refine, refine_block
@@ -65,6 +67,13 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def lock(root, where: str):
+    """The output store's run lock (see :mod:`volref.engine.lock`)."""
+    meta = root.require_group("volref")
+    local = None if is_url(where) else local_path(where) / root.path / "volref"
+    return store_lock(meta, local, redact(where))
+
+
 def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGES) -> BlockGrid:
     """The grid shared by the stages that run (see the module doc): model stages align blocks
     to their tile grids, the others only to the chunks."""
@@ -99,7 +108,7 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
     grid = block_grid(vol, settings, stages)
     root, where = open_target(location, vol.multiscale, output)
     reports: list[StageReport] = []
-    with connect(cluster) as conn:
+    with lock(root, where), connect(cluster) as conn:
         if on_connect is not None:
             on_connect(conn)
         executor = Executor(conn.client)
@@ -135,8 +144,13 @@ def run_block(location: str | os.PathLike, index: Sequence[int], *,
     vol = open_image(location, channel=channel, timepoint=timepoint)
     grid = block_grid(vol, settings, stages)
     block = grid[index]
-    root, _ = open_target(location, vol.multiscale, output)
+    root, where = open_target(location, vol.multiscale, output)
     out: dict[str, Any] = {"block": block.key}
+    with lock(root, where):
+        return _run_block(vol, root, grid, block, stages, settings, out)
+
+
+def _run_block(vol, root, grid, block, stages, settings, out) -> dict[str, Any]:
     if "segment" in stages:
         job, _, _ = plan_segment(vol, root, grid, model=settings.segmenter,
                                  settings=settings.segment, overwrite=settings.overwrite)
