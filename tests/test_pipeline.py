@@ -265,6 +265,19 @@ def test_killed_run_resumes_to_identical_output(reference, small_phantom, models
 # ---------------------------------------------------------------- a real scheduler
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process group, SIGKILL what is still there after 20 s, reap them all."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def _dask(*args: str, log: Path) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "dask"
     with log.open("w") as f:
@@ -303,13 +316,7 @@ def test_separate_scheduler_and_workers_with_gpu_routing(reference, small_phanto
             workers = {json.loads(r.read_text())["worker"] for r in recs}
             assert workers == {gpu_worker}, stage
     finally:
-        for p in reversed(procs):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop(procs)
 
 
 def test_a_second_run_on_the_same_output_is_refused_and_stale_locks_recover(small_phantom,
