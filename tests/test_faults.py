@@ -9,7 +9,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
+import numpy as np
+import zarr
+
+from tests.conftest import tree_digest
 from tests.test_pipeline import (  # noqa: F401 (fixtures)
     _dask,
     _records,
@@ -18,6 +23,9 @@ from tests.test_pipeline import (  # noqa: F401 (fixtures)
     reference,
     stop,
 )
+from volref.cli.main import main
+from volref.engine.cluster import ClusterSpec
+from volref.pipeline.run import RunSettings, run
 
 SCRIPT = """
 import sys
@@ -66,3 +74,57 @@ def test_worker_killed_mid_run_output_identical(reference, small_phantom, models
         assert_same(out, reference[2])
     finally:
         stop(procs)
+
+
+# ---------------------------------------------------------------- bad data in the image
+
+
+def _image(tmp_path, data: np.ndarray, chunks=(4, 32, 32)) -> Path:
+    """A minimal NGFF 0.5 image holding ``data``."""
+    from volref.io import create_multiscale, pyramid_geometry
+    from volref.io.ngff import Axis
+
+    path = tmp_path / "img.ome.zarr"
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    axes = [Axis("z", "space", "micrometer"), Axis("y", "space", "micrometer"),
+            Axis("x", "space", "micrometer")]
+    levels = pyramid_geometry(data.shape, (0.4, 0.15, 0.15), 1, chunks, data.dtype, "0.5")
+    arrays = create_multiscale(root, levels, axes, version="0.5", name="img", method="mean")
+    arrays[0][:] = data
+    return path
+
+
+def test_nan_and_inf_intensities_are_refused(tmp_path, models, capsys):  # noqa: F811
+    data = np.random.default_rng(0).random((8, 64, 64)).astype(np.float32)
+    data[5, 40, 40] = np.nan
+    data[6, 1, 1] = np.inf
+    img = _image(tmp_path, data)
+    before = tree_digest(img)
+    code = main(["-q", "run", str(img), "--workers", "0", "--segmenter", models[0],
+                 "--refiner", models[1], "--output", str(tmp_path / "o.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or Inf" in err and "Traceback" not in err
+    assert tree_digest(img) == before
+
+
+def test_a_corrupt_chunk_is_named(tmp_path, models, capsys):  # noqa: F811
+    data = (np.random.default_rng(0).random((8, 64, 64)) * 1000).astype(np.uint16)
+    img = _image(tmp_path, data)
+    chunk = img / "s0" / "c" / "1" / "1" / "0"
+    chunk.write_bytes(b"\x00garbage" * 10)
+    code = main(["-q", "segment", str(img), "--workers", "0", "--segmenter", models[0],
+                 "--output", str(tmp_path / "o.zarr"), "--block-shape", "4", "256", "256"])
+    err = capsys.readouterr().err
+    assert code == 2 and "corrupt" in err and "chunk(s) 1.1.0" in err, err
+    assert "Traceback" not in err
+
+
+def test_an_image_smaller_than_a_tile_runs(tmp_path, models):  # noqa: F811
+    data = (np.random.default_rng(1).random((3, 20, 30)) * 1000).astype(np.uint16)
+    img = _image(tmp_path, data, chunks=(3, 20, 30))
+    out = tmp_path / "o.zarr"
+    result = run(img, output=out, cluster=ClusterSpec(workers=0),
+                 settings=RunSettings(segmenter=models[0], refiner=models[1]))
+    assert len(result.grid) == 1
+    root = zarr.open_group(out, mode="r")
+    assert root["labels/volref-refined/s0"].shape == (3, 20, 30)

@@ -43,3 +43,7 @@ class InvalidNameError(VolrefError, ValueError):
 
 class ConfigError(VolrefError, ValueError):
     """A setting with an impossible value."""
+
+
+class ImageDataError(VolrefError, ValueError):
+    """The image's voxels cannot be used: NaN/Inf intensities, or a chunk that cannot be read."""

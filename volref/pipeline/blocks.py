@@ -25,7 +25,7 @@ import zarr
 
 from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
-from volref.errors import OutputExistsError
+from volref.errors import ImageDataError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,36 @@ class Source:
         return tuple(self.array.shape[-3:])
 
     def read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
-        """Voxels ``[start, stop)`` (may reach past the volume): ``mode`` "mirror" or "zero"."""
+        """Voxels ``[start, stop)`` (may reach past the volume): ``mode`` "mirror" or "zero".
+
+        A chunk that cannot be decoded raises :class:`ImageDataError` naming the chunk.
+        """
+        try:
+            return self._read(start, stop, mode)
+        except ImageDataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - codec errors have no common base class
+            raise ImageDataError(self.corrupt_chunks(start, stop, exc)) from exc
+
+    def corrupt_chunks(self, start: Sequence[int], stop: Sequence[int], exc: Exception) -> str:
+        """Find which chunks of the region fail to decode (read one by one)."""
+        chunks = self.array.chunks[-3:]
+        shape = self.shape
+        ranges = [range(max(a, 0) // c, (min(b, n) - 1) // c + 1)
+                  for a, b, c, n in zip(start, stop, chunks, shape)]
+        bad = []
+        for idx in np.ndindex(*(len(r) for r in ranges)):
+            key = tuple(r[i] for r, i in zip(ranges, idx))
+            region = tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(key, chunks, shape))
+            try:
+                self.array[self.lead + region]
+            except Exception:  # noqa: BLE001
+                bad.append(".".join(map(str, tuple(0 for _ in self.lead) + key)))
+        where = f"{self.array.store_path}"
+        names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "?"
+        return f"cannot read {where}: chunk(s) {names} are corrupt ({type(exc).__name__}: {exc})"
+
+    def _read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
         shape = self.shape
         inside = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, shape))
         if mode == "zero":

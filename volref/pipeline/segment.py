@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zarr
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
@@ -33,7 +34,7 @@ from volref.engine.runner import (
     run_blocks,
     worker_address,
 )
-from volref.errors import OutputExistsError
+from volref.errors import ImageDataError, OutputExistsError
 from volref.io import (
     LabelInfo,
     Volume,
@@ -84,8 +85,15 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     """Create or reopen the outputs and list the block tasks (nothing is computed)."""
     settings = settings or SegmentSettings()
     model_key = check_model(model, DEFAULT_SEGMENTER, load_segmenter)
-    irange = range_of(intensity_sample(vol))
     ms = vol.multiscale
+    image = Source(vol.group[ms.levels[vol.level].path],
+                   tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3]))
+    try:
+        sample = intensity_sample(vol)
+    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode; find and name it
+        raise ImageDataError(image.corrupt_chunks((0, 0, 0), vol.shape, exc)) from exc
+    check_finite(sample, "the intensity sample")
+    irange = range_of(sample)
     record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype), "selection": vol.selection},
               "model_sha256": model_key[1], "settings": settings.to_dict(),
               "intensity": irange.to_dict()}
@@ -108,9 +116,8 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     (labels, unc), resumed = open_outputs(manifest, record, overwrite, create, reopen)
     record_provenance(root, "segment", {"image": vol.location, "selection": vol.selection,
                                         "model": model_key[0], **record})
-    lead = tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3])
     nlead = (0,) * (ms.ndim - 3)
-    job = SegmentJob(image=Source(vol.group[ms.levels[vol.level].path], lead),
+    job = SegmentJob(image=image,
                      labels=Source(labels[0], nlead), uncertainty=Source(unc[0], nlead),
                      settings=settings, intensity=irange, model=model_key, manifest=manifest)
     tasks = [BlockTask(b.key, segment_block, (job, b), gpu=True) for b in grid]
@@ -139,6 +146,14 @@ def finish_stage(executor: Executor, manifest: Manifest, stage: str, tasks: list
     return report
 
 
+def check_finite(data: np.ndarray, where: str) -> None:
+    if data.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise ImageDataError(f"the image has NaN or Inf intensities ({bad} voxels in {where}); "
+                                 "volref needs finite values: fix or mask them first")
+
+
 def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     """Segment one block, write its chunks, then record it. Returns its timings."""
     start = time.perf_counter()
@@ -147,6 +162,7 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     t, h = s.tile, s.halo
     yp, xp = -(-(y1 - y0) // t) * t, -(-(x1 - x0) // t) * t  # whole tiles (mirrored past the end)
     raw = job.image.read((z0 - 1, y0 - h, x0 - h), (z1 + 1, y0 + yp + h, x0 + xp + h), "mirror")
+    check_finite(raw, f"block {block.key}")
     stack = normalise(raw, job.intensity)
     dev = device()
     ensemble = cached_model(load_segmenter, *job.model, dev)
