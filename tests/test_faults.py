@@ -128,3 +128,22 @@ def test_an_image_smaller_than_a_tile_runs(tmp_path, models):  # noqa: F811
     assert len(result.grid) == 1
     root = zarr.open_group(out, mode="r")
     assert root["labels/volref-refined/s0"].shape == (3, 20, 30)
+
+
+def test_a_half_written_chunk_without_its_record_is_rewritten(reference, small_phantom,  # noqa: F811
+                                                              models, tmp_path):
+    """What a kill during a chunk write leaves: a torn chunk and no record (records come last)."""
+    from tests.test_pipeline import tiny
+
+    out = tmp_path / "torn.zarr"
+    settings = tiny(models, block_shape=(20, 64, 128))
+    run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
+    manifest = out / "volref" / "manifests" / "refine"
+    (manifest / "blocks" / "20-40_64-128_128-256.json").unlink()
+    (manifest / "done.json").unlink()
+    chunk = out / "labels" / "volref-refined" / "s0" / "c" / "1" / "1" / "1"
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])  # torn
+    again = run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
+    rep = again.report("refine")
+    assert (rep.computed, rep.skipped) == (1, 11)
+    assert_same(out, reference[2])

@@ -335,3 +335,28 @@ def test_a_second_run_on_the_same_output_is_refused_and_stale_locks_recover(smal
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": 0}))
     run(small_phantom, output=out, settings=tiny(models), stages=("segment",), cluster=INLINE)
     assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_shipped_models_find_every_mitochondrion_of_a_clean_phantom(tmp_path):
+    """~10 min on 2 cores: the whole pipeline with the shipped weights on a clean phantom."""
+    import dask
+
+    from volref.pipeline import write_phantom
+    from volref.synth import SynthConfig
+
+    img = tmp_path / "clean.ome.zarr"
+    config = SynthConfig(shape=(20, 512, 512), seed=11, chunks=(10, 256, 256), density=2.0,
+                         degraded_fraction=0.0)
+    with dask.config.set(scheduler="threads"):
+        dask.compute(write_phantom(config, img))
+    result = run(img, cluster=ClusterSpec(workers=2),
+                 settings=RunSettings(block_shape=(10, 256, 256)))
+    assert len(result.grid) == 8
+    root = zarr.open_group(img, mode="r")
+    truth = root["labels/ground-truth-instances/s0"][:]
+    ids = root["labels/volref-mitochondria/s0"][:]
+    assert ids.max() == truth.max()
+    for t in np.unique(truth)[1:]:
+        found = set(np.unique(ids[truth == t]).tolist()) - {0}
+        assert len(found) == 1

@@ -101,17 +101,29 @@ class BlockGrid:
 
 
 def plan_blocks(shape: Sequence[int], chunks: Sequence[int], align_xy: int,
-                block: Sequence[int] | None = None) -> BlockGrid:
+                block: Sequence[int] | None = None, min_blocks: int = 1) -> BlockGrid:
     """Check or choose a block shape for a volume.
 
     A block is a multiple of ``chunks`` on every axis and of ``align_xy`` (the stages' tile
     grids) in y and x; the last block on an axis may be cut by the volume. Without ``block``,
-    one chunk deep in z and about :data:`DEFAULT_BLOCK_XY` pixels in y and x.
+    one chunk deep in z and about :data:`DEFAULT_BLOCK_XY` pixels in y and x, smaller (down to
+    the alignment unit) until there are ``min_blocks`` blocks to keep every worker busy.
     """
     shape, chunks = tuple(int(n) for n in shape), tuple(int(c) for c in chunks)
     unit = (chunks[0], math.lcm(chunks[1], align_xy), math.lcm(chunks[2], align_xy))
     if block is None:
-        xy = [u * max(1, -(-DEFAULT_BLOCK_XY // u)) for u in unit[1:]]
+        xy = [u * max(1, -(-min(DEFAULT_BLOCK_XY, n) // u)) for u, n in zip(unit[1:], shape[1:])]
+        while len(BlockGrid(shape, (unit[0], *xy))) < min_blocks:
+            axis = 0 if xy[0] >= xy[1] else 1
+            smaller = unit[axis + 1] * max(1, (xy[axis] // 2) // unit[axis + 1])
+            if smaller == xy[axis]:
+                other = 1 - axis
+                smaller_other = unit[other + 1] * max(1, (xy[other] // 2) // unit[other + 1])
+                if smaller_other == xy[other]:
+                    break  # as small as the grid allows
+                xy[other] = smaller_other
+            else:
+                xy[axis] = smaller
         block = (unit[0], *xy)
     block = tuple(int(b) for b in block)
     for axis, b, u, n in zip("zyx", block, unit, shape):

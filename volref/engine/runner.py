@@ -84,9 +84,11 @@ class Executor:
         # keys are unique per run: a shared scheduler must never hand back another run's result
         self.token = uuid.uuid4().hex[:8]
         self.gpu_workers = self.cpu_resource = False
+        self.workers = 1
         if client is not None:
             resources = [w.get("resources", {}) or {}
                          for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+            self.workers = max(1, len(resources))
             self.gpu_workers = any("GPU" in r for r in resources)
             self.cpu_resource = any("CPU" in r for r in resources)
 

@@ -1,5 +1,7 @@
-"""Segmentation metrics (numpy only): Dice now; the paper's biological-consistency metrics next."""
+"""Segmentation metrics (numpy and scikit-image only): Dice and the paper's biological-consistency
+metrics."""
 
+from volref.metrics.consistency import METRICS, SliceCounts, slice_counts, tile_metrics
 from volref.metrics.dice import dice, dice_per_class
 
-__all__ = ["dice", "dice_per_class"]
+__all__ = ["METRICS", "SliceCounts", "dice", "dice_per_class", "slice_counts", "tile_metrics"]

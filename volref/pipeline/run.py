@@ -74,7 +74,8 @@ def lock(root, where: str):
     return store_lock(meta, local, redact(where))
 
 
-def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGES) -> BlockGrid:
+def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGES,
+               min_blocks: int = 1) -> BlockGrid:
     """The grid shared by the stages that run (see the module doc): model stages align blocks
     to their tile grids, the others only to the chunks."""
     from volref.models.registry import DEFAULT_REFINER, load_refiner
@@ -87,7 +88,7 @@ def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGE
                              settings.refine)
         align = math.lcm(align, ref.tile)
     chunks = vol.multiscale.levels[0].chunks[-3:]
-    return plan_blocks(vol.shape, chunks, align, settings.block_shape)
+    return plan_blocks(vol.shape, chunks, align, settings.block_shape, min_blocks)
 
 
 def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
@@ -105,13 +106,14 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
     settings = settings or RunSettings()
     cluster = cluster or ClusterSpec(gpus=gpu_count())
     vol = open_image(location, channel=channel, timepoint=timepoint)
-    grid = block_grid(vol, settings, stages)
+    block_grid(vol, settings, stages)  # a bad block shape fails before a cluster starts
     root, where = open_target(location, vol.multiscale, output)
     reports: list[StageReport] = []
     with lock(root, where), connect(cluster) as conn:
         if on_connect is not None:
             on_connect(conn)
         executor = Executor(conn.client)
+        grid = block_grid(vol, settings, stages, min_blocks=2 * executor.workers)
         common: dict[str, Any] = {"observer": observer, "overwrite": settings.overwrite}
         for stage in STAGES:
             if stage not in stages:
