@@ -108,6 +108,20 @@ def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phanto
     assert_same(b, expected)
 
 
+def test_same_bytes_for_another_chunking_of_the_image(reference, small_phantom, models,
+                                                      tmp_path):
+    src = zarr.open_group(small_phantom, mode="r")
+    img = tmp_path / "rechunked.ome.zarr"
+    dst = zarr.open_group(img, mode="w")
+    dst.attrs.update(dict(src.attrs))
+    dst.create_array("s0", data=src["s0"][:], chunks=(8, 64, 64), dimension_names=["z", "y", "x"])
+    out = tmp_path / "o.zarr"
+    result = run(img, output=out, settings=tiny(models), cluster=INLINE)
+    assert zarr.open_group(out, mode="r")["labels/volref-refined/s0"].chunks == (8, 64, 64)
+    assert len(result.grid) > 2
+    assert_same(out, reference[2])
+
+
 def test_into_the_archive_adds_groups_only(phantom_copy, models):
     before = tree_digest(phantom_copy)
     run(phantom_copy, settings=tiny(models), cluster=INLINE)
