@@ -80,24 +80,6 @@ def test_synth_refuses_to_overwrite_and_read_only_targets(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
 
 
-@pytest.fixture()
-def bad_inputs(tmp_path):
-    """Inputs a user may point volref at, by name."""
-    made = {}
-    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 8, 8), dtype="uint16")
-    made["plain zarr array"] = tmp_path / "plain.zarr"
-    write_image(tmp_path / "2d.ome.zarr", np.zeros((16, 16), dtype=np.uint8), "yx")
-    made["2-D image"] = tmp_path / "2d.ome.zarr"
-    write_image(tmp_path / "5d.ome.zarr", np.zeros((1, 3, 4, 8, 8), dtype=np.uint16), "tczyx")
-    made["5-D with channels"] = tmp_path / "5d.ome.zarr"
-    write_image(tmp_path / "bool.ome.zarr", np.zeros((4, 8, 8), dtype=bool), "zyx")
-    made["bool image"] = tmp_path / "bool.ome.zarr"
-    (tmp_path / "notzarr").mkdir()
-    (tmp_path / "notzarr" / "readme.txt").write_text("not a store")
-    made["directory without zarr"] = tmp_path / "notzarr"
-    return made
-
-
 @pytest.mark.parametrize("case, match", [
     ("plain zarr array", "plain zarr array"),
     ("2-D image", "3-D z-stack"),

@@ -1,4 +1,6 @@
-"""Faults on a real cluster: a worker process SIGKILLed in the middle of a run."""
+"""Faults and bad data: a worker SIGKILLed mid-run, torn chunks, a full disk, NaN/Inf voxels,
+corrupt chunks, tiny images, bad inputs to `volref run`; every time nothing of the input changes
+and a re-run finishes with the bytes of an undisturbed run."""
 
 from __future__ import annotations
 
@@ -12,17 +14,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
-from tests.conftest import tree_digest
-from tests.test_pipeline import (  # noqa: F401 (fixtures)
-    _dask,
-    _records,
-    assert_same,
-    models,
-    reference,
-    stop,
-)
+from tests.conftest import assert_same, tiny, tree_digest
+from tests.test_pipeline import _dask, _records, stop
 from volref.cli.main import main
 from volref.engine.cluster import ClusterSpec
 from volref.pipeline.run import RunSettings, run
@@ -42,7 +38,7 @@ if __name__ == "__main__":
 """
 
 
-def test_worker_killed_mid_run_output_identical(reference, small_phantom, models,  # noqa: F811
+def test_worker_killed_mid_run_output_identical(reference, small_phantom, models,
                                                 tmp_path):
     sched_file = tmp_path / "scheduler.json"
     procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -94,7 +90,7 @@ def _image(tmp_path, data: np.ndarray, chunks=(4, 32, 32)) -> Path:
     return path
 
 
-def test_nan_and_inf_intensities_are_refused(tmp_path, models, capsys):  # noqa: F811
+def test_nan_and_inf_intensities_are_refused(tmp_path, models, capsys):
     data = np.random.default_rng(0).random((8, 64, 64)).astype(np.float32)
     data[5, 40, 40] = np.nan
     data[6, 1, 1] = np.inf
@@ -107,7 +103,7 @@ def test_nan_and_inf_intensities_are_refused(tmp_path, models, capsys):  # noqa:
     assert tree_digest(img) == before
 
 
-def test_a_corrupt_chunk_is_named(tmp_path, models, capsys):  # noqa: F811
+def test_a_corrupt_chunk_is_named(tmp_path, models, capsys):
     data = (np.random.default_rng(0).random((8, 64, 64)) * 1000).astype(np.uint16)
     img = _image(tmp_path, data)
     chunk = img / "s0" / "c" / "1" / "1" / "0"
@@ -119,7 +115,7 @@ def test_a_corrupt_chunk_is_named(tmp_path, models, capsys):  # noqa: F811
     assert "Traceback" not in err
 
 
-def test_an_image_smaller_than_a_tile_runs(tmp_path, models):  # noqa: F811
+def test_an_image_smaller_than_a_tile_runs(tmp_path, models):
     data = (np.random.default_rng(1).random((3, 20, 30)) * 1000).astype(np.uint16)
     img = _image(tmp_path, data, chunks=(3, 20, 30))
     out = tmp_path / "o.zarr"
@@ -130,11 +126,9 @@ def test_an_image_smaller_than_a_tile_runs(tmp_path, models):  # noqa: F811
     assert root["labels/volref-refined/s0"].shape == (3, 20, 30)
 
 
-def test_a_half_written_chunk_without_its_record_is_rewritten(reference, small_phantom,  # noqa: F811
+def test_a_half_written_chunk_without_its_record_is_rewritten(reference, small_phantom,
                                                               models, tmp_path):
     """What a kill during a chunk write leaves: a torn chunk and no record (records come last)."""
-    from tests.test_pipeline import tiny
-
     out = tmp_path / "torn.zarr"
     settings = tiny(models, block_shape=(20, 64, 128))
     run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
@@ -147,3 +141,67 @@ def test_a_half_written_chunk_without_its_record_is_rewritten(reference, small_p
     rep = again.report("refine")
     assert (rep.computed, rep.skipped) == (1, 11)
     assert_same(out, reference[2])
+
+
+def test_disk_full_is_reported_and_resumable(reference, small_phantom, models,
+                                             tmp_path, monkeypatch, capsys):
+    """Writes of refined chunks fail with ENOSPC after a few succeed (a store wrapper), then
+    space comes back and the same command finishes with identical output."""
+    import errno
+
+    from zarr.storage import LocalStore
+
+    from volref.engine.runner import BlocksFailedError
+
+    real_set = LocalStore.set
+    written = {"n": 0}
+
+    async def full_after_three(self, key, value, *args, **kwargs):
+        if "volref-refined/s0/c" in key:
+            written["n"] += 1
+            if written["n"] > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value, *args, **kwargs)
+
+    out = tmp_path / "full.zarr"
+    settings = tiny(models, block_shape=(20, 64, 128))
+    monkeypatch.setattr(LocalStore, "set", full_after_three)
+    with pytest.raises(BlocksFailedError, match="No space left on device") as info:
+        run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
+    assert 0 < len(info.value.failed) < 12
+    done = _records(out, "refine")
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    again = run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
+    rep = again.report("refine")
+    assert (rep.computed, rep.skipped) == (12 - done, done)
+    assert_same(out, reference[2])
+
+
+def test_measure_resumes_from_its_records(reference, small_phantom, models, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "m.zarr"
+    settings = tiny(models, block_shape=(20, 64, 128))
+    run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
+    table = pd.read_parquet(out / "volref" / "metrics.parquet")
+    manifest = out / "volref" / "manifests" / "measure"
+    (manifest / "done.json").unlink()
+    removed = sorted((manifest / "blocks").glob("stats-*.json"))[:5]
+    removed += sorted((manifest / "blocks").glob("mito-*.json"))[:1]
+    for f in removed:
+        f.unlink()
+    again = run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
+    assert again.report("measure").computed == len(removed)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "volref" / "metrics.parquet"), table)
+
+
+@pytest.mark.parametrize("case", ["plain zarr array", "2-D image", "5-D with channels",
+                                  "bool image", "directory without zarr"])
+def test_run_refuses_bad_inputs_and_leaves_them_untouched(bad_inputs, case, capsys):
+    path = bad_inputs[case]
+    before = tree_digest(path)
+    code = main(["-q", "run", str(path), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("volref: error:") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert tree_digest(path) == before

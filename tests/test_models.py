@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import TINY_MAE, TINY_UNET
 from volref.classes import CRISTAE, MATRIX
 from volref.models.checkpoint import CheckpointError, load_state, save_model
 from volref.models.ensemble import Ensemble, normalised_entropy
@@ -19,13 +20,9 @@ from volref.models.registry import (
     load_segmenter,
     save_segmenter,
 )
-from volref.models.unet import UNet, UNetConfig
+from volref.models.unet import UNet
 from volref.stages.refine import RefineSettings, refine_slice, removal_mask
 from volref.stages.segment import SegmentSettings, segment_slices
-
-TINY_MAE = MAEConfig(tile=32, width=32, depth=2, heads=2, decoder_width=16, decoder_depth=1,
-                     decoder_heads=2)
-TINY_UNET = UNetConfig(base=4, levels=2)
 
 
 def test_unet_shapes():

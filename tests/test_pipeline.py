@@ -15,57 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import zarr
 
-from tests.conftest import tree_digest
-from tests.test_models import TINY_MAE, TINY_UNET
+from tests.conftest import INLINE, assert_same, tiny, tree_digest
 from volref.cli.main import main
 from volref.engine.cluster import ClusterSpec
 from volref.errors import ConfigError, OutputExistsError, VolrefError
 from volref.io import validate_image, validate_label_image
-from volref.models.checkpoint import save_model
-from volref.models.mae import MaskedAutoencoder
-from volref.models.registry import REFINER_KIND, save_segmenter
-from volref.models.unet import UNet
 from volref.pipeline.run import RunSettings, run
 from volref.stages.refine import RefineSettings
-from volref.stages.segment import SegmentSettings
-
-OUTPUTS = ("labels/volref-initial/s0", "volref/uncertainty/s0", "labels/volref-refined/s0",
-           "labels/volref-mitochondria/s0")
-INLINE = ClusterSpec(workers=0)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("models")
-    seg = save_segmenter(d / "seg.safetensors", [UNet(TINY_UNET).eval() for _ in range(3)])
-    mae = save_model(d / "mae.safetensors", MaskedAutoencoder(TINY_MAE).eval(), REFINER_KIND,
-                     TINY_MAE.to_dict())
-    return str(seg), str(mae)
-
-
-def tiny(models, **kw) -> RunSettings:
-    seg, mae = models
-    return RunSettings(segmenter=seg, refiner=mae, segment=SegmentSettings(tile=64, halo=16),
-                       refine=RefineSettings(tile=32, stride=16, tau=0.3), **kw)
-
-
-@pytest.fixture(scope="module")
-def reference(small_phantom, models, tmp_path_factory):
-    """One uninterrupted in-process run: the bytes every other run must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    result = run(small_phantom, output=out, settings=tiny(models), cluster=INLINE)
-    root = zarr.open_group(out, mode="r")
-    return out, result, {k: root[k][:] for k in OUTPUTS}
-
-
-def assert_same(store: Path, expected: dict[str, np.ndarray]) -> None:
-    root = zarr.open_group(store, mode="r")
-    for key, want in expected.items():
-        np.testing.assert_array_equal(root[key][:], want, err_msg=key)
 
 
 def test_run_writes_the_layout_and_validates(reference, small_phantom):
@@ -105,6 +63,7 @@ def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phanto
     result = run(small_phantom, output=b, settings=tiny(models, block_shape=(40, 128, 128)),
                  cluster=ClusterSpec(workers=2))
     assert result.cluster.startswith("local cluster (2 workers)")
+    assert result.dashboard.startswith("http://127.0.0.1:")  # loopback only
     assert_same(b, expected)
 
 

@@ -1,10 +1,10 @@
 """The API: whole-store operations built from io, synth, engine and stages.
 
-``run`` (segment -> refine -> instances -> measure on a cluster), ``run_block`` (one block, here)
-and ``write_phantom``.
+- :func:`volref.pipeline.run.run` — segment -> refine -> instances -> measure on a cluster;
+  :func:`volref.pipeline.run.run_block` — one block, in this process;
+- :func:`write_phantom` — a phantom image with ground truth (never imports torch).
 """
 
 from volref.pipeline.phantom import write_phantom
-from volref.pipeline.run import RunSettings, run, run_block
 
-__all__ = ["RunSettings", "run", "run_block", "write_phantom"]
+__all__ = ["write_phantom"]
