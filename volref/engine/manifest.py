@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 from typing import Any
 
 import zarr
@@ -87,8 +89,10 @@ class Manifest:
         return {k: v for k, v in out.items() if isinstance(v, dict)}
 
     def record(self, key: str, payload: dict[str, Any] | None = None) -> None:
+        _fault(self.stage, "before")
         body = json.dumps({"block": key, **(payload or {})}, sort_keys=True)
         write_file(self.group, f"{self.prefix}/blocks/{key}.json", body.encode())
+        _fault(self.stage, "after")
 
     # ------------------------------------------------------------ the stage
 
@@ -99,3 +103,24 @@ class Manifest:
     def mark_done(self, summary: dict[str, Any]) -> None:
         write_file(self.group, f"{self.prefix}/done.json",
                    json.dumps(summary, indent=2, sort_keys=True).encode())
+
+
+# ---------------------------------------------------------------- fault injection (tests)
+
+_RECORDED: dict[str, int] = {}
+
+
+def _fault(stage: str, when: str) -> None:
+    """``VOLREF_FAULT_KILL=<stage>:<n>:<before|after>`` SIGKILLs this process at the n-th record
+    of ``stage`` it writes, before or after writing it (its chunks are written either way). The
+    reliability tests use it to kill a run at exact points; unset, it costs one lookup."""
+    spec = os.environ.get("VOLREF_FAULT_KILL")
+    if not spec:
+        return
+    target, n, at = spec.split(":")
+    if target != stage or at != when:
+        return
+    if when == "before":
+        _RECORDED[stage] = _RECORDED.get(stage, 0) + 1
+    if _RECORDED.get(stage, 0) == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)

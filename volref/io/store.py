@@ -37,8 +37,13 @@ def local_path(location: str | os.PathLike) -> Path:
 
 
 def redact(location: str | os.PathLike) -> str:
-    """A location fit for messages and provenance: credentials in URLs are dropped."""
-    return re.sub(r"(://)[^/@]*@", r"\1", str(location))
+    """A location fit for messages and provenance: credentials in URLs (user:password@, and query
+    strings, which carry signatures and tokens) are dropped."""
+    text = str(location)
+    if "://" not in text:
+        return text
+    text = re.sub(r"(://)[^/@]*@", r"\1", text)
+    return re.sub(r"\?.*$", "", text)
 
 
 def check_name(name: str) -> str:

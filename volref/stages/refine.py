@@ -87,6 +87,14 @@ def context(settings: RefineSettings, patch: int) -> int:
     return settings.stride * -(-need // settings.stride)
 
 
+def tile_origins(core: int, length: int, settings: RefineSettings) -> range:
+    """Origins (one axis) of the global tiles that touch ``[core, core + length)``; ``core`` is on
+    the tile grid (a multiple of ``stride``). Each pixel lies in ``tile / stride`` of them."""
+    st = settings.stride
+    end = core + st * -(-length // st)
+    return range(core - settings.margin, end, st)
+
+
 @torch.no_grad()
 def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
                   settings: RefineSettings, device: str | torch.device = "cpu",
@@ -98,7 +106,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     the volume pass background and zero uncertainty. Tiles are processed in global (z, y, x)
     order in batches of fixed shape, so the result is the same for any cut of the volume.
     """
-    t, st, m = settings.tile, settings.stride, settings.margin
+    t, st = settings.tile, settings.stride
     p = model.config.patch
     if model.config.tile != t:
         raise ValueError(f"the MAE expects {model.config.tile}-pixel tiles, settings say {t}")
@@ -112,7 +120,8 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     g = t // p
     remove = np.stack([removal_mask(lab[z], unc[z], p, settings.tau, settings.near_px)
                        for z in range(nz)])  # (nz, H/p, W/p)
-    origins = [(y, x) for y in range(c - m, c + yp, st) for x in range(c - m, c + xp, st)]
+    origins = [(y, x) for y in tile_origins(c, ny, settings)
+               for x in tile_origins(c, nx, settings)]
     todo = []
     for z in range(nz):
         for y, x in origins:
