@@ -47,3 +47,13 @@ def test_io_and_synth_run_without_torch():
     code = ("import sys, volref.io, volref.synth, volref.pipeline.phantom; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_nothing_loads_through_pickle():
+    """Security: checkpoints are safetensors + JSON; no module may unpickle anything."""
+    banned = ("import pickle", "from pickle", "torch.load(", "allow_pickle=True", "import dill",
+              "joblib.load", "cloudpickle.load")
+    for path in ROOT.rglob("*.py"):
+        text = path.read_text()
+        for b in banned:
+            assert b not in text, f"{path.relative_to(ROOT)} uses {b}"

@@ -118,9 +118,9 @@ def _fault(stage: str, when: str) -> None:
     if not spec:
         return
     target, n, at = spec.split(":")
-    if target != stage or at != when:
+    if target != stage:
         return
     if when == "before":
         _RECORDED[stage] = _RECORDED.get(stage, 0) + 1
-    if _RECORDED.get(stage, 0) == int(n):
+    if at == when and _RECORDED[stage] == int(n):
         os.kill(os.getpid(), signal.SIGKILL)
