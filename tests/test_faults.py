@@ -235,3 +235,35 @@ def test_killed_at_every_stage_resumes_to_identical_output(reference, small_phan
     assert (mea.computed, mea.skipped) == (mea.total - 2, 2)  # only unfinished blocks
     assert_same(out, reference[2])
     assert tree_digest(small_phantom) == before
+
+
+def test_run_refuses_a_read_only_archive_and_a_group_without_multiscales(phantom_copy,
+                                                                         tmp_path, capsys):
+    before = tree_digest(phantom_copy)
+    for p in [phantom_copy, *phantom_copy.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o555)
+    try:
+        assert main(["-q", "run", str(phantom_copy), "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "read-only" in err and "Traceback" not in err
+    finally:
+        for p in [phantom_copy, *phantom_copy.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o755)
+    assert tree_digest(phantom_copy) == before
+    group = tmp_path / "group.zarr"
+    zarr.open_group(group, mode="w").create_array("s0", shape=(4, 8, 8), dtype="uint8")
+    assert main(["-q", "run", str(group), "--workers", "0"]) == 2
+    assert "no OME-Zarr 'multiscales' metadata" in capsys.readouterr().err
+
+
+def test_a_missing_chunk_reads_as_the_fill_value(tmp_path, models):
+    data = (np.random.default_rng(2).random((8, 64, 64)) * 1000 + 1).astype(np.uint16)
+    img = _image(tmp_path, data)
+    (img / "s0" / "c" / "1" / "0" / "1").unlink()  # zarr: an all-fill chunk is not stored
+    out = tmp_path / "o.zarr"
+    run(img, output=out, cluster=ClusterSpec(workers=0),
+        settings=RunSettings(segmenter=models[0], refiner=models[1]))
+    assert zarr.open_group(out, mode="r")["labels/volref-refined/s0"].shape == (8, 64, 64)
+    assert (zarr.open_group(img, mode="r")["s0"][4:8, 0:32, 32:64] == 0).all()
