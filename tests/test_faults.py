@@ -4,7 +4,6 @@ and a re-run finishes with the bytes of an undisturbed run."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import zarr
 
 from tests.conftest import assert_same, tiny, tree_digest
-from tests.test_pipeline import _dask, _records, stop
+from tests.test_pipeline import _records, dask_cluster, stop
 from volref.cli.main import main
 from volref.engine.cluster import ClusterSpec
 from volref.pipeline.run import RunSettings, run
@@ -40,19 +39,10 @@ if __name__ == "__main__":
 
 def test_worker_killed_mid_run_output_identical(reference, small_phantom, models,
                                                 tmp_path):
-    sched_file = tmp_path / "scheduler.json"
-    procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                   "--scheduler-file", str(sched_file), log=tmp_path / "scheduler.log")]
+    procs: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        workers = [_dask("worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                         "--no-dashboard", "--no-nanny", "--host", "127.0.0.1", "--name", name,
-                         log=tmp_path / f"{name}.log") for name in ("w1", "w2")]
-        procs += workers
-        address = json.loads(sched_file.read_text())["address"]
+        address = dask_cluster(tmp_path, {"w1": ["--no-nanny"], "w2": ["--no-nanny"]}, procs)
+        workers = procs[1:]
         script = tmp_path / "job.py"
         script.write_text(textwrap.dedent(SCRIPT))
         out = tmp_path / "faulty.zarr"

@@ -258,25 +258,38 @@ def _dask(*args: str, log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+def dask_cluster(tmp_path: Path, workers: dict[str, list[str]],
+                 procs: list[subprocess.Popen]) -> str:
+    """Start ``dask scheduler`` and one ``dask worker`` per name (with its extra arguments) as
+    separate processes on loopback, appending them to ``procs``; returns the address once every
+    worker has joined."""
+    from distributed import Client
+
+    sched_file = tmp_path / "scheduler.json"
+    procs.append(_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                       "--scheduler-file", str(sched_file), log=tmp_path / "scheduler.log"))
+    deadline = time.monotonic() + 60
+    while not sched_file.exists():
+        assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
+        time.sleep(0.1)
+    for name, extra in workers.items():
+        procs.append(_dask("worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                           "--no-dashboard", "--name", name, "--host", "127.0.0.1", *extra,
+                           log=tmp_path / f"{name}.log"))
+    address = json.loads(sched_file.read_text())["address"]
+    with Client(address, timeout="30s") as client:
+        client.wait_for_workers(len(workers), timeout=120)
+    return address
+
+
 def test_separate_scheduler_and_workers_with_gpu_routing(reference, small_phantom, models,
                                                          tmp_path):
     from distributed import Client
 
-    sched_file = tmp_path / "scheduler.json"
-    procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                   "--scheduler-file", str(sched_file), log=tmp_path / "scheduler.log")]
+    procs: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists():
-            assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
-            time.sleep(0.1)
-        for name, extra in (("gpu", ["--resources", "GPU=1"]), ("cpu", [])):
-            procs.append(_dask("worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                               "--no-dashboard", "--name", name, "--host", "127.0.0.1", *extra,
-                               log=tmp_path / f"{name}.log"))
-        address = json.loads(sched_file.read_text())["address"]
+        address = dask_cluster(tmp_path, {"gpu": ["--resources", "GPU=1"], "cpu": []}, procs)
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=120)
             gpu_worker = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
                               if "GPU" in (w.get("resources") or {}))
         out = tmp_path / "dist.zarr"

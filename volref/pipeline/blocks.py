@@ -145,3 +145,14 @@ def open_outputs(manifest: Manifest, settings: dict[str, Any], overwrite: bool,
         manifest.clear()
         raise
     return arrays, False
+
+
+def require_done(meta: zarr.Group, stage: str, what: str, command: str) -> Manifest:
+    """The manifest of an earlier stage, which must have finished here."""
+    from volref.errors import VolrefError
+
+    manifest = Manifest(meta, stage)
+    if not manifest.done:
+        raise VolrefError(f"{what} missing or unfinished here: run volref {command} first "
+                          "(with the same --output)")
+    return manifest

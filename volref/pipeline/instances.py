@@ -23,7 +23,7 @@ from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
 from volref.errors import VolrefError
 from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
-from volref.pipeline.blocks import Source, open_outputs
+from volref.pipeline.blocks import Source, open_outputs, require_done
 from volref.pipeline.refine import REFINED
 from volref.pipeline.segment import levels_of
 from volref.pipeline.store import record_provenance
@@ -75,10 +75,7 @@ def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor
               observer: Observer | None = None, overwrite: bool = False,
               min_voxels: int = MIN_VOXELS) -> StageReport:
     meta = root.require_group("volref")
-    upstream = Manifest(meta, "refine")
-    if not upstream.done:
-        raise VolrefError(f"labels/{REFINED} is missing or unfinished here: run volref refine "
-                          "first (with the same --output)")
+    upstream = require_done(meta, "refine", f"labels/{REFINED} is", "refine")
     ms = vol.multiscale
     refined = levels_of(root["labels"][REFINED])
     manifest = Manifest(meta, "instances")

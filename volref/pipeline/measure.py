@@ -29,12 +29,11 @@ import zarr
 from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
-from volref.errors import VolrefError
 from volref.io import Volume
 from volref.io.ngff import set_ome
 from volref.io.store import write_file
 from volref.metrics.consistency import METRICS, SliceCounts, skeleton_length, slice_counts
-from volref.pipeline.blocks import Source
+from volref.pipeline.blocks import Source, require_done
 from volref.pipeline.instances import MITOCHONDRIA
 from volref.pipeline.refine import REFINED
 from volref.pipeline.segment import INITIAL, levels_of
@@ -157,10 +156,7 @@ def measure(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, 
             observer: Observer | None = None, overwrite: bool = False,
             csv: bool = False) -> StageReport:
     meta = root.require_group("volref")
-    upstream = Manifest(meta, "instances")
-    if not upstream.done:
-        raise VolrefError(f"labels/{MITOCHONDRIA} is missing or unfinished here: run "
-                          "volref run (or the instances stage) first")
+    upstream = require_done(meta, "instances", f"labels/{MITOCHONDRIA} is", "measure")
     ms = vol.multiscale
     lead = (0,) * (ms.ndim - 3)
     ids = [Source(a, lead) for a in levels_of(root["labels"][MITOCHONDRIA])]

@@ -29,10 +29,17 @@ from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
 from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, worker_address
-from volref.errors import ConfigError, VolrefError
+from volref.errors import ConfigError
 from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
 from volref.models.registry import DEFAULT_REFINER, load_refiner
-from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device, open_outputs
+from volref.pipeline.blocks import (
+    MODEL_LOCK,
+    Source,
+    cached_model,
+    device,
+    open_outputs,
+    require_done,
+)
 from volref.pipeline.segment import INITIAL, check_model, finish_stage, levels_of
 from volref.pipeline.store import record_provenance
 from volref.stages.refine import RefineSettings, context, refine_region
@@ -72,10 +79,8 @@ def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     model_key = check_model(model, DEFAULT_REFINER, load_refiner)
     settings = model_settings(model_key, settings or RefineSettings())
     meta = root.require_group("volref")
-    upstream = Manifest(meta, "segment")
-    if not upstream.done:
-        raise VolrefError(f"labels/{INITIAL} and volref/uncertainty are missing or unfinished "
-                          "here: run volref segment first (with the same --output)")
+    upstream = require_done(meta, "segment", f"labels/{INITIAL} and volref/uncertainty are",
+                            "segment")
     initial = levels_of(root["labels"][INITIAL])
     unc = levels_of(root["volref"]["uncertainty"])
     ms = vol.multiscale
