@@ -63,30 +63,28 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
     uncertainty = np.zeros((nz, ny, nx), dtype=np.float32)
     dev = torch.device(device)
-    for z in range(nz):
-        windows, places = [], []
-        for y0 in range(0, ny, t):
-            for x0 in range(0, nx, t):
-                win = stack[z:z + 3, y0:y0 + t + 2 * h, x0:x0 + t + 2 * h]
-                if win.shape[1:] != (t + 2 * h, t + 2 * h):  # the last tiles: pad by mirroring
-                    pad = ((0, 0), (0, t + 2 * h - win.shape[1]), (0, t + 2 * h - win.shape[2]))
-                    win = np.pad(win, pad, mode="symmetric")
-                windows.append(win)
-                places.append((y0, x0))
-        for i in range(0, len(windows), settings.batch):
-            part = windows[i:i + settings.batch]
-            # every forward pass has the same shape (the last batch padded with zeros), so a
-            # tile's result never depends on which other tiles share its batch
-            part = part + [np.zeros_like(part[0])] * (settings.batch - len(part))
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(part)))
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                lab, unc = ensemble.predict(x.to(dev))  # (B, t+2h, t+2h) each, on the device
-            lab = lab[:, h:h + t, h:h + t].cpu().numpy()
-            unc = unc[:, h:h + t, h:h + t].float().cpu().numpy()
-            for (y0, x0), lb, un in zip(places[i:i + settings.batch], lab, unc):
-                ys, xs = min(t, ny - y0), min(t, nx - x0)
-                labels[z, y0:y0 + ys, x0:x0 + xs] = lb[:ys, :xs]
-                uncertainty[z, y0:y0 + ys, x0:x0 + xs] = un[:ys, :xs]
+    w = t + 2 * h
+    places = [(z, y0, x0) for z in range(nz) for y0 in range(0, ny, t) for x0 in range(0, nx, t)]
+    # batches run across slices (a small block fills them too); every forward pass has the same
+    # shape (the last batch padded with zeros), so a tile's result never depends on which other
+    # tiles share its batch
+    for i in range(0, len(places), settings.batch):
+        part = places[i:i + settings.batch]
+        windows = np.zeros((settings.batch, 3, w, w), dtype=np.float32)
+        for k, (z, y0, x0) in enumerate(part):
+            win = stack[z:z + 3, y0:y0 + w, x0:x0 + w]
+            if win.shape[1:] != (w, w):  # the last tiles: pad by mirroring
+                win = np.pad(win, ((0, 0), (0, w - win.shape[1]), (0, w - win.shape[2])),
+                             mode="symmetric")
+            windows[k] = win
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            lab, unc = ensemble.predict(torch.from_numpy(windows).to(dev))  # on the device
+        lab = lab[:len(part), h:h + t, h:h + t].cpu().numpy()
+        unc = unc[:len(part), h:h + t, h:h + t].float().cpu().numpy()
+        for (z, y0, x0), lb, un in zip(part, lab, unc):
+            ys, xs = min(t, ny - y0), min(t, nx - x0)
+            labels[z, y0:y0 + ys, x0:x0 + xs] = lb[:ys, :xs]
+            uncertainty[z, y0:y0 + ys, x0:x0 + xs] = un[:ys, :xs]
     return labels, uncertainty
 
 
