@@ -51,13 +51,13 @@ class Source:
         """
         try:
             return self._read(start, stop, mode)
-        except ImageDataError:
-            raise
         except Exception as exc:  # noqa: BLE001 - codec errors have no common base class
-            raise ImageDataError(self.corrupt_chunks(start, stop, exc)) from exc
+            self.raise_if_corrupt(start, stop, exc)
+            raise
 
-    def corrupt_chunks(self, start: Sequence[int], stop: Sequence[int], exc: Exception) -> str:
-        """Find which chunks of the region fail to decode (read one by one)."""
+    def raise_if_corrupt(self, start: Sequence[int], stop: Sequence[int], exc: Exception) -> None:
+        """Raise :class:`ImageDataError` naming the chunks of the region that fail to decode
+        (read one by one) when there are any; otherwise return (``exc`` was something else)."""
         chunks = self.array.chunks[-3:]
         shape = self.shape
         ranges = [range(max(a, 0) // c, (min(b, n) - 1) // c + 1)
@@ -70,9 +70,10 @@ class Source:
                 self.array[self.lead + region]
             except Exception:  # noqa: BLE001
                 bad.append(".".join(map(str, tuple(0 for _ in self.lead) + key)))
-        where = f"{self.array.store_path}"
-        names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "?"
-        return f"cannot read {where}: chunk(s) {names} are corrupt ({type(exc).__name__}: {exc})"
+        if bad:
+            names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise ImageDataError(f"cannot read {self.array.store_path}: chunk(s) {names} are "
+                                 f"corrupt ({type(exc).__name__}: {exc})") from exc
 
     def _read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
         shape = self.shape

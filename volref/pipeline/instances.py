@@ -25,7 +25,7 @@ from volref.errors import VolrefError
 from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
 from volref.pipeline.blocks import Source, open_outputs, require_done
 from volref.pipeline.refine import REFINED
-from volref.pipeline.segment import levels_of
+from volref.pipeline.segment import existing_levels, levels_of
 from volref.pipeline.store import record_provenance
 from volref.stages.instances import BlockLabels, block_labels, face_pairs, label_block, resolve
 
@@ -85,13 +85,8 @@ def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor
         return create_label_image(root, MITOCHONDRIA, label_levels(ms, "uint32"), ms.axes,
                                   version=ms.version, info=LabelInfo(), overwrite=over)[1]
 
-    def reopen() -> list[zarr.Array] | None:
-        try:
-            return levels_of(root["labels"][MITOCHONDRIA])
-        except KeyError:
-            return None
-
-    arrays, _ = open_outputs(manifest, record, overwrite, create, reopen)
+    arrays, _ = open_outputs(manifest, record, overwrite, create,
+                             lambda: existing_levels(root, f"labels/{MITOCHONDRIA}"))
     record_provenance(root, "instances", record)
     lead = (0,) * (ms.ndim - 3)
     job = InstanceJob(Source(refined[0], lead), Source(arrays[0], lead), vol.shape, manifest)

@@ -40,7 +40,13 @@ from volref.pipeline.blocks import (
     open_outputs,
     require_done,
 )
-from volref.pipeline.segment import INITIAL, check_model, finish_stage, levels_of
+from volref.pipeline.segment import (
+    INITIAL,
+    check_model,
+    existing_levels,
+    finish_stage,
+    levels_of,
+)
 from volref.pipeline.store import record_provenance
 from volref.stages.refine import RefineSettings, context, refine_region
 from volref.stages.segment import uncertainty_from_uint8
@@ -94,13 +100,8 @@ def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                                   info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
                                   overwrite=over)[1]
 
-    def reopen() -> list[zarr.Array] | None:
-        try:
-            return levels_of(root["labels"][REFINED])
-        except KeyError:
-            return None
-
-    arrays, _ = open_outputs(manifest, record, overwrite, create, reopen)
+    arrays, _ = open_outputs(manifest, record, overwrite, create,
+                             lambda: existing_levels(root, f"labels/{REFINED}"))
     record_provenance(root, "refine", {"model": model_key[0], **record})
     lead = (0,) * (ms.ndim - 3)
     job = RefineJob(Source(initial[0], lead), Source(unc[0], lead), Source(arrays[0], lead),

@@ -90,8 +90,9 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                    tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3]))
     try:
         sample = intensity_sample(vol)
-    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode; find and name it
-        raise ImageDataError(image.corrupt_chunks((0, 0, 0), vol.shape, exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find and name it
+        image.raise_if_corrupt((0, 0, 0), vol.shape, exc)
+        raise
     check_finite(sample, "the intensity sample")
     irange = range_of(sample)
     record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype), "selection": vol.selection},
@@ -107,11 +108,9 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                                        overwrite=over)
         return [labels, _uncertainty_image(root, ms, over)]
 
-    def reopen() -> list[zarr.Array] | None:
-        try:
-            return [levels_of(root["labels"][INITIAL]), levels_of(root["volref"]["uncertainty"])]
-        except KeyError:
-            return None
+    def reopen() -> list[list[zarr.Array]] | None:
+        found = [existing_levels(root, f"labels/{INITIAL}"), existing_levels(root, UNCERTAINTY)]
+        return found if all(found) else None
 
     (labels, unc), resumed = open_outputs(manifest, record, overwrite, create, reopen)
     record_provenance(root, "segment", {"image": vol.location, "selection": vol.selection,
@@ -175,6 +174,14 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     job.manifest.record(block.key, {"seconds": round(seconds, 3), "device": dev,
                                        "worker": worker_address()})
     return {"seconds": seconds}
+
+
+def existing_levels(root: zarr.Group, path: str) -> list[zarr.Array] | None:
+    """The level arrays of the image at ``path`` below ``root``, or None if it is not there."""
+    try:
+        return levels_of(root[path])
+    except KeyError:
+        return None
 
 
 def levels_of(group: zarr.Group) -> list[zarr.Array]:

@@ -8,13 +8,17 @@ import os
 from typing import Any
 
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from volref import __version__
 from volref.errors import OutputError
 from volref.io import Multiscale, open_group, redact
-from volref.io.store import check_writable_group, is_url, local_path, prepare_new_store
+from volref.io.store import (
+    check_writable_group,
+    is_url,
+    local_path,
+    prepare_new_store,
+    write_file,
+)
 
 
 def open_target(image_location: str | os.PathLike, image: Multiscale,
@@ -52,7 +56,4 @@ def record_provenance(root: zarr.Group, stage: str, entry: dict[str, Any]) -> No
     prov[stage] = {"volref": __version__, **entry}
     attrs["provenance"] = prov
     meta.attrs["volref"] = attrs
-    text = json.dumps(prov, indent=2, sort_keys=True).encode()
-    buf = default_buffer_prototype().buffer.from_bytes(text)
-    key = f"{root.path}/volref/provenance.json".lstrip("/")
-    sync(root.store.set(key, buf))
+    write_file(meta, "provenance.json", json.dumps(prov, indent=2, sort_keys=True).encode())
