@@ -1,22 +1,32 @@
-"""MAE refinement throughput: the reference per-tile loop vs volref's batched path, with and without
-tile skipping, on the same tiles and weights, side by side in one run.
+"""MAE refinement throughput: the authors' per-tile loop vs volref's path, dense and with tile
+skipping, on the same tiles and weights, side by side in one run.
 
-    python -m benchmarks.mae_throughput [--store demo/phantom.ome.zarr] [--slices 2]
-                                        [--repeats 3] [--quick] [--json OUT]
+    python -m benchmarks.mae_throughput [--store STORE] [--slices 2] [--repeats 3]
+                                        [--quick] [--json OUT]
 
 Tiles are every 128-px tile of the global grid (stride 64) over ``--slices`` z-slices of a store
-that ``volref run`` (or ``make demo``) has segmented. tiles/s counts every tile of those slices,
-whether the model saw it or not:
+that ``volref segment`` (or ``run``) has segmented. tiles/s counts every tile of those slices,
+whether the model saw it or not. Modes:
 
-* ``per_tile_loop``: batch 1, every tile through the model (the authors' reference pattern);
-* ``batched``: volref's fixed-shape batches, every tile through the model;
-* ``batched_skipping``: volref's path on this device: only tiles holding an uncertain patch near a
-  mitochondrion, in the batch ``RefineSettings.batch_for`` picks (1 on the CPU, 32 on a GPU).
+* ``per_tile_loop``: the authors' reference pattern: batch 1, every tile through the model, fp32,
+  attention written out as in their code (timm's ``Attention`` of the MAE repository:
+  ``softmax(q @ k.T * scale) @ v``);
+* ``per_tile_loop_sdpa``: the same loop with volref's fp32 attention
+  (``scaled_dot_product_attention``) — a stronger baseline, reported beside it;
+* ``batched``: volref's dense path (``RefineSettings()``: bf16 weights, the batch it picks for
+  the device — on the CPU one tile per core, side by side), every tile through the model;
+* ``batched_skipping``: volref's path as it runs: only tiles holding a removed patch.
+
+``agreement``: the fraction of removed pixels whose class (argmax of one tile's logits) is the
+same as in the fp32 per-tile loop. ``uncertain_area``: the fraction of the slices' pixels in
+removed patches (uncertainty > tau near a mitochondrion); the issue's skipping target is set for
+about 10 %. FLOP counts are multiply-adds x 2 of what each mode computes (``mae_flops``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -25,60 +35,100 @@ import torch
 import zarr
 
 from benchmarks.common import machine, write_json
+from volref.models import mae as mae_module
 from volref.models.mae import mae_flops
 from volref.models.registry import DEFAULT_REFINER, load_refiner
-from volref.stages.refine import RefineSettings, removal_mask
+from volref.stages.refine import RefineSettings, in_order, in_precision, removal_mask
 from volref.stages.segment import uncertainty_from_uint8
+
+MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched", "batched_skipping")
 
 
 def tiles_of(store: str, n_slices: int, settings: RefineSettings):
+    """Every tile of ``n_slices`` evenly spaced slices: (labels, removed patches), and the
+    fraction of the slices' area in removed patches."""
     root = zarr.open_group(store, mode="r")
     labels = root["labels/volref-initial/s0"]
     unc = root["volref/uncertainty/s0"]
     lead = (0,) * (labels.ndim - 3)
     nz = labels.shape[-3]
     t, st, m = settings.tile, settings.stride, settings.margin
-    out = []
+    out, removed, area = [], 0, 0
     for z in np.linspace(0, nz - 1, n_slices).astype(int):
-        lab = np.pad(np.asarray(labels[lead + (z,)]), m)
+        lab0 = np.asarray(labels[lead + (z,)])
+        lab = np.pad(lab0, m)
         u = np.pad(uncertainty_from_uint8(np.asarray(unc[lead + (z,)])), m)
         h, w = lab.shape
         lab = np.pad(lab, ((0, (-h) % t), (0, (-w) % t)))
         u = np.pad(u, ((0, (-h) % t), (0, (-w) % t)))
         remove = removal_mask(lab, u, 4, settings.tau, settings.near_px)
+        removed += int(remove.sum()) * 16
+        area += lab0.size
         g = t // 4
         for y in range(0, lab.shape[0] - t + 1, st):
             for x in range(0, lab.shape[1] - t + 1, st):
                 out.append((lab[y:y + t, x:x + t], remove[y // 4:y // 4 + g, x // 4:x // 4 + g]))
-    return out
+    return out, removed / area
+
+
+def reference_attention(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention of the authors' code (timm 0.3 ``Attention.forward``), for batch 1."""
+    n, t, d = x.shape
+    qkv = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+    attn = attn.softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(n, t, d))
+
+
+@contextlib.contextmanager
+def authors_attention():
+    saved = mae_module.Attention.forward
+    mae_module.Attention.forward = reference_attention
+    try:
+        yield
+    finally:
+        mae_module.Attention.forward = saved
 
 
 @torch.no_grad()
-def run_mode(model, tiles, mode: str, batch: int) -> tuple[float, int, float]:
-    if mode == "batched_skipping":
-        batch = RefineSettings().batch_for("cpu")
-    """Seconds, tiles seen by the model, FLOPs spent."""
+def run_mode(model, tiles, mode: str) -> tuple[float, int, float, list[np.ndarray]]:
+    """Seconds, tiles seen by the model, FLOPs spent, and each seen tile's classes of its
+    removed pixels."""
     g2 = (model.config.tile // model.config.patch) ** 2
-    if mode == "per_tile_loop":
-        todo = tiles
-    elif mode == "batched":
-        todo = tiles
+    todo = tiles if mode != "batched_skipping" else [
+        (lab, r) for lab, r in tiles if r.any() and not r.all()]
+    if mode.startswith("per_tile_loop"):
+        net, batch = model, 1
     else:
-        todo = [(lab, r) for lab, r in tiles if r.any() and not r.all()]
-    flops = sum(mae_flops(model.config, int((~r).sum()), g2) for _, r in todo)
-    start = time.perf_counter()
-    if mode == "per_tile_loop" or batch == 1:
-        for lab, r in todo:
-            model(torch.from_numpy(lab[None]), torch.from_numpy(r.ravel()[None]))
-    else:
-        for i in range(0, len(todo), batch):
-            part = todo[i:i + batch]
-            labs = np.zeros((batch,) + part[0][0].shape, dtype=part[0][0].dtype)
-            masks = np.zeros((batch, g2), dtype=bool)
-            for k, (lab, r) in enumerate(part):
-                labs[k], masks[k] = lab, r.ravel()
-            model(torch.from_numpy(labs), torch.from_numpy(masks), pad_to=g2)
-    return time.perf_counter() - start, len(todo), flops
+        settings = RefineSettings()
+        net, batch = in_precision(model, settings.precision), settings.batch_for("cpu")
+    padded = batch > 1
+    flops = sum(mae_flops(model.config, g2 if padded else int((~r).sum()), g2) for _, r in todo)
+    ctx = authors_attention() if mode == "per_tile_loop" else contextlib.nullcontext()
+    lanes = 1 if mode.startswith("per_tile_loop") or padded else torch.get_num_threads()
+
+    @torch.no_grad()
+    def forward(part):
+        labs = np.zeros((batch,) + part[0][0].shape, dtype=part[0][0].dtype)
+        masks = np.zeros((batch, g2), dtype=bool)
+        for k, (lab, r) in enumerate(part):
+            labs[k], masks[k] = lab, r.ravel()
+        logits = net(torch.from_numpy(labs), torch.from_numpy(masks), pad_to=g2 if padded else None)
+        return logits[:len(part)].argmax(dim=1).to(torch.uint8).numpy()
+
+    with ctx:
+        start = time.perf_counter()
+        batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+        classes = list(in_order(forward, batches, lanes))
+        seconds = time.perf_counter() - start
+    classes = list(np.concatenate(classes)) if classes else []
+    return seconds, len(todo), flops, classes
+
+
+def removed_pixels(r: np.ndarray, tile: int) -> np.ndarray:
+    g = r.shape[0]
+    return np.repeat(np.repeat(r, tile // g, axis=0), tile // g, axis=1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,7 +136,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--store", default="demo/phantom.ome.zarr")
     ap.add_argument("--slices", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="1 slice, 1 repeat")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -94,25 +143,63 @@ def main(argv: list[str] | None = None) -> dict:
         args.slices, args.repeats = 1, 1
     settings = RefineSettings()
     model = load_refiner(DEFAULT_REFINER)
-    tiles = tiles_of(args.store, args.slices, settings)
-    rows = {}
-    for mode in ("per_tile_loop", "batched", "batched_skipping"):
-        runs = [run_mode(model, tiles, mode, args.batch) for _ in range(args.repeats)]
-        secs = [r[0] for r in runs]
-        med = statistics.median(secs)
-        rows[mode] = {"tiles": len(tiles), "tiles_run": runs[0][1], "seconds": secs,
-                      "median_s": med, "tiles_per_s": len(tiles) / med,
-                      "gflop_per_s": runs[0][2] / med / 1e9}
-        print(f"{mode:<18} {len(tiles):>5} tiles ({runs[0][1]:>5} run) {med:8.2f} s "
-              f"{len(tiles) / med:8.2f} tiles/s {runs[0][2] / med / 1e9:7.1f} GFLOP/s", flush=True)
+    tiles, uncertain = tiles_of(args.store, args.slices, settings)
+    print(f"{len(tiles)} tiles, uncertain area {100 * uncertain:.1f} %, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows, reference = {}, None
+    for _ in range(args.repeats):  # modes interleaved, so drifts of a shared machine hit all
+        for mode in MODES:
+            secs, seen, flops, classes = run_mode(model, tiles, mode)
+            row = rows.setdefault(mode, {"tiles": len(tiles), "tiles_run": seen, "seconds": [],
+                                         "flops": flops})
+            row["seconds"].append(secs)
+            if mode == "per_tile_loop":
+                reference = classes
+            elif "agreement" not in row:
+                seen_tiles = tiles if mode != "batched_skipping" else [
+                    t for t in tiles if t[1].any() and not t[1].all()]
+                ref = reference if mode != "batched_skipping" else [
+                    c for c, t in zip(reference, tiles) if t[1].any() and not t[1].all()]
+                same = total = 0
+                for (_, r), a, b in zip(seen_tiles, classes, ref):
+                    px = removed_pixels(r, settings.tile)
+                    same += int((a[px] == b[px]).sum())
+                    total += int(px.sum())
+                row["agreement"] = same / max(total, 1)
+    for row in rows.values():
+        med = statistics.median(row["seconds"])
+        row.update(median_s=med, min_s=min(row["seconds"]), max_s=max(row["seconds"]),
+                   tiles_per_s=len(tiles) / med, gflop_per_s=row.pop("flops") / med / 1e9)
     base = rows["per_tile_loop"]["tiles_per_s"]
-    for mode in ("batched", "batched_skipping"):
-        rows[mode]["vs_per_tile_loop"] = rows[mode]["tiles_per_s"] / base
-        print(f"{mode} / per_tile_loop: {rows[mode]['vs_per_tile_loop']:.2f}x")
+    print(f"{'mode':<20} {'tiles run':>9} {'median s':>9} {'tiles/s':>8} {'GFLOP/s':>8} "
+          f"{'vs loop':>8} {'agree':>7}")
+    for mode, row in rows.items():
+        row["vs_per_tile_loop"] = row["tiles_per_s"] / base
+        print(f"{mode:<20} {row['tiles_run']:>9} {row['median_s']:>9.2f} "
+              f"{row['tiles_per_s']:>8.2f} {row['gflop_per_s']:>8.1f} "
+              f"{row['vs_per_tile_loop']:>7.2f}x {row.get('agreement', 1.0):>7.4f}")
     payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
-               "store": args.store, "slices": args.slices, "repeats": args.repeats, **rows}
+               "store": args.store, "slices": args.slices, "repeats": args.repeats,
+               "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(), **rows}
     write_json(args.json, payload)
     return payload
+
+
+def matrix_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Measured matrix-product rate (GFLOP/s) of this machine in fp32 and bf16, the ceiling each
+    mode's GFLOP/s is compared to."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        out[name] = 2 * n ** 3 / statistics.median(times) / 1e9
+    print("matrix product rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in out.items()))
+    return out
 
 
 if __name__ == "__main__":

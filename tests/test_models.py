@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 
@@ -11,6 +12,7 @@ import torch
 
 from tests.conftest import TINY_MAE, TINY_UNET
 from volref.classes import CRISTAE, MATRIX
+from volref.models import mae as mae_module
 from volref.models.checkpoint import CheckpointError, load_state, save_model
 from volref.models.ensemble import Ensemble, normalised_entropy
 from volref.models.mae import MAEConfig, MaskedAutoencoder, sincos_2d
@@ -21,7 +23,7 @@ from volref.models.registry import (
     save_segmenter,
 )
 from volref.models.unet import UNet
-from volref.stages.refine import RefineSettings, refine_slice, removal_mask
+from volref.stages.refine import RefineSettings, refine_region, refine_slice, removal_mask
 from volref.stages.segment import SegmentSettings, segment_slices
 
 
@@ -138,6 +140,47 @@ def test_refine_skips_everything_when_certain():
     out = refine_slice(model, np.pad(labels, m), np.zeros((64 + 2 * m,) * 2, np.float32), settings)
     assert out.tiles_run == 0
     np.testing.assert_array_equal(out.labels, labels)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_attention_equals_sdpa(masked, monkeypatch):
+    monkeypatch.setattr(mae_module, "QUERY_CHUNK", 48)  # uneven chunks of 100 queries
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 100, 8, generator=g) for _ in range(3))
+    key_mask = torch.rand(2, 100, generator=g) > 0.3 if masked else None
+    got = mae_module.chunked_attention(q, k, v, key_mask)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if key_mask is None else key_mask[:, None, None, :])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_refine_in_bf16_agrees_with_fp32_and_lanes_do_not_change_bytes():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(TINY_MAE).eval()
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, (2, 160, 160)).astype(np.uint8)
+    unc = rng.random((2, 160, 160)).astype(np.float32)
+    base = RefineSettings(tile=32, stride=16, tau=0.5, near_px=8)  # context 32
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for precision, lanes in (("fp32", 1), ("bf16", 1), ("bf16", 2)):
+            torch.set_num_threads(lanes)
+            settings = dataclasses.replace(base, precision=precision)
+            runs[precision, lanes] = refine_region(model, labels, unc, settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert runs["bf16", 1].tiles_run > 10
+    np.testing.assert_array_equal(runs["bf16", 1].labels, runs["bf16", 2].labels)
+    removed = runs["fp32", 1].removed
+    same = runs["fp32", 1].labels[removed] == runs["bf16", 1].labels[removed]
+    assert same.mean() > 0.97
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
+
+
+def test_bad_precision_is_refused():
+    with pytest.raises(ValueError, match="precision"):
+        RefineSettings(precision="fp8")
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -158,6 +158,9 @@ REFINER_OPTIONS = (
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
     click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
                  help="Tile stride (tiles are 128 px; overlaps are blended)."),
+    click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16",
+                 show_default=True, help="Numbers the MAE computes in (bf16: ~2x faster on "
+                 "CPUs with AVX-512 BF16, and on GPUs)."),
 )
 CSV_OPTION = click.option("--csv", is_flag=True, help="Also write volref/metrics.csv.")
 MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), default=1000,
@@ -167,13 +170,13 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
 
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
-             csv=False, block=None, min_voxels=1000):
+             precision="bf16", csv=False, block=None, min_voxels=1000):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
 
     try:
-        refine_settings = RefineSettings(tau=tau, stride=stride)
+        refine_settings = RefineSettings(tau=tau, stride=stride, precision=precision)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--stride") from None
     settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,

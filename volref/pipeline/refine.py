@@ -129,7 +129,7 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
     labels = job.initial.read(lo, hi, "zero")
     unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "zero"))
     with MODEL_LOCK:
-        out = refine_region(mae, labels, unc, s, device=dev, autocast=dev.startswith("cuda"))
+        out = refine_region(mae, labels, unc, s, device=dev)
     job.refined.write(block, out.labels)
     stats = {"seconds": round(time.perf_counter() - start, 3), "tiles": out.tiles_total,
              "tiles_run": out.tiles_run, "removed_px": int(out.removed.sum()),
