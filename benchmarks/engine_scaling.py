@@ -1,12 +1,17 @@
-"""End-to-end ``volref run`` on phantoms of growing size: time per stage and peak memory per worker.
+"""End-to-end ``volref run`` on phantoms of growing size, and on 1..N workers: time per stage,
+voxels/s and peak memory per worker.
 
-    python -m benchmarks.engine_scaling [--quick] [--sizes 1,4] [--base 8 512 512] [--json OUT]
+    python -m benchmarks.engine_scaling [--quick] [--sizes 1,2,4,8] [--base 8 512 512]
+        [--block-shape 8 256 512] [--workers 2] [--worker-sweep 1,2] [--json OUT]
 
 Each size is a phantom ``k`` times the base volume (the y and x extent grows by sqrt(k) when k
 is a square, else z grows), run on a fresh local cluster of ``--workers`` single-threaded worker
-processes with the shipped models and the default block shape. Peak memory is each worker
-process's maximum resident set since it started (getrusage), read before the cluster closes.
-``--quick`` uses a smaller base volume (for a smoke run; numbers are not comparable).
+processes with the shipped models and one block shape for every size (so every size does the
+same work per block; with the default shape the smallest volume would get smaller blocks, whose
+overlapping tiles cost more per voxel). ``--worker-sweep`` then runs the base volume again on
+each number of workers. Peak memory is each worker process's maximum resident set since it
+started (getrusage), read before the cluster closes. ``--quick`` uses a smaller base volume
+(for a smoke run; numbers are not comparable).
 """
 
 from __future__ import annotations
@@ -38,37 +43,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,4", help="volume multiples, e.g. 1,2,4,8")
     ap.add_argument("--base", nargs=3, type=int, default=(8, 512, 512))
+    ap.add_argument("--block-shape", nargs=3, type=int, default=(8, 256, 512))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--worker-sweep", default="", help="worker counts for the base volume, "
+                    "e.g. 1,2")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     base = (4, 256, 256) if args.quick else tuple(args.base)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
-    rows = []
+    block = (4, 128, 256) if args.quick else tuple(args.block_shape)
+    rows, sweep = [], []
     for k in (int(s) for s in args.sizes.split(",")):
-        shape = scaled(base, k)
-        image = work / f"phantom-{k}.ome.zarr"
-        if image.exists():
-            shutil.rmtree(image)
-        config = SynthConfig(shape=shape, seed=21, chunks=(base[0], 256, 256), density=1.5,
-                             degraded_fraction=0.2)
-        with dask.config.set(scheduler="threads"):
-            dask.compute(write_phantom(config, image))
-        start = time.perf_counter()
-        result = run(image, settings=RunSettings(), cluster=ClusterSpec(workers=args.workers))
-        wall = time.perf_counter() - start
-        voxels = math.prod(shape)
-        row = {"multiple": k, "shape": shape, "voxels": voxels, "blocks": len(result.grid),
-               "block": result.grid.block, "wall_s": wall, "voxels_per_s": voxels / wall,
-               "stages_s": {r.stage: r.seconds for r in result.reports},
-               "peak_rss_gib_per_worker": {w: m / 2**30 for w, m in result.peak_memory.items()},
-               "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30}
-        rows.append(row)
-        print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {len(result.grid):>4} blocks "
-              f"{wall:8.1f} s {voxels / wall / 1e3:8.1f} kvoxel/s  peak/worker "
-              f"{row['peak_rss_gib_max']:.2f} GiB  "
-              + " ".join(f"{s}={t:.0f}s" for s, t in row["stages_s"].items()), flush=True)
+        rows.append(measure(work, scaled(base, k), base, block, args.workers, k))
+    for n in (int(s) for s in args.worker_sweep.split(",") if s):
+        sweep.append(measure(work, base, base, block, n, 1))
     first = rows[0]
     for row in rows[1:]:
         row["time_per_voxel_vs_1x"] = (row["wall_s"] / row["voxels"]) / \
@@ -77,10 +67,42 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['multiple']}x vs {first['multiple']}x: time per voxel "
               f"{row['time_per_voxel_vs_1x']:.2f}x, peak memory per worker "
               f"{row['peak_memory_vs_1x']:.2f}x")
-    payload = {"machine": machine(), "workers": args.workers, "rows": rows,
+    for row in sweep[1:]:
+        row["speedup_vs_first"] = row["voxels_per_s"] / sweep[0]["voxels_per_s"]
+        print(f"{row['workers']} workers vs {sweep[0]['workers']}: "
+              f"{row['speedup_vs_first']:.2f}x voxels/s")
+    payload = {"machine": machine(), "workers": args.workers, "block": block, "rows": rows,
+               "worker_sweep": sweep,
                "command": "python -m benchmarks.engine_scaling " + " ".join(argv or [])}
     write_json(args.json, payload)
     return payload
+
+
+def measure(work: Path, shape: tuple[int, int, int], base: tuple[int, int, int],
+            block: tuple[int, int, int], workers: int, k: int) -> dict:
+    image = work / f"phantom-{k}.ome.zarr"
+    if image.exists():
+        shutil.rmtree(image)
+    config = SynthConfig(shape=shape, seed=21, chunks=(base[0], 256, 256), density=1.5,
+                         degraded_fraction=0.2)
+    with dask.config.set(scheduler="threads"):
+        dask.compute(write_phantom(config, image))
+    start = time.perf_counter()
+    result = run(image, settings=RunSettings(block_shape=block),
+                 cluster=ClusterSpec(workers=workers))
+    wall = time.perf_counter() - start
+    voxels = math.prod(shape)
+    row = {"multiple": k, "shape": shape, "voxels": voxels, "workers": workers,
+           "blocks": len(result.grid), "block": result.grid.block, "wall_s": wall,
+           "voxels_per_s": voxels / wall,
+           "stages_s": {r.stage: r.seconds for r in result.reports},
+           "peak_rss_gib_per_worker": {w: m / 2**30 for w, m in result.peak_memory.items()},
+           "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30}
+    print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {workers} workers {len(result.grid):>4} "
+          f"blocks {wall:8.1f} s {voxels / wall / 1e3:8.1f} kvoxel/s  peak/worker "
+          f"{row['peak_rss_gib_max']:.2f} GiB  "
+          + " ".join(f"{s}={t:.0f}s" for s, t in row["stages_s"].items()), flush=True)
+    return row
 
 
 if __name__ == "__main__":

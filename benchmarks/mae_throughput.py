@@ -37,8 +37,9 @@ import zarr
 from benchmarks.common import machine, write_json
 from volref.models import mae as mae_module
 from volref.models.mae import mae_flops
+from volref.models.precision import in_precision
 from volref.models.registry import DEFAULT_REFINER, load_refiner
-from volref.stages.refine import RefineSettings, in_order, in_precision, removal_mask
+from volref.stages.refine import RefineSettings, in_order, removal_mask
 from volref.stages.segment import uncertainty_from_uint8
 
 MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched", "batched_skipping")

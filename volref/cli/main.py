@@ -158,10 +158,11 @@ REFINER_OPTIONS = (
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
     click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
                  help="Tile stride (tiles are 128 px; overlaps are blended)."),
-    click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16",
-                 show_default=True, help="Numbers the MAE computes in (bf16: ~2x faster on "
-                 "CPUs with AVX-512 BF16, and on GPUs)."),
 )
+PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+    help="Numbers the models compute in (bf16: 2-3x faster on GPUs and on CPUs with "
+         "AVX-512 BF16; fp32 for reference).")
 CSV_OPTION = click.option("--csv", is_flag=True, help="Also write volref/metrics.csv.")
 MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), default=1000,
                                  show_default=True,
@@ -174,12 +175,14 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
+    from volref.stages.segment import SegmentSettings
 
     try:
         refine_settings = RefineSettings(tau=tau, stride=stride, precision=precision)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--stride") from None
     settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,
+                           segment=SegmentSettings(precision=precision),
                            block_shape=tuple(block_shape) if block_shape else None,
                            overwrite=overwrite, csv=csv, min_voxels=min_voxels)
     if block is not None:
@@ -236,7 +239,7 @@ def _block_index(ctx, param, value):
 
 
 @cli.command("run")
-@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, CSV_OPTION, MIN_VOXELS_OPTION,
+@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, PRECISION_OPTION, CSV_OPTION, MIN_VOXELS_OPTION,
                  click.option("--block", type=str, default=None, callback=_block_index,
                               help="Run only block Z,Y,X (segment + refine) in this process, "
                                    "for debugging.")])
@@ -246,14 +249,14 @@ def run_command(ctx, **options):
 
 
 @cli.command()
-@engine_options([SEGMENTER_OPTION])
+@engine_options([SEGMENTER_OPTION, PRECISION_OPTION])
 def segment(ctx, **options):
     """Ensemble segmentation: labels/volref-initial and volref/uncertainty."""
     _execute(ctx, ("segment",), **options)
 
 
 @cli.command()
-@engine_options(list(REFINER_OPTIONS))
+@engine_options([*REFINER_OPTIONS, PRECISION_OPTION])
 def refine(ctx, **options):
     """MAE refinement: labels/volref-refined from labels/volref-initial."""
     _execute(ctx, ("refine",), **options)

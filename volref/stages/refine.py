@@ -21,8 +21,6 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
 
 from __future__ import annotations
 
-import copy
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +33,7 @@ from scipy import ndimage
 
 from volref.classes import BACKGROUND
 from volref.models.mae import MaskedAutoencoder
+from volref.models.precision import check_precision, in_precision
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,9 +51,7 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if self.tile % self.stride or self.stride % 4:
             raise ValueError("stride must divide the tile and be a multiple of the patch (4)")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                             f"not {self.precision!r}")
+        check_precision(self.precision)
         if self.batch < 0:
             raise ValueError("batch must be >= 0 (0: chosen for the device)")
 
@@ -76,24 +73,6 @@ class RefineSettings:
                 "near_px": self.near_px, "batch": self.batch, "precision": self.precision}
 
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_CAST: weakref.WeakKeyDictionary[MaskedAutoencoder, MaskedAutoencoder] = \
-    weakref.WeakKeyDictionary()
-
-
-def in_precision(model: MaskedAutoencoder, precision: str) -> MaskedAutoencoder:
-    """The model with weights in ``precision``: itself, or a copy made once per model.
-
-    bf16 weights (not autocast, which re-casts every weight on every call): on the CPU the MAE
-    then takes its bf16 attention path (``chunked_attention``); refined labels agree with fp32
-    on 99.97 % of a tile's pixels (benchmarks.mae_throughput reports the agreement)."""
-    dtype = PRECISIONS[precision]
-    if next(model.parameters()).dtype == dtype:
-        return model
-    cast = _CAST.get(model)
-    if cast is None or next(cast.parameters()).dtype != dtype:
-        cast = _CAST[model] = copy.deepcopy(model).to(dtype).eval()
-    return cast
 
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from volref.models.ensemble import Ensemble
+from volref.models.precision import PRECISIONS, check_precision, in_precision
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,14 @@ class SegmentSettings:
     tile: int = 256
     halo: int = 32
     batch: int = 4
+    precision: str = "bf16"  # of the ensemble's weights and activations: bf16 or fp32
 
-    def to_dict(self) -> dict[str, int]:
-        return {"tile": self.tile, "halo": self.halo, "batch": self.batch}
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {"tile": self.tile, "halo": self.halo, "batch": self.batch,
+                "precision": self.precision}
 
 
 def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
@@ -63,6 +69,8 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
     uncertainty = np.zeros((nz, ny, nx), dtype=np.float32)
     dev = torch.device(device)
+    net = in_precision(ensemble, settings.precision)
+    dtype = PRECISIONS[settings.precision]
     w = t + 2 * h
     places = [(z, y0, x0) for z in range(nz) for y0 in range(0, ny, t) for x0 in range(0, nx, t)]
     # batches run across slices (a small block fills them too); every forward pass has the same
@@ -77,8 +85,7 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
                 win = np.pad(win, ((0, 0), (0, w - win.shape[1]), (0, w - win.shape[2])),
                              mode="symmetric")
             windows[k] = win
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            lab, unc = ensemble.predict(torch.from_numpy(windows).to(dev))  # on the device
+        lab, unc = net.predict(torch.from_numpy(windows).to(dev, dtype))  # on the device
         lab = lab[:len(part), h:h + t, h:h + t].cpu().numpy()
         unc = unc[:len(part), h:h + t, h:h + t].float().cpu().numpy()
         for (z, y0, x0), lb, un in zip(part, lab, unc):

@@ -1,0 +1,107 @@
+"""Ensemble throughput (voxels/s): each member alone, the K members one after another, and
+volref's batched K-member pass, in fp32 and bf16, side by side in one run.
+
+    python -m benchmarks.ensemble_throughput [--batch 4] [--repeats 5] [--quick] [--json OUT]
+
+Input: ``--batch`` windows of 3 x 320 x 320 (SegmentSettings: 256-px tiles with a 32-px halo),
+random values (speed does not depend on them). Voxels count the tiles' cores (256 x 256 per
+window), as the segment stage does; the K members' mean probabilities, labels and uncertainty
+stay on the device and only labels and uncertainty come back (``Ensemble.predict``).
+FLOPs per voxel are counted from the convolutions (``unet_flops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import machine, write_json
+from volref.models.precision import PRECISIONS, in_precision
+from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
+from volref.stages.segment import SegmentSettings
+
+
+def unet_flops(member: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """Multiply-adds x 2 of one member's convolutions for one input of ``shape`` (N, S, H, W)."""
+    total = 0.0
+
+    def hook(mod, _inp, out):
+        nonlocal total
+        k = mod.weight[0].numel()  # in/groups x kh x kw
+        total += 2.0 * out.numel() * k
+
+    handles = [m.register_forward_hook(hook) for m in member.modules()
+               if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    with torch.no_grad():
+        member(torch.zeros(shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="2 repeats")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats = 2
+    s = SegmentSettings()
+    w = s.tile + 2 * s.halo
+    ensemble = load_segmenter(DEFAULT_SEGMENTER)
+    k = len(ensemble.members)
+    x32 = torch.randn(args.batch, ensemble.config.in_slices, w, w)
+    voxels = args.batch * s.tile * s.tile
+    flops_member = unet_flops(ensemble.members[0], tuple(x32.shape))
+    rows = {}
+    for precision, dtype in PRECISIONS.items():
+        net = in_precision(ensemble, precision)
+        x = x32.to(dtype)
+        member = net.members[0]
+        modes = {
+            "one_member": (lambda m=member, x=x: m(x), 1),
+            "members_in_turn": (lambda n=net, x=x: [m(x) for m in n.members], k),
+            "batched_ensemble": (lambda n=net, x=x: n.predict(x), k),
+        }
+        for mode, (fn, members) in modes.items():
+            with torch.no_grad():
+                secs = timed(fn, args.repeats)
+            med = statistics.median(secs)
+            rows[f"{mode}_{precision}"] = {
+                "members": members, "precision": precision, "seconds": secs, "median_s": med,
+                "min_s": min(secs), "max_s": max(secs), "voxels_per_s": voxels / med,
+                "gflop_per_s": members * flops_member / med / 1e9}
+    base = rows["batched_ensemble_fp32"]["voxels_per_s"]
+    print(f"{args.batch} windows of 3x{w}x{w} ({voxels} voxels), K = {k}, "
+          f"{flops_member / (args.batch * s.tile * s.tile):.0f} FLOP per voxel per member, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'mode':<26} {'median s':>9} {'Mvoxel/s':>9} {'GFLOP/s':>8} {'vs fp32 ens':>11}")
+    for name, row in rows.items():
+        row["vs_batched_ensemble_fp32"] = row["voxels_per_s"] / base
+        print(f"{name:<26} {row['median_s']:>9.3f} {row['voxels_per_s'] / 1e6:>9.3f} "
+              f"{row['gflop_per_s']:>8.1f} {row['vs_batched_ensemble_fp32']:>10.2f}x")
+    payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
+               "batch": args.batch, "window": w, "core": s.tile, "members": k,
+               "flop_per_voxel_per_member": flops_member / voxels, "repeats": args.repeats,
+               **rows}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
