@@ -1,5 +1,6 @@
-"""Ensemble throughput (voxels/s): each member alone, the K members one after another, and
-volref's batched K-member pass, in fp32 and bf16, side by side in one run.
+"""Ensemble throughput (voxels/s): one member alone, the K members one after another, the
+batched (vmapped) K-member pass, and volref's ``Ensemble.predict`` as it runs on this device,
+in fp32 and bf16, side by side in one run.
 
     python -m benchmarks.ensemble_throughput [--batch 4] [--repeats 5] [--quick] [--json OUT]
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         modes = {
             "one_member": (lambda m=member, x=x: m(x), 1),
             "members_in_turn": (lambda n=net, x=x: [m(x) for m in n.members], k),
-            "batched_ensemble": (lambda n=net, x=x: n.predict(x), k),
+            "batched_ensemble": (lambda n=net, x=x: n.mean_probabilities(x, batched=True), k),
+            "volref_predict": (lambda n=net, x=x: n.predict(x), k),
         }
         for mode, (fn, members) in modes.items():
             with torch.no_grad():

@@ -32,14 +32,15 @@ def test_unet_shapes():
     assert net(torch.zeros(2, 3, 32, 48)).shape == (2, 4, 32, 48)
 
 
-def test_ensemble_matches_members_and_entropy_is_bounded():
+@pytest.mark.parametrize("batched", [False, True])  # in turn (CPU default), vmapped (GPU)
+def test_ensemble_matches_members_and_entropy_is_bounded(batched):
     torch.manual_seed(0)
     members = [UNet(TINY_UNET).eval() for _ in range(3)]
     ens = Ensemble(members).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
-    torch.testing.assert_close(ens.mean_probabilities(x), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ens.mean_probabilities(x, batched), ref, atol=1e-5, rtol=1e-4)
     labels, u = ens.predict(x)
     assert labels.dtype == torch.uint8 and labels.shape == (2, 32, 32)
     assert float(u.min()) >= 0.0 and float(u.max()) <= 1.0

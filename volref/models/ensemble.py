@@ -1,8 +1,10 @@
 """K segmentation networks run as one: mean class probabilities -> labels and uncertainty.
 
-Members are stacked with ``torch.func.stack_module_state`` and evaluated with ``vmap`` in one
-batched pass; the (K, N, C, H, W) probabilities stay on the device, and only the argmax labels
-and the normalised entropy leave it.
+On a GPU the members are stacked with ``torch.func.stack_module_state`` and evaluated with
+``vmap`` in one batched pass. On the CPU they run one after another, adding their probabilities
+into one running mean: vmap turns each convolution into a grouped one, which the CPU runs 3x
+slower than the K convolutions in turn (benchmarks.ensemble_throughput). Either way the
+probabilities stay on the device, and only the argmax labels and the normalised entropy leave it.
 """
 
 from __future__ import annotations
@@ -39,10 +41,16 @@ class Ensemble(nn.Module):
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
-    def mean_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (N, S, H, W)`` -> mean softmax over members ``(N, C, H, W)`` (float32)."""
+    def mean_probabilities(self, x: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
+        """``x: (N, S, H, W)`` -> mean softmax over members ``(N, C, H, W)`` (float32).
+        ``batched``: one vmapped pass of all members (default: on a GPU, not on the CPU)."""
         if len(self.members) == 1:
             return torch.softmax(self.members[0](x).float(), dim=1)
+        if not (x.device.type != "cpu" if batched is None else batched):
+            total = torch.softmax(self.members[0](x).float(), dim=1)
+            for member in self.members[1:]:
+                total += torch.softmax(member(x).float(), dim=1)
+            return total / len(self.members)
         if self._stacked is None:
             params, buffers = stack_module_state(list(self.members))
             self._stacked = (params, buffers)
