@@ -4,11 +4,12 @@ voxels/s and peak memory per worker.
     python -m benchmarks.engine_scaling [--quick] [--sizes 1,2,4,8] [--base 8 512 512]
         [--block-shape 8 256 512] [--workers 2] [--worker-sweep 1,2] [--json OUT]
 
-Each size is a phantom ``k`` times the base volume (the y and x extent grows by sqrt(k) when k
-is a square, else z grows), run on a fresh local cluster of ``--workers`` single-threaded worker
-processes with the shipped models and one block shape for every size (so every size does the
-same work per block; with the default shape the smallest volume would get smaller blocks, whose
-overlapping tiles cost more per voxel). ``--worker-sweep`` then runs the base volume again on
+Each size is ``k`` copies of one base phantom stacked along z (so every size holds the same
+content per voxel: a fresh phantom per size would hold a different number of mitochondria and
+degraded areas, and refinement time follows those), run on a fresh local cluster of
+``--workers`` single-threaded worker processes with the shipped models and one block shape for
+every size (the default shape would give the smallest volume smaller blocks, whose overlapping
+tiles cost more per voxel). ``--worker-sweep`` then runs the base volume again on
 each number of workers. Peak memory is each worker process's maximum resident set since it
 started (getrusage), read before the cluster closes. ``--quick`` uses a smaller base volume
 (for a smoke run; numbers are not comparable).
@@ -24,19 +25,31 @@ import time
 from pathlib import Path
 
 import dask
+import dask.array as da
+import zarr
 
 from benchmarks.common import machine, write_json
 from volref.engine.cluster import ClusterSpec
+from volref.io.ngff import Axis
+from volref.io.write import create_multiscale, default_levels, pyramid_geometry, store_pyramid
 from volref.pipeline import write_phantom
 from volref.pipeline.run import RunSettings, run
 from volref.synth import SynthConfig
 
 
-def scaled(base: tuple[int, int, int], k: int) -> tuple[int, int, int]:
-    r = math.isqrt(k)
-    if r * r == k:
-        return base[0], base[1] * r, base[2] * r
-    return base[0] * k, base[1], base[2]
+def stacked(base_image: Path, image: Path, k: int, chunks: tuple[int, int, int]) -> tuple:
+    """An image of ``k`` copies of the base phantom's image along z."""
+    base = zarr.open_group(str(base_image), mode="r")
+    data = da.concatenate([da.from_zarr(base["s0"])] * k, axis=0)
+    root = zarr.open_group(str(image), mode="w-", zarr_format=3)
+    levels = pyramid_geometry(data.shape, (0.375, 0.15, 0.15), default_levels(data.shape),
+                              chunks, "uint16", "0.5", method="mean")
+    axes = tuple(Axis(n, "space", "micrometer") for n in ("z", "y", "x"))
+    arrays = create_multiscale(root, levels, axes, version="0.5", name=f"{k} x phantom",
+                               method="mean")
+    with dask.config.set(scheduler="threads"):
+        dask.compute(store_pyramid(data.rechunk(chunks), arrays, "mean"))
+    return data.shape
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,12 +66,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     base = (4, 256, 256) if args.quick else tuple(args.base)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
-    block = (4, 128, 256) if args.quick else tuple(args.block_shape)
+    block = (4, 256, 256) if args.quick else tuple(args.block_shape)
     rows, sweep = [], []
+    base_image = work / "base.ome.zarr"
+    if base_image.exists():
+        shutil.rmtree(base_image)
+    config = SynthConfig(shape=base, seed=21, chunks=(base[0], 256, 256), density=1.5,
+                         degraded_fraction=0.2)
+    with dask.config.set(scheduler="threads"):
+        dask.compute(write_phantom(config, base_image))
     for k in (int(s) for s in args.sizes.split(",")):
-        rows.append(measure(work, scaled(base, k), base, block, args.workers, k))
+        rows.append(measure(work, base_image, config.chunks, block, args.workers, k))
     for n in (int(s) for s in args.worker_sweep.split(",") if s):
-        sweep.append(measure(work, base, base, block, n, 1))
+        same = [r for r in rows if r["multiple"] == 1 and r["workers"] == n]
+        sweep.append(same[0] if same else measure(work, base_image, config.chunks, block, n, 1))
     first = rows[0]
     for row in rows[1:]:
         row["time_per_voxel_vs_1x"] = (row["wall_s"] / row["voxels"]) / \
@@ -78,15 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
-def measure(work: Path, shape: tuple[int, int, int], base: tuple[int, int, int],
+def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
             block: tuple[int, int, int], workers: int, k: int) -> dict:
-    image = work / f"phantom-{k}.ome.zarr"
+    image = work / f"phantom-{k}x-{workers}w.ome.zarr"
     if image.exists():
         shutil.rmtree(image)
-    config = SynthConfig(shape=shape, seed=21, chunks=(base[0], 256, 256), density=1.5,
-                         degraded_fraction=0.2)
-    with dask.config.set(scheduler="threads"):
-        dask.compute(write_phantom(config, image))
+    shape = stacked(base_image, image, k, chunks)
     start = time.perf_counter()
     result = run(image, settings=RunSettings(block_shape=block),
                  cluster=ClusterSpec(workers=workers))
