@@ -46,7 +46,9 @@ class Ensemble(nn.Module):
         ``batched``: one vmapped pass of all members (default: on a GPU, not on the CPU)."""
         if len(self.members) == 1:
             return torch.softmax(self.members[0](x).float(), dim=1)
-        if not (x.device.type != "cpu" if batched is None else batched):
+        if batched is None:
+            batched = x.device.type != "cpu"
+        if not batched:
             total = torch.softmax(self.members[0](x).float(), dim=1)
             for member in self.members[1:]:
                 total += torch.softmax(member(x).float(), dim=1)
