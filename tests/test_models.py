@@ -12,12 +12,14 @@ import torch
 
 from tests.conftest import TINY_MAE, TINY_UNET
 from volref.classes import CRISTAE, MATRIX
+from volref.errors import VolrefError
 from volref.models import mae as mae_module
 from volref.models.checkpoint import CheckpointError, load_state, save_model
 from volref.models.ensemble import Ensemble, normalised_entropy
 from volref.models.mae import MAEConfig, MaskedAutoencoder, sincos_2d
 from volref.models.registry import (
     REFINER_KIND,
+    file_hash,
     load_refiner,
     load_segmenter,
     save_segmenter,
@@ -271,6 +273,30 @@ def test_tiny_mae_training_lowers_the_loss():
     with torch.no_grad():
         after = float(loss_on(fixed))
     assert after < 0.8 * before
+
+
+def test_refiner_training_can_start_from_other_weights(tmp_path):
+    """``--init``: a 128x128 run continues from a 64x64-crop run's weights; the card records
+    the start's hash, and a start whose architecture differs is refused."""
+    import json
+
+    from volref.train.refiner import RefinerRecipe, TilePool, train_refiner
+
+    base, _ = _scene()
+    labels = np.stack([base[8:40, 8:40], base[16:48, 16:48]])
+    pool = TilePool(labels, np.zeros(labels.shape, np.float32))
+    recipe = RefinerRecipe(epochs=1, steps_per_epoch=1, batch=2, crop=32, mae=TINY_MAE, bf16=False)
+    first = train_refiner(pool, recipe, tmp_path / "a")
+    start = load_refiner(first)
+    no_steps = dataclasses.replace(recipe, lr=1e-30, init=str(first))  # lr ~0: weights stay
+    second = load_refiner(train_refiner(pool, no_steps, tmp_path / "b"))
+    for (k, x), (_, y) in zip(start.state_dict().items(), second.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=k)
+    card = json.loads((tmp_path / "b" / "refiner.json").read_text())["card"]
+    assert card["init_sha256"] == file_hash(first)
+    other = dataclasses.replace(no_steps, mae=dataclasses.replace(TINY_MAE, depth=TINY_MAE.depth + 1))
+    with pytest.raises(VolrefError, match="differs"):
+        train_refiner(pool, other, tmp_path / "c")
 
 
 def test_tiny_segmenter_training_lowers_the_loss(small_phantom, tmp_path):

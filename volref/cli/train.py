@@ -109,8 +109,11 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
               show_default=True, help="Peak learning rate (AdamW, cosine schedule).")
 @click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this refiner's weights (e.g. train on 64x64 crops first, then "
+                   "continue on 128x128 tiles).")
 @click.pass_context
-def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed):
+def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init):
     """Train the MAE on the ensemble's own predictions (labels/volref-initial).
 
     Interrupted runs resume from the last finished epoch when started again with the same OUT.
@@ -119,7 +122,7 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed):
     from volref.train.refiner import RefinerRecipe, tile_pool, train_refiner
 
     recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
-                           lr=lr, bf16=not fp32, seed=seed)
+                           lr=lr, bf16=not fp32, seed=seed, init=init)
     pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction)
     with TrainingProgress("refiner", ctx.obj["progress"]) as progress:
         path = train_refiner(pool, recipe, out, observer=progress, data_names=list(data),

@@ -27,9 +27,10 @@ from scipy import ndimage
 
 from volref import __version__
 from volref.classes import BACKGROUND
+from volref.errors import VolrefError
 from volref.models.checkpoint import save_model
 from volref.models.mae import MAEConfig, MaskedAutoencoder
-from volref.models.registry import REFINER_KIND
+from volref.models.registry import REFINER_KIND, file_hash, load_refiner
 from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
@@ -52,6 +53,7 @@ class RefinerRecipe:
     class_weights: tuple[float, ...] = (0.16, 0.16, 0.36, 0.16)
     bf16: bool = True
     seed: int = 0
+    init: str | None = None  # start from this refiner's weights (e.g. a 64x64-crop run)
     mae: MAEConfig = dataclasses.field(default_factory=MAEConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,9 +146,19 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
                             betas=(0.9, 0.95))
     state_path = out / "state.safetensors"
     info: dict[str, Any] = {"epoch": 0, "losses": [], "seconds": 0.0}
+    init_sha256 = None
+    if recipe.init is not None:
+        init_sha256 = file_hash(recipe.init)
     if state_path.exists():
         info = load_state(state_path, model, opt, rng)
         log.info("refiner: resuming after epoch %d", info["epoch"])
+    elif recipe.init is not None:
+        start_from = load_refiner(recipe.init)
+        if start_from.config != recipe.mae:
+            raise VolrefError(f"{recipe.init}: its MAE config {start_from.config.to_dict()} "
+                              f"differs from the recipe's {recipe.mae.to_dict()}")
+        model.load_state_dict(start_from.state_dict())
+        log.info("refiner: starting from %s", recipe.init)
     weights = torch.tensor(recipe.class_weights, dtype=torch.float32)
     total = recipe.epochs * recipe.steps_per_epoch
     step = info["epoch"] * recipe.steps_per_epoch
@@ -175,6 +187,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         log.info("refiner epoch %d: loss %.4f (%.0f s)", epoch + 1, info["losses"][-1],
                  time.perf_counter() - start)
     card = {"volref": __version__, "recipe": recipe.to_dict(), "seed": recipe.seed,
+            "init_sha256": init_sha256,
             "data": data_names or [], "training_tiles": int(len(pool.labels)),
             "command": command, "loss_per_epoch": info["losses"],
             "train_seconds": info["seconds"]}
