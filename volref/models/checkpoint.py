@@ -41,14 +41,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     return path
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and the
+    header's ``{``; that length may well begin with the byte 0x80 that also opens a pickle."""
+    return (len(head) == 9 and head[8:9] == b"{"
+            and 8 + int.from_bytes(head[:8], "little") <= size)
+
+
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file and its metadata; refuse anything else with a clear message."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        head = f.read(9)
+    if not _looks_like_safetensors(head, path.stat().st_size) and any(
+            head.startswith(m) for m in _PICKLE_MAGIC):
         raise CheckpointError(
             f"{path} is a pickle/torch.save file; volref loads only safetensors checkpoints "
             "(pickle can run arbitrary code, so it is refused without loading)")
