@@ -38,7 +38,8 @@ TRAIN := build/train
 weights: $(STAMP)
 	mkdir -p $(TRAIN)
 	for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q synth $(TRAIN)/train-$$s.ome.zarr \
-		--shape 48 512 512 --density 1.2 --degraded-fraction 0.3 --seed $$s --overwrite; done
+		--shape 48 512 512 --density 1.2 --degraded-fraction 0.3 --degraded-length 150 350 \
+		--seed $$s --overwrite; done
 	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter --data train-101.ome.zarr \
 		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
 		--out seg --members 5 --epochs 8 --steps 80 --seed 0

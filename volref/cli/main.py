@@ -49,6 +49,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="Mitochondria per million voxels.")
 @click.option("--degraded-fraction", type=click.FloatRange(0, 1), default=0.1,
               show_default=True, help="Fraction of mitochondria with a low-SNR area.")
+@click.option("--degraded-length", nargs=2, type=click.FloatRange(min=0), default=(20.0, 60.0),
+              show_default=True, help="Range of a low-SNR area's length along the skeleton (px); "
+                                      "the area also spans the mitochondrion's width.")
 @click.option("--noise", type=click.FloatRange(min=0, min_open=True), default=1.0,
               show_default=True, help="Noise level (2 = a quarter of the photons).")
 @click.option("--voxel-size", nargs=3, type=click.FloatRange(min=0, min_open=True),
@@ -59,15 +62,15 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="OME-Zarr version: 0.5 (zarr v3) or 0.4 (zarr v2).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_context
-def synth(ctx, out, shape, seed, chunks, density, degraded_fraction, noise, voxel_size, levels,
-          ngff, overwrite):
+def synth(ctx, out, shape, seed, chunks, density, degraded_fraction, degraded_length, noise,
+          voxel_size, levels, ngff, overwrite):
     """Write a phantom pan-ExM z-stack with ground truth to OUT (an OME-Zarr store)."""
     from volref.pipeline import write_phantom
     from volref.synth import SynthConfig
 
     config = SynthConfig(shape=shape, seed=seed, chunks=chunks, density=density,
-                         degraded_fraction=degraded_fraction, noise=noise,
-                         voxel_size_um=voxel_size)
+                         degraded_fraction=degraded_fraction,
+                         degraded_length_px=degraded_length, noise=noise, voxel_size_um=voxel_size)
     start = time.perf_counter()
     work = write_phantom(config, out, version=ngff, levels=levels, overwrite=overwrite)
     _compute(work, "synth", ctx.obj["progress"])

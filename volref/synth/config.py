@@ -28,6 +28,10 @@ class SynthConfig:
         Mitochondria per million voxels. The default gives about 150 in a 2048x2048x150 stack.
     degraded_fraction
         Fraction of mitochondria given a low-SNR area (at least one if > 0 and any exist).
+    degraded_length_px
+        Range of an area's length along the skeleton. The area spans the mitochondrion's width
+        and fades out over about one radius at each end, so (20, 60) gives local spots of about
+        one tile (128 px) like the circle of the paper's Fig. 4, with clear stain around them.
     noise
         Noise level; 1.0 is the default photon budget, 2.0 has a quarter of the photons and
         twice the read noise.
@@ -57,7 +61,7 @@ class SynthConfig:
     offset_adu: float = 100.0
     bleach_floor: float = 0.6
     # degradation (the paper's low-SNR simulation)
-    degraded_length_px: tuple[float, float] = (150.0, 350.0)
+    degraded_length_px: tuple[float, float] = (20.0, 60.0)
     degraded_strength: tuple[float, float] = (0.75, 0.95)
     degraded_noise: float = 0.12
     degraded_label_threshold: float = 0.3
@@ -69,6 +73,10 @@ class SynthConfig:
                 raise ConfigError(f"{name} must be three positive integers (z, y, x), got {value}")
             object.__setattr__(self, name, tuple(int(v) for v in value))
         object.__setattr__(self, "voxel_size_um", tuple(float(v) for v in self.voxel_size_um))
+        lo, hi = (float(v) for v in self.degraded_length_px)
+        if not 0.0 <= lo <= hi:
+            raise ConfigError(f"degraded length must be a range 0 <= min <= max, got {(lo, hi)}")
+        object.__setattr__(self, "degraded_length_px", (lo, hi))
         if self.density < 0:
             raise ConfigError(f"density must be >= 0, got {self.density}")
         if not 0.0 <= self.degraded_fraction <= 1.0:
