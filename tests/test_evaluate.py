@@ -55,8 +55,31 @@ def test_clear_tiles_and_reconstruction_dice():
     labels[:, 8:56, 8:56] = 3
     degraded = np.zeros_like(labels)
     degraded[1, 0, 0] = 1
-    tiles = clear_tiles(labels, degraded, tile=32)
+    unc = np.zeros(labels.shape, np.float32)
+    unc[:, :, 32:] = 0.3  # right half: certain below 0.4, not below 0.1
+    tiles = clear_tiles(labels, degraded, unc, tile=32)
     assert len(tiles.labels) == 7  # one tile of the second slice holds a degraded voxel
+    assert tiles.uncertainty.shape == tiles.labels.shape
     torch.manual_seed(0)
     r = reconstruction_dice(MaskedAutoencoder(TINY_MAE).eval(), tiles, ratio=0.5)
     assert 0.0 <= r["mean_dice"] <= 1.0 and r["tiles"] == 7
+    n = r["micro_dice_pixels"]
+    assert 0 < n["0.1"] < n["0.4"]  # the right-half tiles count only below 0.4
+    assert 0.0 <= r["micro_dice"]["0.1"] <= 1.0
+
+
+def test_reconstruction_dice_of_a_perfect_model_is_one():
+    """A model that returns the tile's own labels scores 1 on every measure."""
+
+    class Oracle(MaskedAutoencoder):
+        def forward(self, labels, mask, offset=(0, 0), pad_to=None):
+            return torch.nn.functional.one_hot(labels.long(), 4).permute(0, 3, 1, 2).float()
+
+    labels = np.zeros((1, 32, 64), np.uint8)
+    labels[0, 4:28, 4:60] = 3
+    labels[0, 10:20, 20:24] = 2
+    labels[0, 4:6, 4:60] = 1
+    tiles = clear_tiles(labels, None, np.zeros(labels.shape, np.float32), tile=32)
+    r = reconstruction_dice(Oracle(TINY_MAE).eval(), tiles, ratio=0.9)
+    assert r["mean_tile_dice"] == 1.0 and r["pixel_accuracy"] == 1.0
+    assert r["micro_dice"] == {"0.1": 1.0, "0.4": 1.0}
