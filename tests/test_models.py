@@ -181,6 +181,43 @@ def test_refine_in_bf16_agrees_with_fp32_and_lanes_do_not_change_bytes():
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
 
 
+@pytest.mark.parametrize("blend", ["window", "centre"])
+def test_refine_region_cut_in_two_gives_the_same_bytes(blend):
+    """Regions cut on the tile grid (with their context) rebuild exactly what the whole does."""
+    from volref.stages.refine import context
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(TINY_MAE).eval()
+    rng = np.random.default_rng(5)
+    settings = RefineSettings(tile=32, stride=16, tau=0.5, near_px=8, blend=blend)
+    c = context(settings, TINY_MAE.patch)
+    labels = rng.integers(0, 4, (2, 64 + 2 * c, 96 + 2 * c)).astype(np.uint8)
+    sparse = rng.random((2, labels.shape[1] // 4, labels.shape[2] // 4)) < 0.1
+    unc = np.kron(sparse, np.ones((1, 4, 4))).astype(np.float32)  # 10 % uncertain patches
+    whole = refine_region(model, labels, unc, settings)
+    left = refine_region(model, labels[:, :, :48 + 2 * c], unc[:, :, :48 + 2 * c], settings)
+    right = refine_region(model, labels[:, :, 48:], unc[:, :, 48:], settings)
+    np.testing.assert_array_equal(whole.labels, np.concatenate([left.labels, right.labels], 2))
+    assert whole.removed.any()
+    np.testing.assert_array_equal(whole.labels[~whole.removed],
+                                  labels[:, c:-c, c:-c][~whole.removed])
+
+
+def test_centre_blend_runs_fewer_tiles_where_removals_are_sparse():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(TINY_MAE).eval()
+    labels, unc = _scene()  # one uncertain patch
+    runs = {}
+    for blend in ("window", "centre"):
+        settings = RefineSettings(tile=32, stride=16, tau=0.4, near_px=8, blend=blend)
+        m = settings.margin
+        runs[blend] = refine_slice(model, np.pad(labels, m), np.pad(unc, m), settings)
+    assert runs["centre"].tiles_run == 1 < runs["window"].tiles_run == 4
+    np.testing.assert_array_equal(runs["centre"].removed, runs["window"].removed)
+    with pytest.raises(ValueError, match="blend"):
+        RefineSettings(blend="mean")
+
+
 def test_bad_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         RefineSettings(precision="fp8")
