@@ -15,7 +15,10 @@ whether the model saw it or not. Modes:
   (``scaled_dot_product_attention``) — a stronger baseline, reported beside it;
 * ``batched``: volref's dense path (``RefineSettings()``: bf16 weights, the batch it picks for
   the device — on the CPU one tile per core, side by side), every tile through the model;
-* ``batched_skipping``: volref's path as it runs: only tiles holding a removed patch.
+* ``batched_skipping``: volref's path with ``--blend window``: only tiles holding a removed
+  patch (and something to rebuild it from);
+* ``batched_skipping_centre``: with ``--blend centre``: only tiles whose central 64x64 block
+  holds a removed patch — each pixel is rebuilt by one tile instead of four.
 
 ``agreement``: the fraction of removed pixels whose class (argmax of one tile's logits) is the
 same as in the fp32 per-tile loop. ``uncertain_area``: the fraction of the slices' pixels in
@@ -42,7 +45,18 @@ from volref.models.registry import DEFAULT_REFINER, load_refiner
 from volref.stages.refine import RefineSettings, in_order, removal_mask
 from volref.stages.segment import uncertainty_from_uint8
 
-MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched", "batched_skipping")
+MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched", "batched_skipping",
+         "batched_skipping_centre")
+
+
+def runs_tile(r: np.ndarray, mode: str) -> bool:
+    """Whether ``mode`` sends a tile with removed patches ``r`` (``(g, g)``) through the model."""
+    if not mode.startswith("batched_skipping"):
+        return True
+    if mode.endswith("centre"):
+        g = r.shape[0]
+        return bool(r[g // 4:3 * g // 4, g // 4:3 * g // 4].any()) and not r.all()
+    return bool(r.any()) and not r.all()
 
 
 def tiles_of(store: str, n_slices: int, settings: RefineSettings):
@@ -97,8 +111,7 @@ def run_mode(model, tiles, mode: str) -> tuple[float, int, float, list[np.ndarra
     """Seconds, tiles seen by the model, FLOPs spent, and each seen tile's classes of its
     removed pixels."""
     g2 = (model.config.tile // model.config.patch) ** 2
-    todo = tiles if mode != "batched_skipping" else [
-        (lab, r) for lab, r in tiles if r.any() and not r.all()]
+    todo = [(lab, r) for lab, r in tiles if runs_tile(r, mode)]
     if mode.startswith("per_tile_loop"):
         net, batch = model, 1
     else:
@@ -157,10 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             if mode == "per_tile_loop":
                 reference = classes
             elif "agreement" not in row:
-                seen_tiles = tiles if mode != "batched_skipping" else [
-                    t for t in tiles if t[1].any() and not t[1].all()]
-                ref = reference if mode != "batched_skipping" else [
-                    c for c, t in zip(reference, tiles) if t[1].any() and not t[1].all()]
+                seen_tiles = [t for t in tiles if runs_tile(t[1], mode)]
+                ref = [c for c, t in zip(reference, tiles) if runs_tile(t[1], mode)]
                 same = total = 0
                 for (_, r), a, b in zip(seen_tiles, classes, ref):
                     px = removed_pixels(r, settings.tile)
@@ -172,11 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
         row.update(median_s=med, min_s=min(row["seconds"]), max_s=max(row["seconds"]),
                    tiles_per_s=len(tiles) / med, gflop_per_s=row.pop("flops") / med / 1e9)
     base = rows["per_tile_loop"]["tiles_per_s"]
-    print(f"{'mode':<20} {'tiles run':>9} {'median s':>9} {'tiles/s':>8} {'GFLOP/s':>8} "
+    print(f"{'mode':<24} {'tiles run':>9} {'median s':>9} {'tiles/s':>8} {'GFLOP/s':>8} "
           f"{'vs loop':>8} {'agree':>7}")
     for mode, row in rows.items():
         row["vs_per_tile_loop"] = row["tiles_per_s"] / base
-        print(f"{mode:<20} {row['tiles_run']:>9} {row['median_s']:>9.2f} "
+        print(f"{mode:<24} {row['tiles_run']:>9} {row['median_s']:>9.2f} "
               f"{row['tiles_per_s']:>8.2f} {row['gflop_per_s']:>8.1f} "
               f"{row['vs_per_tile_loop']:>7.2f}x {row.get('agreement', 1.0):>7.4f}")
     payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
