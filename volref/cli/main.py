@@ -161,11 +161,11 @@ REFINER_OPTIONS = (
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
     click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
                  help="Tile stride (tiles are 128 px; overlaps are blended)."),
-    click.option("--blend", type=click.Choice(["window", "centre"]), default="window",
+    click.option("--blend", type=click.Choice(["centre", "window"]), default="centre",
                  show_default=True,
-                 help="How overlapping tiles combine: a smooth window over all of them, or the "
-                      "one tile whose central stride x stride block holds the pixel (fewer "
-                      "tiles to run)."),
+                 help="How overlapping tiles combine: the one tile whose central stride x "
+                      "stride block holds the pixel (fewer tiles to run), or a smooth window "
+                      "over all of them."),
 )
 PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
@@ -179,7 +179,7 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
 
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
-             blend="window", precision="bf16", csv=False, block=None, min_voxels=1000):
+             blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings

@@ -16,11 +16,13 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
   A tile goes through the MAE only if it holds a removed patch; it sees its other patches.
 * blending (``blend``): ``window`` — each tile's class probabilities for removed pixels are
   weighted by a smooth window (sin x sin, positive everywhere) and averaged over the tiles
-  covering the pixel; ``centre`` — a pixel takes the probabilities of the one tile whose central
-  ``stride x stride`` block holds it (at least ``(tile - stride) / 2`` pixels of context on
-  every side), so a tile runs only when its central block holds a removed patch: about
-  ``(tile/stride)**2`` times fewer tiles where removed patches are sparse. The refined class is
-  the argmax. Pixels of patches that were not removed keep their initial class exactly.
+  covering the pixel; ``centre`` (default) — a pixel takes the probabilities of the one tile
+  whose central ``stride x stride`` block holds it (about ``(tile - stride) / 2`` pixels of
+  context on every side), so a tile runs only when its central block holds a removed patch: up
+  to ``(tile/stride)**2`` times fewer tiles where removed patches are sparse, with the same
+  Dice in degraded regions as ``window`` (0.722 vs 0.723 for the mitochondrion, 4 slices of a
+  held-out phantom). The refined class is the argmax. Pixels of patches that were not removed
+  keep their initial class exactly.
 """
 
 from __future__ import annotations
@@ -54,16 +56,13 @@ class RefineSettings:
     near_px: float = 16.0
     batch: int = 0  # tiles per forward pass; 0: 1 on the CPU, 32 on a GPU (see refine_region)
     precision: str = "bf16"  # of the MAE's weights and activations: bf16 or fp32
-    blend: str = "window"  # how overlapping tiles combine: window or centre (module docstring)
+    blend: str = "centre"  # how overlapping tiles combine: centre or window (module docstring)
 
     def __post_init__(self) -> None:
         if self.tile % self.stride or self.stride % 4:
             raise ValueError("stride must divide the tile and be a multiple of the patch (4)")
         if self.blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
-        if self.blend == "centre" and (self.tile - self.stride) % 8:
-            raise ValueError("blend 'centre' needs (tile - stride) / 2 to be a multiple of the "
-                             "patch (4)")
         check_precision(self.precision)
         if self.batch < 0:
             raise ValueError("batch must be >= 0 (0: chosen for the device)")
@@ -158,7 +157,8 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     origins = [(y, x) for y in tile_origins(c, ny, settings)
                for x in tile_origins(c, nx, settings)]
     centre = settings.blend == "centre"
-    o, op, sp = (t - st) // 2, (t - st) // 2 // p, st // p  # the central block (px, patches)
+    op, sp = (t - st) // 2 // p, st // p  # the central block, in patches (on the patch grid)
+    o = op * p
     todo = []
     for z in range(nz):
         for y, x in origins:
