@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -49,3 +50,14 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def parser(doc: str, quick: str, repeats: int | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark shares: ``--quick`` (what it cuts: ``quick``), ``--json OUT``
+    and, for timed loops, ``--repeats N`` (medians are taken over them)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if repeats is not None:
+        ap.add_argument("--repeats", type=int, default=repeats, help="runs per median")
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--json", default=None, help="write the results here")
+    return ap

@@ -13,13 +13,12 @@ FLOPs per voxel are counted from the convolutions (``unet_flops``).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import machine, parser, write_json
 from volref.models.precision import PRECISIONS, in_precision
 from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
 from volref.stages.segment import SegmentSettings
@@ -54,11 +53,8 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, quick="2 repeats", repeats=5)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2 repeats")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = 2

@@ -28,7 +28,6 @@ about 10 %. FLOP counts are multiply-adds x 2 of what each mode computes (``mae_
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 import zarr
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import machine, parser, write_json
 from volref.models import mae as mae_module
 from volref.models.mae import mae_flops
 from volref.models.precision import in_precision
@@ -146,12 +145,9 @@ def removed_pixels(r: np.ndarray, tile: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, quick="1 slice, 1 repeat", repeats=3)
     ap.add_argument("--store", default="demo/phantom.ome.zarr")
     ap.add_argument("--slices", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1 slice, 1 repeat")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.slices, args.repeats = 1, 1
