@@ -23,7 +23,7 @@ def test_model_cards_say_how_to_reproduce(path):
     card = json.loads(path.with_suffix(".json").read_text())["card"]
     assert "volref" in card["command"] and " train " in card["command"]
     assert isinstance(card["seed"], int) and card["data"]
-    if "init_sha256" in card and card["init_sha256"]:  # a second stage names where it started
+    if card.get("init_sha256"):  # a second stage names where it started
         assert "--init" in card["command"]
 
 

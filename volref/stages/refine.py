@@ -44,7 +44,6 @@ from volref.models.precision import check_precision, in_precision
 T = TypeVar("T")
 R = TypeVar("R")
 
-
 BLENDS = ("window", "centre")
 
 
@@ -84,8 +83,6 @@ class RefineSettings:
         return {"tile": self.tile, "stride": self.stride, "tau": self.tau,
                 "near_px": self.near_px, "batch": self.batch, "precision": self.precision,
                 "blend": self.blend}
-
-
 
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,

@@ -146,9 +146,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
                             betas=(0.9, 0.95))
     state_path = out / "state.safetensors"
     info: dict[str, Any] = {"epoch": 0, "losses": [], "seconds": 0.0}
-    init_sha256 = None
-    if recipe.init is not None:
-        init_sha256 = file_hash(recipe.init)
+    init_sha256 = file_hash(recipe.init) if recipe.init is not None else None
     if state_path.exists():
         info = load_state(state_path, model, opt, rng)
         log.info("refiner: resuming after epoch %d", info["epoch"])
