@@ -2,7 +2,7 @@
 voxels/s and peak memory per worker.
 
     python -m benchmarks.engine_scaling [--quick] [--sizes 1,2,4,8] [--base 8 512 512]
-        [--block-shape 8 256 512] [--workers 2] [--worker-sweep 1,2] [--json OUT]
+        [--block-shape 8 256 512] [--workers 2] [--worker-sweep 1,2] [--repeats 1] [--json OUT]
 
 Each size is ``k`` copies of one base phantom stacked along z (so every size holds the same
 content per voxel: a fresh phantom per size would hold a different number of mitochondria and
@@ -11,15 +11,19 @@ degraded areas, and refinement time follows those), run on a fresh local cluster
 every size (the default shape would give the smallest volume smaller blocks, whose overlapping
 tiles cost more per voxel). ``--worker-sweep`` then runs the base volume again on
 each number of workers. Peak memory is each worker process's maximum resident set since it
-started (getrusage), read before the cluster closes. ``--quick`` uses a smaller base volume
+started (getrusage), read before the cluster closes. With ``--repeats N`` every size runs N
+times, the sizes interleaved (1x, 2x, ..., 1x, 2x, ...) so that a slow spell of the machine
+does not fall on one size; rows hold the median wall time (min and max beside it), and a
+least-squares line ``wall = fixed + per_voxel * voxels`` through the medians separates the
+fixed start (cluster, model loading) from the work that grows with the volume. ``--quick`` uses a smaller base volume
 (for a smoke run; numbers are not comparable).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ import dask
 import dask.array as da
 import zarr
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import machine, parser, write_json
 from volref.engine.cluster import ClusterSpec
 from volref.io.ngff import Axis
 from volref.io.write import create_multiscale, default_levels, pyramid_geometry, store_pyramid
@@ -53,33 +57,37 @@ def stacked(base_image: Path, image: Path, k: int, chunks: tuple[int, int, int])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, "a small base volume (a smoke run; numbers not comparable)", repeats=1)
     ap.add_argument("--sizes", default="1,4", help="volume multiples, e.g. 1,2,4,8")
     ap.add_argument("--base", nargs=3, type=int, default=(8, 512, 512))
     ap.add_argument("--block-shape", nargs=3, type=int, default=(8, 256, 512))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--worker-sweep", default="", help="worker counts for the base volume, "
                     "e.g. 1,2")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     base = (4, 256, 256) if args.quick else tuple(args.base)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
     block = (4, 256, 256) if args.quick else tuple(args.block_shape)
-    rows, sweep = [], []
     base_image = work / "base.ome.zarr"
     if base_image.exists():
         shutil.rmtree(base_image)
-    config = SynthConfig(shape=base, seed=21, chunks=(base[0], 256, 256), density=1.5,
+    config = SynthConfig(shape=base, seed=21, chunks=(block[0], 256, 256), density=1.5,
                          degraded_fraction=0.2)
     with dask.config.set(scheduler="threads"):
         dask.compute(write_phantom(config, base_image))
-    for k in (int(s) for s in args.sizes.split(",")):
-        rows.append(measure(work, base_image, config.chunks, block, args.workers, k))
-    for n in (int(s) for s in args.worker_sweep.split(",") if s):
-        same = [r for r in rows if r["multiple"] == 1 and r["workers"] == n]
-        sweep.append(same[0] if same else measure(work, base_image, config.chunks, block, n, 1))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    counts = [int(s) for s in args.worker_sweep.split(",") if s and int(s) != args.workers]
+    runs: dict[tuple[int, int], list[dict]] = {}
+    for _ in range(args.repeats):  # interleaved: a slow spell does not fall on one size
+        for k in sizes:
+            runs.setdefault((k, args.workers), []).append(
+                measure(work, base_image, config.chunks, block, args.workers, k))
+        for n in counts:
+            runs.setdefault((1, n), []).append(measure(work, base_image, config.chunks, block, n, 1))
+    rows = [median_row(runs[k, args.workers]) for k in sizes]
+    sweep = sorted([median_row(runs[1, n]) for n in counts]
+                   + [r for r in rows if r["multiple"] == 1 and counts], key=lambda r: r["workers"])
     first = rows[0]
     for row in rows[1:]:
         row["time_per_voxel_vs_1x"] = (row["wall_s"] / row["voxels"]) / \
@@ -88,15 +96,39 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['multiple']}x vs {first['multiple']}x: time per voxel "
               f"{row['time_per_voxel_vs_1x']:.2f}x, peak memory per worker "
               f"{row['peak_memory_vs_1x']:.2f}x")
+    line = fit_line(rows) if len(rows) > 1 else None
+    if line:
+        print(f"wall = {line['fixed_s']:.1f} s + {line['s_per_mvoxel']:.2f} s/Mvoxel; "
+              f"largest deviation of a median from the line {line['max_deviation']:.1%}")
     for row in sweep[1:]:
         row["speedup_vs_first"] = row["voxels_per_s"] / sweep[0]["voxels_per_s"]
         print(f"{row['workers']} workers vs {sweep[0]['workers']}: "
               f"{row['speedup_vs_first']:.2f}x voxels/s")
-    payload = {"machine": machine(), "workers": args.workers, "block": block, "rows": rows,
-               "worker_sweep": sweep,
+    payload = {"machine": machine(), "workers": args.workers, "block": block,
+               "repeats": args.repeats, "rows": rows, "line": line, "worker_sweep": sweep,
                "command": "python -m benchmarks.engine_scaling " + " ".join(argv or [])}
     write_json(args.json, payload)
     return payload
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median wall time, with every run's wall time and the largest peak."""
+    walls = [r["wall_s"] for r in runs]
+    row = dict(sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2])
+    row.update(wall_s=statistics.median(walls), wall_s_min=min(walls), wall_s_max=max(walls),
+               wall_s_runs=walls, voxels_per_s=row["voxels"] / statistics.median(walls),
+               peak_rss_gib_max=max(r["peak_rss_gib_max"] for r in runs))
+    return row
+
+
+def fit_line(rows: list[dict]) -> dict:
+    """Least squares ``wall = fixed + per_voxel * voxels`` through the median rows."""
+    xs = [r["voxels"] for r in rows]
+    ys = [r["wall_s"] for r in rows]
+    slope, fixed = statistics.linear_regression(xs, ys)
+    deviation = [abs(y - (fixed + slope * x)) / y for x, y in zip(xs, ys)]
+    return {"fixed_s": fixed, "s_per_mvoxel": slope * 1e6, "max_deviation": max(deviation),
+            "deviation": deviation}
 
 
 def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],

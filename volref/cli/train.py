@@ -112,18 +112,31 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this refiner's weights (e.g. train on 64x64 crops first, then "
                    "continue on 128x128 tiles).")
+@click.option("--method", type=click.Choice(["mae", "mae-x", "cnn-ae"]), default="mae",
+              show_default=True, help="The MAE, or one of the paper's learned baselines: MAE+X "
+              "(MAE with an image encoder; start it from a MAE with --init) or the CNN "
+              "denoising autoencoder.")
+@click.option("--image-depth", type=click.IntRange(min=1), default=4, show_default=True,
+              help="mae-x: blocks of the image encoder.")
 @click.pass_context
-def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init):
-    """Train the MAE on the ensemble's own predictions (labels/volref-initial).
+def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, method,
+            image_depth):
+    """Train the MAE (or a baseline) on the ensemble's own predictions (labels/volref-initial).
 
     Interrupted runs resume from the last finished epoch when started again with the same OUT.
     """
-    from volref.train.data import load_predictions
+    from volref.models.mae import MAEConfig
+    from volref.train.data import load_image, load_predictions
     from volref.train.refiner import RefinerRecipe, tile_pool, train_refiner
 
+    mae = MAEConfig(image_depth=image_depth if method == "mae-x" else 0)
+    if init and method == "cnn-ae":
+        raise click.UsageError("--init continues a MAE or MAE+X; the CNN-AE trains from scratch")
     recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
-                           lr=lr, bf16=not fp32, seed=seed, init=init)
-    pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction)
+                           lr=lr, bf16=not fp32, seed=seed, init=init, method=method, mae=mae)
+    images = [load_image(d) for d in data] if method == "mae-x" else None
+    pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction,
+                     images=images)
     with TrainingProgress("refiner", ctx.obj["progress"]) as progress:
         path = train_refiner(pool, recipe, out, observer=progress, data_names=list(data),
                              command=command_line())

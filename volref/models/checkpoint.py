@@ -86,13 +86,16 @@ def save_model(path: str | os.PathLike, model: nn.Module, kind: str, config: dic
     return path
 
 
-def load_state(path: str | os.PathLike, kind: str,
+def load_state(path: str | os.PathLike, kind: str | tuple[str, ...],
                n_classes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict and metadata of a model file, after checking its kind and classes."""
+    """State dict and metadata of a model file, after checking its kind (one of ``kind``) and
+    classes."""
     tensors, meta = load_tensors(path)
     found = meta.get("kind")
-    if found != kind:
-        raise CheckpointError(f"{path} holds a {found or 'unknown'} model, expected {kind}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if found not in kinds:
+        raise CheckpointError(f"{path} holds a {found or 'unknown'} model, expected "
+                              f"{' or '.join(kinds)}")
     config = meta.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: no model config in its metadata")

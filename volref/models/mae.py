@@ -23,6 +23,12 @@ position signal ~5x below the one-hot token content — in volref's CPU runs tha
 no faster, and reconstruction at high masking was worse); a smaller tile can sit at any offset of it
 (``offset``), which lets training use 64x64 crops and inference 128x128 tiles with the same
 embeddings.
+
+**MAE+X** (the paper's baseline, ``image_depth > 0``): a second ViT encodes the image's p x p
+patches — all of them, removed or not, at decoder width — and its tokens are added to the
+decoder's input tokens, so the decoder sees the image under the removed patches as well as the
+visible segmentation around them. Its last projection starts at zero: a MAE+X trained from a MAE
+starts as exactly that MAE. It is called with ``image=`` (N, H, W) normalised intensities.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class MAEConfig:
     decoder_heads: int = 2
     mlp_ratio: float = 2.0
     pos_scale: float = 1.0
+    image_depth: int = 0  # > 0: MAE+X, with an image encoder of this many blocks (see below)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,8 +165,22 @@ class MaskedAutoencoder(nn.Module):
             Block(c.decoder_width, c.decoder_heads, c.mlp_ratio) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(c.decoder_width)
         self.head = nn.Linear(c.decoder_width, token)
+        if c.image_depth:
+            self.image_embed = nn.Linear(c.patch * c.patch, c.decoder_width)
+            self.image_blocks = nn.ModuleList(Block(c.decoder_width, c.decoder_heads, c.mlp_ratio)
+                                              for _ in range(c.image_depth))
+            self.image_norm = nn.LayerNorm(c.decoder_width)
+            self.image_proj = nn.Linear(c.decoder_width, c.decoder_width)
         self.apply(self._init)
         nn.init.normal_(self.mask_token, std=0.02)
+        if c.image_depth:
+            nn.init.zeros_(self.image_proj.weight)
+
+    @property
+    def needs_image(self) -> bool:
+        return self.config.image_depth > 0
+
+    replaces = "removed"  # refinement replaces only the removed patches
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -222,9 +243,21 @@ class MaskedAutoencoder(nn.Module):
             x = block(x, key_mask)
         return self.norm(x), order, valid
 
+    def forward_image(self, image: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """MAE+X: image tokens ``(N, L, Dd)`` of every patch of ``image (N, H, W)``."""
+        n, h, w = image.shape
+        p = self.config.patch
+        gh, gw = h // p, w // p
+        x = image.to(self.image_embed.weight.dtype).reshape(n, gh, p, gw, p)
+        x = x.permute(0, 1, 3, 2, 4).reshape(n, gh * gw, p * p)
+        x = self.image_embed(x) + self._positions(self.decoder_pos, gh, gw, offset)
+        for block in self.image_blocks:
+            x = block(x)
+        return self.image_proj(self.image_norm(x))
+
     def forward_decoder(self, encoded: torch.Tensor, order: torch.Tensor, valid: torch.Tensor,
-                        n_patches: int, gh: int, gw: int,
-                        offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                        n_patches: int, gh: int, gw: int, offset: tuple[int, int] = (0, 0),
+                        image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logit tokens ``(N, L, p*p*C)`` for every patch of the tile."""
         n = encoded.shape[0]
         x = self.decoder_embed(encoded)  # (N, Lv, Dd)
@@ -233,17 +266,25 @@ class MaskedAutoencoder(nn.Module):
         full = torch.cat([full, full[:, :1]], dim=1)  # one dummy slot for padded tokens
         full.scatter_(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)
         x = full[:, :n_patches] + self._positions(self.decoder_pos, gh, gw, offset)
+        if image_tokens is not None:
+            x = x + image_tokens.to(x.dtype)
         for block in self.decoder_blocks:
             x = block(x)
         return self.head(self.decoder_norm(x))
 
     def forward(self, labels: torch.Tensor, mask: torch.Tensor,
-                offset: tuple[int, int] = (0, 0), pad_to: int | None = None) -> torch.Tensor:
-        """``labels (N, H, W)``, ``mask (N, L)`` -> logits ``(N, C, H, W)`` for every pixel."""
+                offset: tuple[int, int] = (0, 0), pad_to: int | None = None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels (N, H, W)``, ``mask (N, L)`` -> logits ``(N, C, H, W)`` for every pixel
+        (MAE+X: with ``image (N, H, W)``)."""
         n, h, w = labels.shape
         p = self.config.patch
+        if self.needs_image and image is None:
+            raise ValueError("MAE+X needs the image tiles (image=)")
         encoded, order, valid = self.forward_encoder(labels, mask, offset, pad_to)
-        tokens = self.forward_decoder(encoded, order, valid, mask.shape[1], h // p, w // p, offset)
+        image_tokens = self.forward_image(image, offset) if self.needs_image else None
+        tokens = self.forward_decoder(encoded, order, valid, mask.shape[1], h // p, w // p, offset,
+                                      image_tokens)
         return self.unpatchify(tokens, h, w)
 
     def forward_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -269,5 +310,6 @@ def mae_flops(config: MAEConfig, visible: int, total: int | None = None) -> floa
 
     token = c.patch * c.patch * c.n_classes
     return (stack(c.width, visible, c.depth) + stack(c.decoder_width, total, c.decoder_depth)
+            + stack(c.decoder_width, total, c.image_depth)
             + 2.0 * (visible * token * c.width + visible * c.width * c.decoder_width
                      + total * c.decoder_width * token))

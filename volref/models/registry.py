@@ -1,8 +1,10 @@
-"""Model files volref ships and loads: the segmentation ensemble and the MAE refiner.
+"""Model files volref ships and loads: the segmentation ensemble and the tile refiners.
 
 ``segmenter.safetensors`` holds all K members (``member{k}.<param>``); ``refiner.safetensors``
-holds one MAE. Both are written by ``volref train …`` and shipped in ``volref/models/weights``;
-:func:`load_segmenter` and :func:`load_refiner` use those when no path is given.
+holds the MAE, ``mae-x.safetensors`` and ``cnn-ae.safetensors`` the two learned baselines of the
+paper (MAE+X, the CNN denoising autoencoder). All are written by ``volref train …`` and shipped
+in ``volref/models/weights``; :func:`load_segmenter` and :func:`load_refiner` use those when no
+path is given (``load_refiner(method=...)`` picks the baseline's file).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from volref.classes import N_CLASSES
 from volref.models.checkpoint import CheckpointError, load_into, load_state, save_tensors
+from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.ensemble import Ensemble
 from volref.models.mae import MAEConfig, MaskedAutoencoder
 from volref.models.unet import UNet, UNetConfig
@@ -24,7 +27,11 @@ WEIGHTS = Path(__file__).parent / "weights"
 DEFAULT_SEGMENTER = WEIGHTS / "segmenter.safetensors"
 DEFAULT_REFINER = WEIGHTS / "refiner.safetensors"
 SEGMENTER_KIND = "volref-unet-ensemble"
-REFINER_KIND = "volref-mae"
+REFINER_KIND = "volref-mae"  # the MAE and MAE+X (its config's image_depth > 0)
+CNNAE_KIND = "volref-cnn-ae"
+#: the shipped file of each learned refinement method (``volref refine --method``)
+DEFAULT_REFINERS = {"mae": DEFAULT_REFINER, "mae-x": WEIGHTS / "mae-x.safetensors",
+                    "cnn-ae": WEIGHTS / "cnn-ae.safetensors"}
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -72,15 +79,30 @@ def load_segmenter(path: str | os.PathLike | None = None,
     return Ensemble(members).to(device).eval()
 
 
-def load_refiner(path: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu") -> MaskedAutoencoder:
-    """The MAE in ``path`` (default: the shipped one), in eval mode on ``device``."""
-    path = Path(path) if path is not None else DEFAULT_REFINER
-    state, meta = load_state(path, REFINER_KIND, n_classes=N_CLASSES)
+def load_refiner(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 method: str = "mae") -> MaskedAutoencoder | CNNAutoencoder:
+    """The tile refiner in ``path`` (default: the shipped one of ``method``), in eval mode on
+    ``device``: a MAE, a MAE+X or a CNN-AE, as the file's kind and config say."""
+    if path is None:
+        if method not in DEFAULT_REFINERS:
+            raise CheckpointError(f"no shipped model for method {method!r}")
+        path = DEFAULT_REFINERS[method]
+    path = Path(path)
+    state, meta = load_state(path, (REFINER_KIND, CNNAE_KIND), n_classes=N_CLASSES)
+    cls, config_cls = ((CNNAutoencoder, CNNAEConfig) if meta["kind"] == CNNAE_KIND
+                       else (MaskedAutoencoder, MAEConfig))
     try:
-        config = MAEConfig.from_dict(meta["config"])
+        config = config_cls.from_dict(meta["config"])
     except TypeError as exc:
-        raise CheckpointError(f"{path}: config does not describe the MAE ({exc})") from exc
-    model = MaskedAutoencoder(config)
+        raise CheckpointError(f"{path}: config does not describe a {cls.__name__} ({exc})") \
+            from exc
+    model = cls(config)
     load_into(model, state, path)
     return model.to(device).eval()
+
+
+def refiner_method(model: MaskedAutoencoder | CNNAutoencoder) -> str:
+    """Which refinement method a loaded tile refiner implements."""
+    if isinstance(model, CNNAutoencoder):
+        return "cnn-ae"
+    return "mae-x" if model.needs_image else "mae"

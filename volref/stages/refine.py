@@ -129,14 +129,25 @@ def tile_origins(core: int, length: int, settings: RefineSettings) -> range:
 
 @torch.no_grad()
 def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
-                  settings: RefineSettings, device: str | torch.device = "cpu") -> Refined:
-    """Refine the core of a region of slices, the MAE in ``settings.precision``.
+                  settings: RefineSettings, device: str | torch.device = "cpu",
+                  image: np.ndarray | None = None) -> Refined:
+    """Refine the core of a region of slices, the model in ``settings.precision``.
 
     ``labels``/``uncertainty``: ``(nz, Y + 2c, X + 2c)`` with ``c = context(settings, patch)``,
     the region starting on the global tile grid (its core at a multiple of ``stride``); outside
     the volume pass background and zero uncertainty. Tiles are processed in global (z, y, x)
     order in batches of fixed shape, so the result is the same for any cut of the volume.
+
+    ``model``: a tile refiner — the MAE, or a baseline with the same call (``model(labels,
+    mask, pad_to=..., image=...) -> logits``). One whose ``needs_image`` is true also gets the
+    normalised ``image`` tiles (same shape as ``labels``; zero past the volume); one whose
+    ``replaces`` is ``"tile"`` (the CNN-AE) replaces every pixel of the tiles it runs on, not
+    only the removed patches.
     """
+    needs_image = getattr(model, "needs_image", False)
+    if needs_image and image is None:
+        raise ValueError(f"{type(model).__name__} refines from the image too: pass image=")
+    whole = getattr(model, "replaces", "removed") == "tile"
     t, st = settings.tile, settings.stride
     p = model.config.patch
     if model.config.tile != t:
@@ -148,6 +159,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     pad = ((0, 0), (0, yp - ny), (0, xp - nx))
     lab = np.pad(labels, pad, constant_values=BACKGROUND)
     unc = np.pad(uncertainty, pad, constant_values=0.0)
+    img = np.pad(image, pad, constant_values=0.0).astype(np.float32) if needs_image else None
     g = t // p
     remove = np.stack([removal_mask(lab[z], unc[z], p, settings.tau, settings.near_px)
                        for z in range(nz)])  # (nz, H/p, W/p)
@@ -175,7 +187,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     def finish(z: int) -> None:
         a, w = acc.pop(z)
         core = (slice(c, c + ny), slice(c, c + nx))
-        sel = removed[z][core] & (w[core] > 0)
+        sel = w[core] > 0 if whole else removed[z][core] & (w[core] > 0)
         out[z][sel] = a[(slice(None),) + core][:, sel].argmax(axis=0).astype(np.uint8)
 
     b = settings.batch_for(device)
@@ -193,7 +205,12 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         n_pad = b - len(chunk)
         x_lab = torch.from_numpy(np.stack(tiles + [dummy_tile] * n_pad)).to(device)
         x_mask = torch.from_numpy(np.stack(masks + [dummy_mask] * n_pad)).to(device)
-        logits = net(x_lab, x_mask, pad_to=None if b == 1 else g * g)
+        extra = {}
+        if needs_image:
+            crops = [img[z, y:y + t, x:x + t] for z, y, x in chunk]
+            crops += [np.zeros((t, t), np.float32)] * n_pad
+            extra["image"] = torch.from_numpy(np.stack(crops)).to(device)
+        logits = net(x_lab, x_mask, pad_to=None if b == 1 else g * g, **extra)
         return torch.softmax(logits[:len(chunk)].float(), dim=1).cpu().numpy()
 
     batches = [todo[i:i + b] for i in range(0, len(todo), b)]

@@ -57,6 +57,33 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
     -------
     labels ``(nz, Y, X)`` uint8 and uncertainty ``(nz, Y, X)`` float32 in [0, 1].
     """
+    def predict(net: Ensemble, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lab, unc = net.predict(x)  # probabilities stay on the device
+        return lab, unc.float()
+
+    labels, uncertainty = _tiled(ensemble, stack, settings, device, predict,
+                                 ((), np.uint8), ((), np.float32))
+    return labels, uncertainty
+
+
+def segment_probabilities(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
+                          device: str | torch.device = "cpu") -> np.ndarray:
+    """The ensemble's mean class probabilities ``(nz, C, Y, X)`` float32 of the middle slices of
+    ``stack`` (as :func:`segment_slices`, whose labels are their argmax): for the baselines that
+    need them (the dense CRF), not for the pipeline's own path."""
+    def predict(net: Ensemble, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (net.mean_probabilities(x).float(),)
+
+    (probabilities,) = _tiled(ensemble, stack, settings, device, predict,
+                              ((ensemble.n_classes,), np.float32))
+    return probabilities
+
+
+def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
+           device: str | torch.device, predict, *outputs: tuple[tuple[int, ...], type]
+           ) -> list[np.ndarray]:
+    """Run ``predict(net, windows) -> tensors (N, *lead, w, w)`` over the global tile grid of
+    the middle slices of ``stack``; ``outputs`` gives each result's leading shape and dtype."""
     t, h = settings.tile, settings.halo
     nz = stack.shape[0] - 2
     ny, nx = stack.shape[1] - 2 * h, stack.shape[2] - 2 * h
@@ -66,8 +93,7 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
     m = ensemble.config.multiple
     if (t + 2 * h) % m:
         raise ValueError(f"tile + 2*halo must be a multiple of {m}")
-    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
-    uncertainty = np.zeros((nz, ny, nx), dtype=np.float32)
+    results = [np.zeros((nz,) + lead + (ny, nx), dtype=dtype) for lead, dtype in outputs]
     dev = torch.device(device)
     net = in_precision(ensemble, settings.precision)
     dtype = PRECISIONS[settings.precision]
@@ -85,14 +111,13 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
                 win = np.pad(win, ((0, 0), (0, w - win.shape[1]), (0, w - win.shape[2])),
                              mode="symmetric")
             windows[k] = win
-        lab, unc = net.predict(torch.from_numpy(windows).to(dev, dtype))  # on the device
-        lab = lab[:len(part), h:h + t, h:h + t].cpu().numpy()
-        unc = unc[:len(part), h:h + t, h:h + t].float().cpu().numpy()
-        for (z, y0, x0), lb, un in zip(part, lab, unc):
-            ys, xs = min(t, ny - y0), min(t, nx - x0)
-            labels[z, y0:y0 + ys, x0:x0 + xs] = lb[:ys, :xs]
-            uncertainty[z, y0:y0 + ys, x0:x0 + xs] = un[:ys, :xs]
-    return labels, uncertainty
+        tensors = predict(net, torch.from_numpy(windows).to(dev, dtype))
+        for out, tensor in zip(results, tensors):
+            arr = tensor[:len(part), ..., h:h + t, h:h + t].cpu().numpy()
+            for (z, y0, x0), a in zip(part, arr):
+                ys, xs = min(t, ny - y0), min(t, nx - x0)
+                out[z, ..., y0:y0 + ys, x0:x0 + xs] = a[..., :ys, :xs]
+    return results
 
 
 def uncertainty_to_uint8(u: np.ndarray) -> np.ndarray:

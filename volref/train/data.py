@@ -127,6 +127,12 @@ __all__ = ["IGNORE", "IMS", "Volume", "annotator_labels", "load_volume", "sample
            "slice_stack"]
 
 
+def load_image(location: str | os.PathLike) -> np.ndarray:
+    """The image ``(z, y, x)`` normalised as ``volref segment`` normalises it (MAE+X input)."""
+    vol = open_image(location)
+    return normalise(np.asarray(vol.data.compute()), range_of(intensity_sample(vol)))
+
+
 def load_predictions(location: str | os.PathLike, labels: str = "volref-initial",
                      uncertainty: str = "volref/uncertainty") -> tuple[np.ndarray, np.ndarray]:
     """The ensemble's labels and uncertainty (float32 in [0, 1]) written by ``volref segment``."""

@@ -9,6 +9,11 @@ near a mitochondrion. Tiles are kept when more than 30 % of their pixels are mit
 CPU budget: the paper's 128x128 tiles cost ~14 GFLOP each; on a CPU volref trains on 64x64 crops
 placed at random offsets of the 32x32 position lattice (the same fixed sin-cos embeddings serve
 128x128 tiles at inference) with bf16 autocast. The recipe records which was used.
+
+The paper's two learned baselines train the same way on the same tiles (``method``): ``mae-x``
+(the MAE with an image encoder; it also gets the image crops, and starts from a trained MAE with
+``init``) and ``cnn-ae`` (the convolutional denoising autoencoder, whose loss covers every kept
+pixel of the tile since it repaints the whole tile).
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ from volref import __version__
 from volref.classes import BACKGROUND
 from volref.errors import VolrefError
 from volref.models.checkpoint import save_model
+from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.mae import MAEConfig, MaskedAutoencoder
-from volref.models.registry import REFINER_KIND, file_hash, load_refiner
+from volref.models.registry import CNNAE_KIND, REFINER_KIND, file_hash, load_refiner
+
+METHODS = ("mae", "mae-x", "cnn-ae")
+#: the file a training run writes, per method (the names volref ships them under)
+MODEL_FILES = {"mae": "refiner.safetensors", "mae-x": "mae-x.safetensors",
+               "cnn-ae": "cnn-ae.safetensors"}
 from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
@@ -54,7 +65,24 @@ class RefinerRecipe:
     bf16: bool = True
     seed: int = 0
     init: str | None = None  # start from this refiner's weights (e.g. a 64x64-crop run)
+    method: str = "mae"  # mae, mae-x (needs mae.image_depth > 0) or cnn-ae
     mae: MAEConfig = dataclasses.field(default_factory=MAEConfig)
+    cnnae: CNNAEConfig = dataclasses.field(default_factory=CNNAEConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if (self.method == "mae-x") != (self.mae.image_depth > 0):
+            raise ValueError("mae-x is the MAE with an image encoder: image_depth > 0 for "
+                             "mae-x and only for it")
+
+    def build(self) -> MaskedAutoencoder | CNNAutoencoder:
+        return CNNAutoencoder(self.cnnae) if self.method == "cnn-ae" else \
+            MaskedAutoencoder(self.mae)
+
+    @property
+    def model_config(self) -> MAEConfig | CNNAEConfig:
+        return self.cnnae if self.method == "cnn-ae" else self.mae
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -65,20 +93,22 @@ class RefinerRecipe:
 
 @dataclass
 class TilePool:
-    """Training crops: labels (T, s, s) uint8 and uncertainty (T, s, s) float32."""
+    """Training crops: labels (T, s, s) uint8, uncertainty (T, s, s) float32 and, for MAE+X, the
+    normalised image (T, s, s) float32."""
 
     labels: np.ndarray
     uncertainty: np.ndarray
+    image: np.ndarray | None = None
 
 
 def tile_pool(pairs: list[tuple[np.ndarray, np.ndarray]], crop: int,
-              min_mito_fraction: float) -> TilePool:
+              min_mito_fraction: float, images: list[np.ndarray] | None = None) -> TilePool:
     """Crops on a grid of stride ``crop/2`` plus the half-shifted grid, kept when more than
     ``min_mito_fraction`` of the pixels are mitochondrion. ``pairs`` = (labels, uncertainty)
-    volumes ``(z, y, x)``."""
-    labs, uncs = [], []
+    volumes ``(z, y, x)``; ``images``: their normalised images, cropped alike (MAE+X)."""
+    labs, uncs, imgs = [], [], []
     stride = crop // 2
-    for labels, unc in pairs:
+    for v, (labels, unc) in enumerate(pairs):
         nz, ny, nx = labels.shape
         for shift in (0, stride // 2):
             for y0 in range(shift, ny - crop + 1, stride):
@@ -88,9 +118,12 @@ def tile_pool(pairs: list[tuple[np.ndarray, np.ndarray]], crop: int,
                     keep = np.flatnonzero(frac > min_mito_fraction)
                     labs.append(lab[keep])
                     uncs.append(unc[keep, y0:y0 + crop, x0:x0 + crop])
+                    if images is not None:
+                        imgs.append(images[v][keep, y0:y0 + crop, x0:x0 + crop])
     if not labs or sum(len(x) for x in labs) == 0:
         raise ValueError("no training tile has enough mitochondrion pixels")
-    return TilePool(np.concatenate(labs), np.concatenate(uncs).astype(np.float32))
+    return TilePool(np.concatenate(labs), np.concatenate(uncs).astype(np.float32),
+                    np.concatenate(imgs).astype(np.float32) if images is not None else None)
 
 
 def patch_distance(labels: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,13 +140,18 @@ def patch_distance(labels: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarr
 
 
 def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
-    """Labels, removal masks, loss-keep masks and a lattice offset for one training batch."""
+    """Labels, removal masks, loss-keep masks, a lattice offset and (MAE+X) the image crops
+    (else None) for one training batch."""
     c = recipe.mae
     n, s = recipe.batch, recipe.crop
     idx = rng.integers(len(pool.labels), size=n)
     ratio = rng.uniform(*recipe.mask_ratio)
     labels = np.empty((n, s, s), dtype=np.uint8)
     keep = np.empty((n, s, s), dtype=bool)
+    with_image = recipe.method == "mae-x"
+    if with_image and pool.image is None:
+        raise VolrefError("mae-x trains on the image too: the tile pool has no image crops")
+    image = np.empty((n, s, s), dtype=np.float32) if with_image else None
     g = s // c.patch
     mask = np.zeros((n, g * g), dtype=bool)
     for i, j in enumerate(idx):
@@ -122,6 +160,9 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
         unc = np.rot90(pool.uncertainty[j], k)
         if flip:
             lab, unc = lab[:, ::-1], unc[:, ::-1]
+        if with_image:
+            img = np.rot90(pool.image[j], k)
+            image[i] = img[:, ::-1] if flip else img
         dist, pdist = patch_distance(lab, c.patch)
         order = np.argsort(pdist, kind="stable")
         candidates = order[: int(round(recipe.candidate_fraction * len(order)))]
@@ -130,18 +171,20 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
         labels[i] = lab
         keep[i] = (unc < recipe.tau_train) & (dist <= recipe.near_px)
     offset = (int(rng.integers(c.grid - g + 1)), int(rng.integers(c.grid - g + 1)))
-    return (torch.from_numpy(labels), torch.from_numpy(mask), torch.from_numpy(keep), offset)
+    return (torch.from_numpy(labels), torch.from_numpy(mask), torch.from_numpy(keep), offset,
+            torch.from_numpy(image) if with_image else None)
 
 
 def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
                   observer: Observer | None = None, data_names: list[str] | None = None,
                   command: str | None = None) -> Path:
-    """Train (or resume) the MAE; writes ``OUT/refiner.safetensors`` with its model card."""
+    """Train (or resume) a tile refiner (``recipe.method``); writes ``OUT/<MODEL_FILES[method]>``
+    with its model card."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    model = MaskedAutoencoder(recipe.mae)
+    model = recipe.build()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.95))
     state_path = out / "state.safetensors"
@@ -152,10 +195,17 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         log.info("refiner: resuming after epoch %d", info["epoch"])
     elif recipe.init is not None:
         start_from = load_refiner(recipe.init)
-        if start_from.config != recipe.mae:
-            raise VolrefError(f"{recipe.init}: its MAE config {start_from.config.to_dict()} "
-                              f"differs from the recipe's {recipe.mae.to_dict()}")
-        model.load_state_dict(start_from.state_dict())
+        want = recipe.model_config
+        if recipe.method == "mae-x":  # MAE+X starts from a plain MAE (or from a MAE+X)
+            ok = start_from.config in (want, dataclasses.replace(want, image_depth=0))
+        else:
+            ok = start_from.config == want
+        if not ok:
+            raise VolrefError(f"{recipe.init}: its config {start_from.config.to_dict()} does not "
+                              f"fit the recipe's {want.to_dict()}")
+        missing, _ = model.load_state_dict(start_from.state_dict(), strict=False)
+        if any(not k.startswith("image_") for k in missing):
+            raise VolrefError(f"{recipe.init}: weights missing for {missing[:3]}")
         log.info("refiner: starting from %s", recipe.init)
     weights = torch.tensor(recipe.class_weights, dtype=torch.float32)
     total = recipe.epochs * recipe.steps_per_epoch
@@ -166,9 +216,10 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         for _ in range(recipe.steps_per_epoch):
             for grp in opt.param_groups:
                 grp["lr"] = cosine_lr(recipe.lr, step, total, floor=0.05)
-            labels, mask, keep, offset = make_batch(pool, recipe, rng)
+            labels, mask, keep, offset, image = make_batch(pool, recipe, rng)
+            extra = {} if image is None else {"image": image}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                logits = model(labels, mask, offset)
+                logits = model(labels, mask, offset, **extra)
             loss = model.forward_loss(logits, labels, mask, keep, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -184,11 +235,13 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         save_state(state_path, model, opt, rng, info)
         log.info("refiner epoch %d: loss %.4f (%.0f s)", epoch + 1, info["losses"][-1],
                  time.perf_counter() - start)
-    card = {"volref": __version__, "recipe": recipe.to_dict(), "seed": recipe.seed,
+    card = {"volref": __version__, "method": recipe.method, "recipe": recipe.to_dict(),
+            "seed": recipe.seed,
             "init_sha256": init_sha256,
             "data": data_names or [], "training_tiles": int(len(pool.labels)),
             "command": command, "loss_per_epoch": info["losses"],
             "train_seconds": info["seconds"]}
-    return save_model(out / "refiner.safetensors", model.eval(), REFINER_KIND,
-                      recipe.mae.to_dict(), card)
+    kind = CNNAE_KIND if recipe.method == "cnn-ae" else REFINER_KIND
+    return save_model(out / MODEL_FILES[recipe.method], model.eval(), kind,
+                      recipe.model_config.to_dict(), card)
 

@@ -1,0 +1,212 @@
+"""The paper's baselines (dense CRF, CNN-AE, MAE+X) and the Table 2 selection rule, on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_MAE
+from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+from volref.errors import VolrefError
+from volref.evaluate.table2 import (
+    SliceData,
+    Table2Settings,
+    breaks_rule,
+    degraded_dice,
+    select,
+    summarise,
+    verdict,
+)
+from volref.metrics import METRICS
+from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
+from volref.models.mae import MaskedAutoencoder
+from volref.models.registry import load_refiner, refiner_method
+from volref.stages.crf import CRFSettings, crf_labels, crf_probabilities
+from volref.stages.refine import RefineSettings, context, refine_region
+
+TINY_CNNAE = CNNAEConfig(tile=32, width=8, levels=2, bottleneck=8)
+
+
+def _mito(shape=(64, 64), centre=(32, 32), r=(20, 12)) -> np.ndarray:
+    """An elliptical mitochondrion: IMS rim, matrix, a cristae bar."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    d = ((yy - centre[0]) / r[0]) ** 2 + ((xx - centre[1]) / r[1]) ** 2
+    lab = np.zeros(shape, np.uint8)
+    lab[d <= 1] = IMS
+    lab[d <= 0.7] = MATRIX
+    lab[(d <= 0.7) & (np.abs(yy - centre[0]) <= 1)] = CRISTAE
+    return lab
+
+
+# ---------------------------------------------------------------- dense CRF
+
+
+def test_crf_keeps_confident_labels_and_follows_the_image_where_unsure():
+    lab = _mito()
+    probs = np.full((4,) + lab.shape, 0.02, np.float32)
+    for c in range(4):
+        probs[c][lab == c] = 0.94
+    image = (lab != BACKGROUND).astype(np.float32)  # bright mitochondrion on dark background
+    assert (crf_labels(probs, image) == lab).mean() > 0.97
+    # a band of the mitochondrion made unsure (uniform): the CRF fills it from its neighbours
+    # of the same intensity, not with background
+    unsure = probs.copy()
+    unsure[:, 10:22, :] = 0.25
+    out = crf_labels(unsure, image)
+    band = (slice(10, 22), slice(None))
+    assert (out[band] != BACKGROUND)[lab[band] != BACKGROUND].mean() > 0.9
+    q = crf_probabilities(unsure, image)
+    assert q.shape == probs.shape and np.allclose(q.sum(0), 1.0, atol=1e-4)
+
+
+def test_crf_refuses_bad_settings_and_shapes():
+    with pytest.raises(ValueError, match="iteration"):
+        CRFSettings(iterations=0)
+    with pytest.raises(ValueError, match="differ"):
+        crf_labels(np.full((4, 8, 8), 0.25, np.float32), np.zeros((8, 9), np.float32))
+
+
+# ---------------------------------------------------------------- CNN-AE and MAE+X
+
+
+def test_cnnae_shapes_and_loss_on_the_whole_tile():
+    torch.manual_seed(0)
+    m = CNNAutoencoder(TINY_CNNAE).eval()
+    labels = torch.from_numpy(_mito((32, 32), (16, 16), (10, 6))[None].repeat(2, 0))
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, :20] = True
+    with torch.no_grad():
+        logits = m(labels, mask)
+    assert logits.shape == (2, 4, 32, 32)
+    x = m.inputs(labels, mask)  # removed pixels: no class, the marker channel set
+    assert float(x[0, :4, :4, :4].sum()) == 0 and float(x[0, 4, :4, :4].min()) == 1
+    keep = torch.ones(2, 32, 32, dtype=torch.bool)
+    loss = m.forward_loss(logits, labels, mask, keep, torch.ones(4))
+    assert torch.isfinite(loss) and loss.item() > 0
+    with pytest.raises(ValueError, match="multiple"):
+        m(torch.zeros(1, 30, 30, dtype=torch.long), torch.zeros(1, 56, dtype=torch.bool))
+
+
+def _region(nz=1):
+    settings = RefineSettings(tile=32, stride=16, near_px=4)
+    c = context(settings, 4)
+    lab = np.zeros((nz, 32 + 2 * c, 32 + 2 * c), np.uint8)
+    lab[:, c:c + 32, c:c + 32] = _mito((32, 32), (16, 16), (12, 8))
+    unc = np.zeros(lab.shape, np.float32)
+    unc[:, c + 12:c + 20, c + 4:c + 28] = 0.9
+    return lab, unc, settings, c
+
+
+def test_cnnae_replaces_whole_tiles_and_the_mae_only_removed_patches():
+    lab, unc, settings, c = _region()
+    torch.manual_seed(0)
+    cnn = CNNAutoencoder(dataclasses.replace(TINY_CNNAE, tile=32)).eval()
+    mae = MaskedAutoencoder(TINY_MAE).eval()
+    fp32 = dataclasses.replace(settings, precision="fp32")
+    by_cnn = refine_region(cnn, lab, unc, fp32)
+    by_mae = refine_region(mae, lab, unc, fp32)
+    core = lab[:, c:c + 32, c:c + 32]
+    assert np.array_equal(by_mae.labels[~by_mae.removed], core[~by_mae.removed])
+    assert by_cnn.tiles_run == by_mae.tiles_run > 0
+    # an untrained autoencoder repaints pixels outside the removed patches too
+    assert (by_cnn.labels[~by_cnn.removed] != core[~by_cnn.removed]).any()
+
+
+def test_mae_x_starts_as_the_mae_it_was_made_from_and_needs_the_image():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(TINY_MAE).eval()
+    x = MaskedAutoencoder(dataclasses.replace(TINY_MAE, image_depth=1)).eval()
+    missing, unexpected = x.load_state_dict(mae.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("image_") for k in missing)
+    assert x.needs_image and not mae.needs_image
+    labels = torch.from_numpy(_mito((32, 32), (16, 16), (10, 6))[None])
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, 20:40] = True
+    image = torch.rand(1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(x(labels, mask, image=image), mae(labels, mask))
+        with pytest.raises(ValueError, match="image"):
+            x(labels, mask)
+    lab, unc, settings, _ = _region()
+    with pytest.raises(ValueError, match="image="):
+        refine_region(x, lab, unc, settings)
+    out = refine_region(x, lab, unc, dataclasses.replace(settings, precision="fp32"),
+                        image=np.zeros(lab.shape, np.float32))
+    ref = refine_region(mae, lab, unc, dataclasses.replace(settings, precision="fp32"))
+    np.testing.assert_array_equal(out.labels, ref.labels)
+
+
+def test_baseline_training_writes_loadable_models(tmp_path):
+    """``volref train refiner --method cnn-ae|mae-x``: a CNN-AE from scratch; a MAE+X from a
+    MAE, whose weights it keeps; the files load as their method."""
+    from volref.train.refiner import RefinerRecipe, TilePool, train_refiner
+
+    labels = np.stack([_mito((32, 32), (16, 16), (10, 6)), _mito((32, 32), (14, 18), (9, 7))])
+    pool = TilePool(labels, np.zeros(labels.shape, np.float32),
+                    np.random.default_rng(0).random(labels.shape).astype(np.float32))
+    base = RefinerRecipe(epochs=1, steps_per_epoch=2, batch=2, crop=32, mae=TINY_MAE,
+                         bf16=False)
+    cnn = load_refiner(train_refiner(pool, dataclasses.replace(
+        base, method="cnn-ae", cnnae=TINY_CNNAE), tmp_path / "cnn"))
+    assert refiner_method(cnn) == "cnn-ae" and (tmp_path / "cnn" / "cnn-ae.json").exists()
+    mae_file = train_refiner(pool, base, tmp_path / "mae")
+    x_recipe = dataclasses.replace(base, method="mae-x", lr=1e-30, init=str(mae_file),
+                                   mae=dataclasses.replace(TINY_MAE, image_depth=1))
+    x = load_refiner(train_refiner(pool, x_recipe, tmp_path / "x"))
+    assert refiner_method(x) == "mae-x"
+    mae = load_refiner(mae_file)
+    for k, v in mae.state_dict().items():
+        torch.testing.assert_close(x.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="image_depth"):
+        dataclasses.replace(base, method="mae-x")
+    no_image = TilePool(pool.labels, pool.uncertainty)
+    with pytest.raises(VolrefError, match="image"):
+        train_refiner(no_image, x_recipe, tmp_path / "y")
+
+
+# ---------------------------------------------------------------- Table 2 selection
+
+
+def _slice(initial, truth, degraded) -> SliceData:
+    return SliceData("s", 0, np.zeros(initial.shape, np.float32), initial,
+                     np.zeros(initial.shape, np.float32), truth, degraded)
+
+
+def test_table2_selects_broken_degraded_tiles_against_a_confirmed_control():
+    good = _mito((64, 64), (32, 32), (24, 14))
+    broken = good.copy()
+    broken[good == IMS] = MATRIX  # the IMS is missing: inner structure touches background
+    t = 64
+    row_init = np.concatenate([good] * 4 + [broken, good], axis=1)
+    row_truth = np.concatenate([good] * 6, axis=1)
+    deg = np.zeros(row_init.shape, bool)
+    deg[:, 4 * t:6 * t] = True  # tiles 4 (broken) and 5 (correct) are degraded
+    settings = Table2Settings(tile=t, min_mito=0.1)
+    implausible, control, bounds = select([_slice(row_init, row_truth, deg)], settings)
+    assert [r.x for r in control] == [0, t, 2 * t, 3 * t]
+    assert [r.x for r in implausible] == [4 * t]  # the correct degraded tile breaks no rule
+    assert "inner_membrane_background_ratio" in breaks_rule(implausible[0].metrics, bounds)
+
+
+def test_table2_summaries_dice_and_verdict():
+    s = summarise([{m: 1.0 for m in METRICS}, {m: 3.0 for m in METRICS},
+                   {**{m: 2.0 for m in METRICS}, "cristae_boundary_ratio": float("nan")}])
+    assert s["skeleton_cycles"] == {"mean": 2.0, "sem": pytest.approx(1 / np.sqrt(3)), "n": 3}
+    assert s["cristae_boundary_ratio"]["n"] == 2
+    truth = np.array([[0, 1, 2, 3]], np.uint8)
+    region = np.ones(truth.shape, bool)
+    d = degraded_dice([(truth.copy(), truth, region)])
+    assert d == {"mitochondrion": 1.0, "ims": 1.0, "cristae": 1.0, "matrix": 1.0}
+    bad = degraded_dice([(np.zeros_like(truth), truth, region)])
+    assert bad["mitochondrion"] == 0.0
+
+    def row(v):
+        return {m: {"mean": v, "sem": 0.0} for m in METRICS}
+
+    methods = {"initial": row(10.0), "crf": row(6.0), "mae": row(4.0), "control": row(3.0)}
+    v = verdict(methods, {"initial": d, "mae": d, "crf": bad})
+    assert v["mae_closer_than_initial"] == 5 and v["mae_closer_than_crf"] == 5
+    assert v["mae_best_dice_mitochondrion"] and v["mae_best_dice_cristae"]

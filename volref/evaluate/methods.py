@@ -1,0 +1,66 @@
+"""Every refinement method applied to one tile of a whole z-slice, as ``volref refine --method``
+would see it: the tile plus the context the method reaches into.
+
+* ``mae`` / ``mae-x`` / ``cnn-ae``: the tile refiners of :mod:`volref.stages.refine`, run over the
+  global tile grid of a window (the tile plus :func:`~volref.stages.refine.context` pixels on
+  every side, background and zero uncertainty past the slice), scored on the tile.
+* ``crf``: the dense CRF of :mod:`volref.stages.crf` on the ensemble's probabilities and the
+  image of the tile plus ``crf_margin`` pixels (clipped at the slice), scored on the tile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from volref.classes import BACKGROUND
+from volref.stages.crf import CRFSettings, crf_labels
+from volref.stages.refine import RefineSettings, context, refine_region
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    crf: CRFSettings = field(default_factory=CRFSettings)
+    crf_margin: int = 32
+
+
+def window(a: np.ndarray, y0: int, x0: int, y1: int, x1: int, fill) -> np.ndarray:
+    """``a[..., y0:y1, x0:x1]`` with ``fill`` where the window leaves ``a``."""
+    ny, nx = a.shape[-2:]
+    out = np.full(a.shape[:-2] + (y1 - y0, x1 - x0), fill, dtype=a.dtype)
+    sy, sx = slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx))
+    out[..., sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0] = a[..., sy, sx]
+    return out
+
+
+def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.ndarray,
+                uncertainty: np.ndarray, image: np.ndarray, probabilities, y: int, x: int,
+                tile: int, settings: MethodSettings = MethodSettings()) -> np.ndarray:
+    """The ``tile x tile`` labels at ``(y, x)`` of a slice after ``method``.
+
+    ``initial``, ``uncertainty``, ``image``: the whole slice ``(Y, X)``; ``probabilities``: a
+    callable returning the slice's ensemble probabilities ``(C, Y, X)`` (only ``crf`` calls it).
+    """
+    if method == "initial":
+        return initial[y:y + tile, x:x + tile].copy()
+    if method == "crf":
+        m = settings.crf_margin
+        ny, nx = initial.shape
+        y0, x0, y1, x1 = max(y - m, 0), max(x - m, 0), min(y + tile + m, ny), min(x + tile + m, nx)
+        lab = crf_labels(probabilities()[:, y0:y1, x0:x1], image[y0:y1, x0:x1], settings.crf)
+        return lab[y - y0:y - y0 + tile, x - x0:x - x0 + tile]
+    if method not in models:
+        raise KeyError(f"no model for method {method!r}")
+    model = models[method]
+    rs = settings.refine
+    c = context(rs, model.config.patch)
+    box = (y - c, x - c, y + tile + c, x + tile + c)
+    lab = window(initial, *box, BACKGROUND)[None]
+    unc = window(uncertainty, *box, np.float32(0.0))[None]
+    img = window(image, *box, np.float32(0.0))[None] if getattr(model, "needs_image", False) \
+        else None
+    return refine_region(model, lab, unc, rs, image=img).labels[0]

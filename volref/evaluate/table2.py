@@ -1,0 +1,354 @@
+"""The paper's Table 2 on phantoms: biological-consistency metrics of implausible tiles before and
+after refinement by each method, against a control group of plausible tiles — and, because
+phantoms have ground truth, Dice inside the degraded regions for every method.
+
+Tiles (128x128, non-overlapping, on the refinement's global grid) come from every ``every``-th
+z-slice of held-out phantoms that ``volref segment`` has run on (``labels/volref-initial``,
+``volref/uncertainty``) and that carry ``labels/ground-truth`` and ``labels/degraded``.
+
+Selection rule (documented, deterministic):
+
+* **control** — plausible tiles: no degraded pixel in the tile, at least ``min_mito`` of it
+  mitochondrion, and an initial segmentation that ground truth confirms (Dice of the
+  mitochondrion mask >= ``control_dice`` and no class with Dice below ``control_class_dice``
+  among those present). On phantoms plausibility is checked against the truth, not by eye.
+* **implausible** — tiles with at least ``min_mito`` mitochondrion and at least
+  ``min_degraded`` of their mitochondrion pixels (by ground truth) in a degraded area, whose
+  initial segmentation falls outside the control group's central 90 % (5th-95th percentile) on
+  at least one of the five metrics: the initial labels break a rule that plausible tiles keep.
+
+Each method refines a window of the slice around the tile (the tile plus the refinement's
+context, as ``volref refine`` sees it) and is scored on the tile: ``mae`` (the method), ``mae-x``
+(MAE with an image encoder), ``cnn-ae`` (convolutional denoising autoencoder) and ``crf`` (dense
+CRF on the ensemble's probabilities and the image). Metrics are per-tile means with standard
+errors; a ratio with nothing to measure (NaN) leaves that tile out of that metric's mean.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+from volref.metrics import METRICS, dice, tile_metrics
+
+METHODS = ("initial", "crf", "cnn-ae", "mae-x", "mae", "control")
+REFINERS = ("crf", "cnn-ae", "mae-x", "mae")
+DICE_KEYS = {"mitochondrion": None, "ims": IMS, "cristae": CRISTAE, "matrix": MATRIX}
+
+#: the paper's Table 2 (METHOD.md): per method, the five metrics' means
+PAPER = {
+    "initial": (10.90, 2.93, 14.21, 17.50, 0.00),
+    "cnn-ae": (5.51, 0.08, 11.39, 2.98, 0.76),
+    "crf": (6.14, 0.81, 12.95, 13.46, 8.46),
+    "mae-x": (8.64, 1.02, 13.13, 15.31, 0.65),
+    "mae": (5.05, 0.18, 11.41, 8.71, 0.36),
+    "control": (3.55, 0.26, 12.14, 10.09, 0.00),
+}
+
+
+@dataclass(frozen=True)
+class Table2Settings:
+    tile: int = 128
+    every: int = 4  # every N-th z-slice
+    min_mito: float = 0.15  # share of the tile that is mitochondrion (initial labels)
+    min_degraded: float = 0.10  # share of the tile's true mitochondrion in a degraded area
+    control_dice: float = 0.90
+    control_class_dice: float = 0.60
+    outside: tuple[float, float] = (5.0, 95.0)  # control percentiles that bound "plausible"
+    max_tiles: int = 150  # per group, drawn at random (seeded) when more qualify
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SliceData:
+    """One z-slice of a held-out phantom, whole (all 2-D, y x)."""
+
+    source: str
+    z: int
+    image: np.ndarray  # normalised float32
+    initial: np.ndarray  # uint8
+    uncertainty: np.ndarray  # float32 in [0, 1]
+    truth: np.ndarray  # uint8
+    degraded: np.ndarray  # bool
+    probabilities: Callable[[], np.ndarray] | None = None  # (C, Y, X), computed on demand
+
+
+@dataclass
+class TileRef:
+    slice: SliceData
+    y: int
+    x: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def cut(self, a: np.ndarray, t: int) -> np.ndarray:
+        return a[..., self.y:self.y + t, self.x:self.x + t]
+
+
+def candidate_tiles(sl: SliceData, settings: Table2Settings) -> tuple[list[TileRef],
+                                                                       list[TileRef]]:
+    """(implausible candidates, control candidates) of one slice, before the percentile rule."""
+    t = settings.tile
+    ny, nx = sl.initial.shape
+    implausible, control = [], []
+    for y in range(0, ny - t + 1, t):
+        for x in range(0, nx - t + 1, t):
+            ref = TileRef(sl, y, x)
+            ini, tru, deg = ref.cut(sl.initial, t), ref.cut(sl.truth, t), ref.cut(sl.degraded, t)
+            if (ini != BACKGROUND).mean() < settings.min_mito:
+                continue
+            true_mito = tru != BACKGROUND
+            if not deg.any():
+                if _confirmed(ini, tru, settings):
+                    ref.metrics = tile_metrics(ini)
+                    control.append(ref)
+            elif true_mito.any() and (deg & true_mito).sum() >= settings.min_degraded * \
+                    true_mito.sum():
+                ref.metrics = tile_metrics(ini)
+                implausible.append(ref)
+    return implausible, control
+
+
+def _confirmed(initial: np.ndarray, truth: np.ndarray, settings: Table2Settings) -> bool:
+    if dice(initial != BACKGROUND, truth != BACKGROUND) < settings.control_dice:
+        return False
+    for c in (IMS, CRISTAE, MATRIX):
+        if (truth == c).any() and dice(initial == c, truth == c) < settings.control_class_dice:
+            return False
+    return True
+
+
+def plausible_bounds(control: Sequence[TileRef], settings: Table2Settings) -> dict:
+    """Per metric, the control group's ``outside`` percentiles (NaN ratios left out)."""
+    bounds = {}
+    for m in METRICS:
+        v = np.array([r.metrics[m] for r in control], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        bounds[m] = tuple(float(b) for b in np.percentile(v, settings.outside)) if v.size \
+            else (-math.inf, math.inf)
+    return bounds
+
+
+def breaks_rule(metrics: dict[str, float], bounds: dict) -> list[str]:
+    """The metrics of a tile that fall outside the plausible bounds."""
+    out = []
+    for m in METRICS:
+        v, (lo, hi) = metrics[m], bounds[m]
+        if np.isfinite(v) and (v < lo or v > hi):
+            out.append(m)
+    return out
+
+
+def select(slices: Sequence[SliceData], settings: Table2Settings
+           ) -> tuple[list[TileRef], list[TileRef], dict]:
+    """(implausible tiles, control tiles, the plausible bounds) over all slices."""
+    implausible, control = [], []
+    for sl in slices:
+        a, b = candidate_tiles(sl, settings)
+        implausible += a
+        control += b
+    bounds = plausible_bounds(control, settings)
+    implausible = [r for r in implausible if breaks_rule(r.metrics, bounds)]
+    rng = np.random.default_rng(settings.seed)
+
+    def cap(refs: list[TileRef]) -> list[TileRef]:
+        if len(refs) <= settings.max_tiles:
+            return refs
+        keep = np.sort(rng.choice(len(refs), settings.max_tiles, replace=False))
+        return [refs[i] for i in keep]
+
+    return cap(implausible), cap(control), bounds
+
+
+def summarise(values: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and standard error of each metric over tiles (NaN left out per metric)."""
+    out = {}
+    for m in METRICS:
+        v = np.array([d[m] for d in values], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        mean = float(v.mean()) if v.size else float("nan")
+        sem = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+        out[m] = {"mean": mean, "sem": sem, "n": int(v.size)}
+    return out
+
+
+def degraded_dice(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """Dice of the mitochondrion and each inner class inside degraded regions, pooled over tiles:
+    ``pairs`` of (prediction, truth, degraded mask)."""
+    pred = np.concatenate([p[r] for p, _, r in pairs]) if pairs else np.zeros(0, np.uint8)
+    truth = np.concatenate([t[r] for _, t, r in pairs]) if pairs else np.zeros(0, np.uint8)
+    out = {}
+    for key, c in DICE_KEYS.items():
+        out[key] = dice(pred != BACKGROUND, truth != BACKGROUND) if c is None else \
+            dice(pred == c, truth == c)
+    return out
+
+
+def closer_to_control(methods: dict) -> dict:
+    """Per method and metric: |mean - control mean| (smaller is better)."""
+    ctrl = methods["control"]
+    return {name: {m: abs(v[m]["mean"] - ctrl[m]["mean"]) for m in METRICS}
+            for name, v in methods.items() if name != "control"}
+
+
+def verdict(methods: dict, dice_deg: dict) -> dict:
+    """The issue's targets, measured: MAE closer to control than initial on all five metrics and
+    than CRF and CNN-AE on >= 4; MAE's degraded Dice best for mitochondrion and cristae."""
+    dist = closer_to_control(methods)
+    out: dict = {"distance_to_control": dist}
+    if "mae" not in dist:
+        return out
+    mae = dist["mae"]
+    for other in ("initial", "crf", "cnn-ae", "mae-x"):
+        if other in dist:
+            out[f"mae_closer_than_{other}"] = sum(mae[m] < dist[other][m] for m in METRICS)
+    if "mae" in dice_deg:
+        for key in ("mitochondrion", "cristae"):
+            best = max(v[key] for v in dice_deg.values())
+            out[f"mae_best_dice_{key}"] = bool(dice_deg["mae"][key] >= best)
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    methods, dd = result["methods"], result["dice_degraded"]
+    names = {"skeleton_end_points": "skeleton end points", "skeleton_cycles": "skeleton cycles",
+             "boundary_area_ratio": "boundary/area %",
+             "cristae_boundary_ratio": "cristae boundary ratio %",
+             "inner_membrane_background_ratio": "inner-membrane/background ratio %"}
+    lines = ["| method | " + " | ".join(names[m] for m in METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for name in METHODS:
+        if name not in methods:
+            continue
+        row = methods[name]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[m]['mean']:.2f} ± {row[m]['sem']:.2f}" for m in METRICS) + " |")
+    lines += ["", "Paper (real data, for orientation):", "",
+              "| method | " + " | ".join(names[m] for m in METRICS) + " |",
+              "|---|" + "---|" * len(METRICS)]
+    for name, vals in PAPER.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    lines += ["", "Dice inside degraded regions (implausible tiles, against ground truth):", "",
+              "| method | " + " | ".join(DICE_KEYS) + " |", "|---|" + "---|" * len(DICE_KEYS)]
+    for name in METHODS:
+        if name in dd:
+            lines.append(f"| {name} | " + " | ".join(f"{dd[name][k]:.3f}" for k in DICE_KEYS)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: str | os.PathLike) -> None:
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table2.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / "table2.md").write_text(to_markdown(result))
+
+
+# ---------------------------------------------------------------- the experiment on stores
+
+
+def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=None,
+                segment_settings=None) -> list[SliceData]:
+    """Every ``every``-th z-slice of a segmented held-out phantom. With ``ensemble``, each slice's
+    ensemble probabilities are computed on demand (and kept) for the CRF."""
+    import zarr
+
+    from volref.errors import VolrefError
+    from volref.io import intensity_sample, label_names, open_image
+    from volref.stages.normalise import normalise, range_of
+    from volref.stages.segment import SegmentSettings, segment_probabilities
+
+    vol = open_image(location)
+    root = zarr.open_group(str(location), mode="r")
+    names = label_names(root)
+    need = ("volref-initial", "ground-truth", "degraded")
+    missing = [n for n in need if n not in names]
+    if missing:
+        raise VolrefError(f"{location}: no label image {', '.join(missing)} (Table 2 needs a "
+                          "phantom made by volref synth and segmented by volref segment)")
+    try:
+        unc_arr = root["volref/uncertainty/s0"]
+    except KeyError:
+        raise VolrefError(f"{location}: no volref/uncertainty: run volref segment first") from None
+    irange = range_of(intensity_sample(vol))
+    nz = vol.shape[0]
+    seg = segment_settings or SegmentSettings()
+    out = []
+    for z in range(settings.every // 2, nz, settings.every):
+        zs = np.clip(np.arange(z - 1, z + 2), 0, nz - 1)  # mirrored at the ends, as segment
+        stack = normalise(np.asarray(vol.data[zs].compute()), irange)
+        probs_cache: dict = {}
+
+        def probabilities(stack=stack, cache=probs_cache) -> np.ndarray:
+            if "p" not in cache:
+                h = seg.halo
+                padded = np.pad(stack, ((0, 0), (h, h), (h, h)), mode="symmetric")
+                cache["p"] = segment_probabilities(ensemble, padded, seg)[0]
+            return cache["p"]
+
+        out.append(SliceData(
+            source=str(location), z=z, image=stack[1],
+            initial=root["labels/volref-initial/s0"][z],
+            uncertainty=unc_arr[z].astype(np.float32) / np.float32(255.0),
+            truth=root["labels/ground-truth/s0"][z],
+            degraded=root["labels/degraded/s0"][z].astype(bool),
+            probabilities=probabilities if ensemble is not None else None))
+    return out
+
+
+def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
+                    methods: Sequence[str] = REFINERS,
+                    settings: Table2Settings = Table2Settings(), method_settings=None,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Table 2 on ``stores``: select tiles, refine the implausible ones by every method, measure.
+
+    ``models``: method name -> tile refiner (``mae``, ``mae-x``, ``cnn-ae``); ``ensemble``: the
+    segmenter whose probabilities the CRF refines (needed only for ``crf``)."""
+    from volref.evaluate.methods import MethodSettings, refine_tile
+
+    ms = method_settings or MethodSettings()
+    slices = [s for store in stores for s in load_slices(store, settings, ensemble)]
+    implausible, control, bounds = select(slices, settings)
+    t = settings.tile
+    results: dict[str, list] = {"initial": []}
+    pairs: dict[str, list] = {"initial": []}
+    for ref in implausible:
+        truth, region = ref.cut(ref.slice.truth, t), ref.cut(ref.slice.degraded, t)
+        results["initial"].append(ref.metrics)
+        pairs["initial"].append((ref.cut(ref.slice.initial, t), truth, region))
+    for method in methods:
+        results[method], pairs[method] = [], []
+        for i, ref in enumerate(implausible):
+            sl = ref.slice
+            lab = refine_tile(method, models, initial=sl.initial, uncertainty=sl.uncertainty,
+                              image=sl.image, probabilities=sl.probabilities, y=ref.y,
+                              x=ref.x, tile=t, settings=ms)
+            results[method].append(tile_metrics(lab))
+            pairs[method].append((lab, ref.cut(sl.truth, t), ref.cut(sl.degraded, t)))
+            if progress:
+                progress(method, i + 1, len(implausible))
+    table = {name: summarise(v) for name, v in results.items()}
+    table["control"] = summarise([r.metrics for r in control])
+    dice_deg = {name: degraded_dice(p) for name, p in pairs.items()}
+    methods_out = {name: table[name] for name in METHODS if name in table}
+    return {
+        "methods": methods_out,
+        "dice_degraded": {name: dice_deg[name] for name in METHODS if name in dice_deg},
+        "tiles": {"implausible": len(implausible), "control": len(control),
+                  "slices": len(slices), "stores": [str(s) for s in stores]},
+        "plausible_bounds": {m: list(b) for m, b in bounds.items()},
+        "implausible_tiles": [{"store": r.slice.source, "z": r.slice.z, "y": r.y, "x": r.x,
+                               "breaks": breaks_rule(r.metrics, bounds)} for r in implausible],
+        "settings": settings.to_dict(),
+        "verdict": verdict(methods_out, {k: v for k, v in dice_deg.items()}),
+    }

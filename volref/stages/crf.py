@@ -1,0 +1,74 @@
+"""The dense-CRF baseline (Krähenbühl & Koltun 2011): a fully connected CRF with Gaussian edge
+potentials over a slice, mean-field inference, on the ensemble's class probabilities and the
+image.
+
+Energy of a labelling ``x``: ``sum_i -log p_i(x_i) + sum_{i<j} mu(x_i, x_j) k(f_i, f_j)`` with the
+Potts compatibility ``mu`` and two kernels: a smoothness kernel on positions
+(``exp(-|p_i - p_j|^2 / 2 sxy^2)``) and an appearance kernel on positions and intensities
+(``exp(-|p_i - p_j|^2 / 2 bxy^2 - |I_i - I_j|^2 / 2 bi^2)``). Inference is the permutohedral-lattice
+mean field of the authors' own C++ code, through ``pydensecrf2`` (the maintained build of
+pydensecrf that installs from PyPI and compiles on Python 3.11; about 30 ms for a 4-class
+128x128 tile with 5 iterations). The CRF relabels every pixel it is given — it has no notion of
+"uncertain patches" — so, like the paper's baseline, it sees the whole tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CRFSettings:
+    iterations: int = 5
+    smooth_sxy: float = 3.0  # pixels
+    smooth_weight: float = 3.0
+    appearance_sxy: float = 12.0  # pixels
+    appearance_intensity: float = 16.0  # grey levels of the image mapped to 0..255
+    appearance_weight: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError("the CRF needs at least one mean-field iteration")
+        for name in ("smooth_sxy", "appearance_sxy", "appearance_intensity"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def image_to_uint8(image: np.ndarray) -> np.ndarray:
+    """A normalised image (``[0, 1]`` between the volume's robust percentiles) as 0..255 grey."""
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def crf_probabilities(probabilities: np.ndarray, image: np.ndarray,
+                      settings: CRFSettings = CRFSettings()) -> np.ndarray:
+    """Mean-field marginals ``(C, H, W)`` float32 of the dense CRF.
+
+    ``probabilities``: ``(C, H, W)`` class probabilities (the ensemble's mean); ``image``:
+    ``(H, W)`` normalised intensities.
+    """
+    import pydensecrf.densecrf as dcrf  # compiled extension: imported where it is used
+
+    c, h, w = probabilities.shape
+    if image.shape != (h, w):
+        raise ValueError(f"image {image.shape} and probabilities {probabilities.shape} differ")
+    p = np.clip(probabilities.astype(np.float32), 1e-6, 1.0)
+    unary = np.ascontiguousarray(-np.log(p).reshape(c, h * w))
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=settings.smooth_sxy, compat=settings.smooth_weight)
+    grey = np.ascontiguousarray(np.repeat(image_to_uint8(image)[..., None], 3, axis=-1))
+    crf.addPairwiseBilateral(sxy=settings.appearance_sxy, srgb=settings.appearance_intensity,
+                             rgbim=grey, compat=settings.appearance_weight)
+    q = np.asarray(crf.inference(settings.iterations), dtype=np.float32)
+    return q.reshape(c, h, w)
+
+
+def crf_labels(probabilities: np.ndarray, image: np.ndarray,
+               settings: CRFSettings = CRFSettings()) -> np.ndarray:
+    """The CRF's labelling ``(H, W)`` uint8 (argmax of its marginals)."""
+    return crf_probabilities(probabilities, image, settings).argmax(axis=0).astype(np.uint8)
