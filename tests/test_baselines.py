@@ -210,3 +210,72 @@ def test_table2_summaries_dice_and_verdict():
     v = verdict(methods, {"initial": d, "mae": d, "crf": bad})
     assert v["mae_closer_than_initial"] == 5 and v["mae_closer_than_crf"] == 5
     assert v["mae_best_dice_mitochondrion"] and v["mae_best_dice_cristae"]
+
+
+# ---------------------------------------------------------------- volref refine --method
+
+
+@pytest.fixture(scope="module")
+def baseline_models(models, tmp_path_factory):
+    from volref.models.checkpoint import save_model
+    from volref.models.registry import CNNAE_KIND, REFINER_KIND
+
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("baselines")
+    x_config = dataclasses.replace(TINY_MAE, image_depth=1)
+    x = MaskedAutoencoder(x_config).eval()
+    torch.nn.init.normal_(x.image_proj.weight, std=0.5)  # let the image matter
+    return {"mae-x": str(save_model(d / "x.safetensors", x, REFINER_KIND, x_config.to_dict())),
+            "cnn-ae": str(save_model(d / "c.safetensors", CNNAutoencoder(TINY_CNNAE).eval(),
+                                     CNNAE_KIND, TINY_CNNAE.to_dict()))}
+
+
+@pytest.mark.parametrize("method", ["crf", "cnn-ae", "mae-x"])
+def test_refine_method_gives_the_same_bytes_for_any_block_shape(method, reference, small_phantom,
+                                                                models, baseline_models,
+                                                                tmp_path):
+    import shutil
+
+    import zarr
+
+    from tests.conftest import INLINE, tiny
+    from volref.pipeline.run import run
+
+    out, _, expected = reference
+    refined = []
+    for shape in ((20, 64, 128), (40, 192, 256)):
+        store = tmp_path / f"{shape[0]}.zarr"
+        shutil.copytree(out, store)
+        settings = tiny(models, method=method, block_shape=shape, overwrite=True)
+        if method != "crf":
+            settings = dataclasses.replace(settings, refiner=baseline_models[method])
+        run(small_phantom, output=store, stages=("refine",), settings=settings, cluster=INLINE)
+        root = zarr.open_group(store, mode="r")
+        refined.append(root["labels/volref-refined/s0"][:])
+        provenance = root["volref"].attrs["volref"]["provenance"]["refine"]
+        assert provenance["method"] == method
+    np.testing.assert_array_equal(refined[0], refined[1])
+    initial = expected["labels/volref-initial/s0"]
+    assert (refined[0] != initial).any()  # it did something
+    assert (refined[0] != expected["labels/volref-refined/s0"]).any()  # not the MAE's result
+
+
+def test_refine_method_refuses_the_wrong_model(reference, small_phantom, models, baseline_models,
+                                              tmp_path):
+    import shutil
+
+    from tests.conftest import INLINE, tiny
+    from volref.errors import ConfigError
+    from volref.pipeline.run import run
+
+    out, _, _ = reference
+    store = tmp_path / "s.zarr"
+    shutil.copytree(out, store)
+    mae_file = models[1]
+    with pytest.raises(ConfigError, match="is a mae model, not cnn-ae"):
+        run(small_phantom, output=store, stages=("refine",), cluster=INLINE,
+            settings=tiny(models, method="cnn-ae", overwrite=True))
+    other_seg = dataclasses.replace(tiny(models, method="crf", overwrite=True), segmenter=None)
+    with pytest.raises(ConfigError, match="ensemble that made"):
+        run(small_phantom, output=store, stages=("refine",), cluster=INLINE, settings=other_seg)
+    assert mae_file  # the MAE itself still refines

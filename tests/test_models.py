@@ -393,3 +393,22 @@ def test_interrupted_training_resumes_to_identical_weights(small_phantom, tmp_pa
     a, b = load_segmenter(straight), load_segmenter(resumed)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+
+
+def test_blob_removal_is_one_piece_of_candidates():
+    """``blob_fraction``: removed patches as one contiguous spot, chosen among the candidates."""
+    from scipy import ndimage
+
+    from volref.train.refiner import blob
+
+    rng = np.random.default_rng(0)
+    grid = 16
+    candidates = np.flatnonzero(np.arange(grid * grid) % grid < 12)  # the 12 left columns
+    for count in (1, 20, 100, len(candidates)):
+        chosen = blob(candidates, count, grid, rng)
+        assert len(chosen) == len(set(chosen)) == count
+        assert np.isin(chosen, candidates).all()
+        mask = np.zeros(grid * grid, bool)
+        mask[chosen] = True
+        assert ndimage.label(mask.reshape(grid, grid))[1] <= 2  # noise may nick off a patch
+    assert len(blob(candidates, 0, grid, rng)) == 0

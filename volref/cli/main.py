@@ -155,8 +155,13 @@ def engine_options(stage_options):
 SEGMENTER_OPTION = click.option("--segmenter", type=click.Path(dir_okay=False), default=None,
                                 help="Ensemble checkpoint (default: the shipped weights).")
 REFINER_OPTIONS = (
+    click.option("--method", type=click.Choice(["mae", "mae-x", "cnn-ae", "crf"]),
+                 default="mae", show_default=True,
+                 help="The MAE, or one of the paper's baselines: MAE+X (with an image "
+                      "encoder), CNN denoising autoencoder, dense CRF (on the ensemble's "
+                      "probabilities and the image; re-runs the --segmenter ensemble)."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
-                 help="MAE checkpoint (default: the shipped weights)."),
+                 help="Checkpoint of the --method model (default: the shipped weights)."),
     click.option("--tau", type=click.FloatRange(0, 1), default=0.4, show_default=True,
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
     click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
@@ -179,7 +184,8 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
 
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
-             blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000):
+             blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000,
+             method="mae"):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
@@ -190,6 +196,7 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--stride") from None
     settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,
+                           method=method,
                            segment=SegmentSettings(precision=precision),
                            block_shape=tuple(block_shape) if block_shape else None,
                            overwrite=overwrite, csv=csv, min_voxels=min_voxels)
@@ -264,9 +271,10 @@ def segment(ctx, **options):
 
 
 @cli.command()
-@engine_options([*REFINER_OPTIONS, PRECISION_OPTION])
+@engine_options([*REFINER_OPTIONS, PRECISION_OPTION, SEGMENTER_OPTION])
 def refine(ctx, **options):
-    """MAE refinement: labels/volref-refined from labels/volref-initial."""
+    """MAE refinement: labels/volref-refined from labels/volref-initial (--method: or a
+    baseline)."""
     _execute(ctx, ("refine",), **options)
 
 
@@ -289,6 +297,84 @@ def panel(image, out, output, tiles):
 
     refinement_panel(image, out, results=output, n_tiles=tiles)
     click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--output", "out", type=click.Path(file_okay=False), required=True,
+              help="Folder for table2.json, table2.md, table2.png and fig6.png.")
+@click.option("--methods", default="crf,cnn-ae,mae-x,mae", show_default=True,
+              help="Comma-separated refinement methods to compare with the initial labels.")
+@click.option("--every", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Use every N-th z-slice.")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=150, show_default=True,
+              help="At most this many implausible and control tiles (a seeded draw).")
+@click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ensemble whose probabilities the CRF refines (default: shipped).")
+@click.option("--mae", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--mae-x", "mae_x", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--cnn-ae", "cnn_ae", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.pass_context
+def evaluate(ctx, stores, out, methods, every, max_tiles, segmenter, mae, mae_x, cnn_ae):
+    """The paper's Table 2 on held-out phantoms (STORES, segmented by volref segment).
+
+    Selects implausible tiles (in degraded areas, initial labels outside the control group's
+    5-95 % range on some metric) and plausible control tiles (clear, confirmed by ground truth),
+    refines the implausible ones by every method and reports the five consistency metrics
+    (mean, standard error) and Dice inside degraded regions against ground truth.
+    """
+    from pathlib import Path
+
+    from volref.cli.train import command_line
+    from volref.evaluate.table2 import REFINERS, Table2Settings, evaluate_table2, to_markdown, write
+    from volref.models.checkpoint import CheckpointError
+    from volref.models.registry import load_refiner, load_segmenter
+    from volref.report.evaluation import table2_bars, table2_panel
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in REFINERS]
+    if bad:
+        raise click.BadParameter(f"unknown method {', '.join(bad)} (choose from "
+                                 f"{', '.join(REFINERS)})", param_hint="--methods")
+    paths = {"mae": mae, "mae-x": mae_x, "cnn-ae": cnn_ae}
+    models = {}
+    for m in chosen:
+        if m == "crf":
+            continue
+        try:
+            models[m] = load_refiner(paths[m], method=m)
+        except FileNotFoundError:
+            raise VolrefError(f"no model for {m}: train one (volref train refiner --method {m}) "
+                              "or leave it out of --methods") from None
+        except CheckpointError as exc:
+            raise VolrefError(str(exc)) from None
+    ensemble = load_segmenter(segmenter) if "crf" in chosen else None
+    settings = Table2Settings(every=every, max_tiles=max_tiles)
+    bar = None
+
+    def progress(method: str, done: int, total: int) -> None:
+        nonlocal bar
+        if not ctx.obj["progress"]:
+            return
+        if done == 1:
+            bar = click.progressbar(length=total, label=f"{method:<7}", file=sys.stderr)
+            bar.__enter__()
+        bar.update(1)
+        if done == total:
+            bar.__exit__(None, None, None)
+
+    result, examples = evaluate_table2(stores, models, ensemble, methods=chosen,
+                                       settings=settings, progress=progress)
+    result["command"] = command_line()
+    write(result, out)
+    table2_bars(result, Path(out) / "table2.png")
+    if examples:
+        table2_panel(examples, Path(out) / "fig6.png")
+    click.echo(to_markdown(result))
+    tiles = result["tiles"]
+    click.echo(f"{tiles['implausible']} implausible and {tiles['control']} control tiles from "
+               f"{tiles['slices']} slices; wrote {out}/table2.json, table2.md, table2.png"
+               + (", fig6.png" if examples else ""))
 
 
 def _register() -> None:

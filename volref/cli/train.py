@@ -112,6 +112,9 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this refiner's weights (e.g. train on 64x64 crops first, then "
                    "continue on 128x128 tiles).")
+@click.option("--blob-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of training tiles whose removed patches form one contiguous blob "
+                   "(like a low-SNR spot) instead of scattered patches.")
 @click.option("--method", type=click.Choice(["mae", "mae-x", "cnn-ae"]), default="mae",
               show_default=True, help="The MAE, or one of the paper's learned baselines: MAE+X "
               "(MAE with an image encoder; start it from a MAE with --init) or the CNN "
@@ -119,8 +122,8 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 @click.option("--image-depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="mae-x: blocks of the image encoder.")
 @click.pass_context
-def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, method,
-            image_depth):
+def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, blob_fraction,
+            method, image_depth):
     """Train the MAE (or a baseline) on the ensemble's own predictions (labels/volref-initial).
 
     Interrupted runs resume from the last finished epoch when started again with the same OUT.
@@ -133,7 +136,8 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, me
     if init and method == "cnn-ae":
         raise click.UsageError("--init continues a MAE or MAE+X; the CNN-AE trains from scratch")
     recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
-                           lr=lr, bf16=not fp32, seed=seed, init=init, method=method, mae=mae)
+                           lr=lr, bf16=not fp32, seed=seed, init=init, method=method, mae=mae,
+                           blob_fraction=blob_fraction)
     images = [load_image(d) for d in data] if method == "mae-x" else None
     pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction,
                      images=images)

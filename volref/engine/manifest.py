@@ -50,6 +50,14 @@ class Manifest:
         except (ValueError, KeyError, TypeError):
             return None
 
+    def settings(self) -> dict[str, Any]:
+        """The settings (the inputs' record) the stage's results were made with; {} if none."""
+        raw = read_file(self.group, f"{self.prefix}/settings.json")
+        try:
+            return json.loads(raw)["settings"] if raw is not None else {}
+        except (ValueError, KeyError, TypeError):
+            return {}
+
     def begin(self, settings: dict[str, Any], overwrite: bool) -> str:
         """Start or resume the stage with ``settings``; returns their digest.
 

@@ -5,7 +5,8 @@ would see it: the tile plus the context the method reaches into.
   global tile grid of a window (the tile plus :func:`~volref.stages.refine.context` pixels on
   every side, background and zero uncertainty past the slice), scored on the tile.
 * ``crf``: the dense CRF of :mod:`volref.stages.crf` on the ensemble's probabilities and the
-  image of the tile plus ``crf_margin`` pixels (clipped at the slice), scored on the tile.
+  image of the tile plus ``crf_margin`` pixels, when the tile holds a removed patch (as
+  :func:`~volref.stages.crf.crf_region` does for a volume), scored on the tile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from torch import nn
 
 from volref.classes import BACKGROUND
-from volref.stages.crf import CRFSettings, crf_labels
+from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.refine import RefineSettings, context, refine_region
 
 
@@ -47,12 +48,18 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     """
     if method == "initial":
         return initial[y:y + tile, x:x + tile].copy()
-    if method == "crf":
-        m = settings.crf_margin
-        ny, nx = initial.shape
-        y0, x0, y1, x1 = max(y - m, 0), max(x - m, 0), min(y + tile + m, ny), min(x + tile + m, nx)
-        lab = crf_labels(probabilities()[:, y0:y1, x0:x1], image[y0:y1, x0:x1], settings.crf)
-        return lab[y - y0:y - y0 + tile, x - x0:x - x0 + tile]
+    if method == "crf":  # as volref refine --method crf: the tile's window, past the slice
+        m = settings.crf_margin  # mirrored (image, probabilities) or empty (labels)
+        box = (y - m, x - m, y + tile + m, x + tile + m)
+        pad = ((0, 0), (m, m), (m, m))
+        probs = np.pad(probabilities(), pad, mode="symmetric")
+        img = np.pad(image, pad[1:], mode="symmetric")
+        shifted = (box[0] + m, box[1] + m, box[2] + m, box[3] + m)
+        rs = settings.refine
+        return crf_region(window(probs, *shifted, 0)[None], window(img, *shifted, 0)[None],
+                          window(initial, *box, BACKGROUND)[None],
+                          window(uncertainty, *box, np.float32(0.0))[None], tile=tile,
+                          margin=m, tau=rs.tau, near_px=rs.near_px, settings=settings.crf)[0]
     if method not in models:
         raise KeyError(f"no model for method {method!r}")
     model = models[method]

@@ -309,12 +309,16 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
 def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
                     methods: Sequence[str] = REFINERS,
                     settings: Table2Settings = Table2Settings(), method_settings=None,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+                    progress: Callable[[str, int, int], None] | None = None,
+                    n_examples: int = 6) -> tuple[dict, list[dict]]:
     """Table 2 on ``stores``: select tiles, refine the implausible ones by every method, measure.
 
     ``models``: method name -> tile refiner (``mae``, ``mae-x``, ``cnn-ae``); ``ensemble``: the
-    segmenter whose probabilities the CRF refines (needed only for ``crf``)."""
+    segmenter whose probabilities the CRF refines (needed only for ``crf``). Returns the result
+    (JSON-ready) and ``n_examples`` implausible tiles for a figure (image, initial, removed
+    pixels, truth and every method's labels)."""
     from volref.evaluate.methods import MethodSettings, refine_tile
+    from volref.stages.refine import removal_mask
 
     ms = method_settings or MethodSettings()
     slices = [s for store in stores for s in load_slices(store, settings, ensemble)]
@@ -322,10 +326,20 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
     t = settings.tile
     results: dict[str, list] = {"initial": []}
     pairs: dict[str, list] = {"initial": []}
+    removed = []
     for ref in implausible:
         truth, region = ref.cut(ref.slice.truth, t), ref.cut(ref.slice.degraded, t)
         results["initial"].append(ref.metrics)
         pairs["initial"].append((ref.cut(ref.slice.initial, t), truth, region))
+        rm = removal_mask(ref.cut(ref.slice.initial, t), ref.cut(ref.slice.uncertainty, t), 4,
+                          ms.refine.tau, ms.refine.near_px)
+        removed.append(np.kron(rm, np.ones((4, 4), bool)))
+    shown = example_tiles(removed, n_examples)
+    examples = [{"where": f"{implausible[i].slice.source.rstrip('/').split('/')[-1]} "
+                          f"z {implausible[i].slice.z} y {implausible[i].y} x {implausible[i].x}",
+                 "image": implausible[i].cut(implausible[i].slice.image, t),
+                 "initial": pairs["initial"][i][0], "removed": removed[i],
+                 "truth": pairs["initial"][i][1], "labels": {}} for i in shown]
     for method in methods:
         results[method], pairs[method] = [], []
         for i, ref in enumerate(implausible):
@@ -335,6 +349,8 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
                               x=ref.x, tile=t, settings=ms)
             results[method].append(tile_metrics(lab))
             pairs[method].append((lab, ref.cut(sl.truth, t), ref.cut(sl.degraded, t)))
+            if i in shown:
+                examples[shown.index(i)]["labels"][method] = lab
             if progress:
                 progress(method, i + 1, len(implausible))
     table = {name: summarise(v) for name, v in results.items()}
@@ -351,4 +367,14 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
                                "breaks": breaks_rule(r.metrics, bounds)} for r in implausible],
         "settings": settings.to_dict(),
         "verdict": verdict(methods_out, {k: v for k, v in dice_deg.items()}),
-    }
+    }, examples
+
+
+def example_tiles(removed: Sequence[np.ndarray], n: int,
+                  share: tuple[float, float] = (0.05, 0.5)) -> list[int]:
+    """Indices of ``n`` tiles to show: the most removed pixels among tiles whose removed share
+    lies in ``share`` (something to rebuild, and something to rebuild it from)."""
+    frac = np.array([r.mean() for r in removed]) if removed else np.zeros(0)
+    ok = np.flatnonzero((frac >= share[0]) & (frac <= share[1]))
+    order = ok[np.argsort(-frac[ok], kind="stable")]
+    return [int(i) for i in order[:n]]

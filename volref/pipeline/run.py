@@ -42,6 +42,7 @@ class RunSettings:
     refiner: str | None = None
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
+    method: str = "mae"  # refinement method: mae, or a baseline (mae-x, cnn-ae, crf)
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False
     csv: bool = False
@@ -78,14 +79,15 @@ def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGE
                min_blocks: int = 1) -> BlockGrid:
     """The grid shared by the stages that run (see the module doc): model stages align blocks
     to their tile grids, the others only to the chunks."""
-    from volref.models.registry import DEFAULT_REFINER, load_refiner
+    from volref.models.registry import DEFAULT_REFINERS, load_refiner
 
     align = 1
     if "segment" in stages:
         align = math.lcm(align, settings.segment.tile)
     if "refine" in stages:
-        ref = model_settings(check_model(settings.refiner, DEFAULT_REFINER, load_refiner),
-                             settings.refine)
+        ref = settings.refine if settings.method == "crf" else model_settings(
+            check_model(settings.refiner, DEFAULT_REFINERS.get(settings.method), load_refiner),
+            settings.refine)
         align = math.lcm(align, ref.tile)
     chunks = vol.multiscale.levels[0].chunks[-3:]
     return plan_blocks(vol.shape, chunks, align, settings.block_shape, min_blocks)
@@ -124,7 +126,8 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
                               settings=settings.segment, **common)
             elif stage == "refine":
                 rep = refine(vol, root, grid, executor, model=settings.refiner,
-                             settings=settings.refine, **common)
+                             settings=settings.refine, method=settings.method,
+                             segmenter=settings.segmenter, **common)
             elif stage == "instances":
                 rep = instances(vol, root, grid, executor, min_voxels=settings.min_voxels,
                                 **common)
@@ -159,6 +162,7 @@ def _run_block(vol, root, grid, block, stages, settings, out) -> dict[str, Any]:
         out["segment"] = segment_block(job, block)
     if "refine" in stages:
         job, _, _ = plan_refine(vol, root, grid, model=settings.refiner,
-                                settings=settings.refine, overwrite=settings.overwrite)
+                                settings=settings.refine, overwrite=settings.overwrite,
+                                method=settings.method, segmenter=settings.segmenter)
         out["refine"] = refine_block(job, block)
     return out

@@ -72,3 +72,40 @@ def crf_labels(probabilities: np.ndarray, image: np.ndarray,
                settings: CRFSettings = CRFSettings()) -> np.ndarray:
     """The CRF's labelling ``(H, W)`` uint8 (argmax of its marginals)."""
     return crf_probabilities(probabilities, image, settings).argmax(axis=0).astype(np.uint8)
+
+
+def crf_region(probabilities: np.ndarray, image: np.ndarray, labels: np.ndarray,
+               uncertainty: np.ndarray, *, tile: int, margin: int, tau: float, near_px: float,
+               settings: CRFSettings = CRFSettings(), patch: int = 4) -> np.ndarray:
+    """``volref refine --method crf`` on the core of a region of slices.
+
+    All inputs cover the core plus ``margin`` pixels on every side (``probabilities``
+    ``(nz, C, H, W)``, the rest ``(nz, H, W)``); the core starts on the global ``tile`` grid. Each
+    tile of the core that holds a removed patch (the MAE's rule: mean uncertainty > ``tau``, near
+    a mitochondrion) is relabelled wholly by the CRF run on the tile plus ``margin`` — a pixel's
+    result depends on its tile's window alone, so any cut of the volume gives the same bytes —
+    and the other tiles keep their labels. Returns the core's labels ``(nz, H - 2m, W - 2m)``.
+    """
+    from volref.stages.refine import removal_mask
+
+    m = margin
+    nz, h, w = labels.shape
+    ny, nx = h - 2 * m, w - 2 * m
+    if m % patch or m < near_px + patch:
+        raise ValueError(f"margin {m} must be a multiple of {patch} and reach past the "
+                         f"near-mitochondrion test ({near_px} px + a patch)")
+    out = labels[:, m:m + ny, m:m + nx].copy()
+    for z in range(nz):
+        for y in range(0, ny, tile):
+            for x in range(0, nx, tile):
+                th, tw = min(tile, ny - y), min(tile, nx - x)
+                win = (slice(y, y + th + 2 * m), slice(x, x + tw + 2 * m))
+                lab, unc = labels[z][win], uncertainty[z][win]
+                hp, wp = lab.shape[0] // patch * patch, lab.shape[1] // patch * patch
+                removed = removal_mask(lab[:hp, :wp], unc[:hp, :wp], patch, tau, near_px)
+                core = removed[m // patch:(m + th) // patch, m // patch:(m + tw) // patch]
+                if not core.any():
+                    continue
+                new = crf_labels(probabilities[z][(slice(None),) + win], image[z][win], settings)
+                out[z, y:y + th, x:x + tw] = new[m:m + th, m:m + tw]
+    return out

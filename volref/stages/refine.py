@@ -45,6 +45,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BLENDS = ("window", "centre")
+#: refinement methods: the MAE and the paper's baselines (volref refine --method)
+METHODS = ("mae", "mae-x", "cnn-ae", "crf")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,12 @@
 
 Per training tile: labels = ensemble argmax, uncertainty = its normalised entropy. A masking ratio
 r ~ U[0.1, 0.9] is drawn per batch; the candidates are the 70 % of patches closest to a
-mitochondrion (patches far away are never chosen); r of the candidates are removed. The loss is
+mitochondrion (patches far away are never chosen); r of the candidates are removed — scattered
+at random as in the paper, or, for ``blob_fraction`` of the tiles, as one contiguous blob. At
+inference the removed patches are where the stain was weak: contiguous spots, often most of a
+mitochondrion's section in a tile. A MAE trained on scattered patches alone rebuilds such spots
+poorly (comb-like stripes where the spot meets the visible part, README figure of the earlier
+weights); blobs teach it to continue shapes across a spot. The loss is
 class-weighted cross-entropy on removed pixels that are certain (entropy < tau_train = 0.1) and
 near a mitochondrion. Tiles are kept when more than 30 % of their pixels are mitochondrion.
 
@@ -58,6 +63,7 @@ class RefinerRecipe:
     weight_decay: float = 1e-5
     mask_ratio: tuple[float, float] = (0.1, 0.9)
     candidate_fraction: float = 0.7
+    blob_fraction: float = 0.0  # share of tiles whose removed patches form one blob (see below)
     tau_train: float = 0.1
     near_px: float = 16.0
     min_mito_fraction: float = 0.3
@@ -139,6 +145,22 @@ def patch_distance(labels: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarr
     return dist, per_patch
 
 
+def blob(candidates: np.ndarray, count: int, grid: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` of the ``candidates`` (patch indices of a ``grid x grid`` tile) forming one
+    irregular blob: those closest to a random candidate under a random elliptical metric with
+    a little noise — removal shaped like a low-SNR spot, not scattered patches."""
+    if count == 0:
+        return candidates[:0]
+    centre = candidates[rng.integers(len(candidates))]
+    cy, cx = divmod(int(centre), grid)
+    gy, gx = np.divmod(candidates, grid)
+    angle = rng.uniform(0, np.pi)
+    u = (gy - cy) * np.cos(angle) + (gx - cx) * np.sin(angle)
+    v = -(gy - cy) * np.sin(angle) + (gx - cx) * np.cos(angle)
+    d = (u / rng.uniform(1, 3)) ** 2 + v ** 2 + rng.normal(0, 1.0, len(candidates))
+    return candidates[np.argsort(d, kind="stable")[:count]]
+
+
 def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
     """Labels, removal masks, loss-keep masks, a lattice offset and (MAE+X) the image crops
     (else None) for one training batch."""
@@ -166,7 +188,11 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
         dist, pdist = patch_distance(lab, c.patch)
         order = np.argsort(pdist, kind="stable")
         candidates = order[: int(round(recipe.candidate_fraction * len(order)))]
-        chosen = rng.choice(candidates, size=int(round(ratio * len(candidates))), replace=False)
+        count = int(round(ratio * len(candidates)))
+        if rng.random() < recipe.blob_fraction:
+            chosen = blob(candidates, count, g, rng)
+        else:
+            chosen = rng.choice(candidates, size=count, replace=False)
         mask[i, chosen] = True
         labels[i] = lab
         keep[i] = (unc < recipe.tau_train) & (dist <= recipe.near_px)
