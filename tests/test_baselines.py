@@ -279,3 +279,37 @@ def test_refine_method_refuses_the_wrong_model(reference, small_phantom, models,
     with pytest.raises(ConfigError, match="ensemble that made"):
         run(small_phantom, output=store, stages=("refine",), cluster=INLINE, settings=other_seg)
     assert mae_file  # the MAE itself still refines
+
+
+def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
+    """End to end on a small phantom: tiles selected, every method run, JSON shaped as the
+    issue asks, figures drawn."""
+    import json
+
+    from tests.conftest import INLINE, tiny
+    from volref.evaluate.methods import MethodSettings
+    from volref.evaluate.table2 import evaluate_table2, write
+    from volref.models.registry import load_segmenter
+    from volref.pipeline.run import run
+    from volref.report.evaluation import table2_bars, table2_panel
+
+    run(phantom_copy, stages=("segment",), settings=tiny(models), cluster=INLINE)
+    seg, mae = models
+    settings = Table2Settings(tile=64, every=2, min_mito=0.05, min_degraded=0.05,
+                              control_dice=0.0, control_class_dice=0.0, outside=(25.0, 75.0))
+    ms = MethodSettings(refine=RefineSettings(tile=32, stride=16, tau=0.3))
+    result, examples = evaluate_table2([phantom_copy], {"mae": load_refiner(mae)},
+                                       load_segmenter(seg), methods=("crf", "mae"),
+                                       settings=settings, method_settings=ms)
+    assert result["tiles"]["implausible"] > 0 and result["tiles"]["control"] > 0
+    assert set(result["methods"]) == {"initial", "crf", "mae", "control"}
+    for row in result["methods"].values():
+        assert set(row) == set(METRICS) and {"mean", "sem"} <= set(row["skeleton_cycles"])
+    assert set(result["dice_degraded"]["mae"]) == {"mitochondrion", "ims", "cristae", "matrix"}
+    write(result, tmp_path)
+    assert json.loads((tmp_path / "table2.json").read_text())["tiles"] == result["tiles"]
+    assert (tmp_path / "table2.md").read_text().startswith("| method |")
+    assert table2_bars(result, tmp_path / "bars.png").stat().st_size > 0
+    if examples:
+        assert set(examples[0]["labels"]) == {"crf", "mae"}
+        assert table2_panel(examples, tmp_path / "fig6.png").stat().st_size > 0

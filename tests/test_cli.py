@@ -126,3 +126,25 @@ def test_usage_errors_exit_2(capsys):
     assert main(["synth"]) == 2
     assert main(["nonsense"]) == 2
     assert main(["--version"]) == 0
+
+
+def test_report_of_a_refined_volume(reference, small_phantom, tmp_path, capsys):
+    out, _, _ = reference
+    assert main(["-q", "report", str(small_phantom), "--output", str(out), "--out",
+                 str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    for section in ("Slices", "Before and after", "Per-mitochondrion metrics", "Provenance"):
+        assert f"<h2>{section}</h2>" in page
+    # self-contained: slices and histograms always; before/after tiles where patches were removed
+    # with the default tau (none in this tiny run: the page says so)
+    assert page.count("data:image/png;base64,") == 2 + (tmp_path / "r" / "tiles.png").exists()
+    assert (tmp_path / "r" / "metrics.png").exists()
+    # without refinement there is nothing to report
+    assert main(["report", str(small_phantom), "--out", str(tmp_path / "x")]) == 2
+    assert "run volref segment first" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_unknown_methods_and_missing_models(small_phantom, tmp_path, capsys):
+    assert main(["evaluate", str(small_phantom), "--output", str(tmp_path), "--methods",
+                 "mae,magic"]) == 2
+    assert "unknown method magic" in capsys.readouterr().err

@@ -300,6 +300,23 @@ def panel(image, out, output, tiles):
 
 
 @cli.command()
+@click.argument("image", type=str)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for index.html and its PNGs.")
+@click.option("--output", type=str, default=None,
+              help="Store holding the volref results (default: IMAGE's archive).")
+@click.option("--tiles", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Before/after tiles to show.")
+def report(image, out, output, tiles):
+    """A self-contained HTML report of a refined volume: slices, uncertainty, before/after
+    tiles, per-mitochondrion metric histograms, provenance."""
+    from volref.report.html import write_report
+
+    index = write_report(image, out, results=output, tiles=tiles)
+    click.echo(f"wrote {index}")
+
+
+@cli.command()
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--output", "out", type=click.Path(file_okay=False), required=True,
               help="Folder for table2.json, table2.md, table2.png and fig6.png.")

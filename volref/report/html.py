@@ -1,0 +1,158 @@
+"""``volref report``: one self-contained HTML page (and its PNGs) about a refined volume.
+
+What it shows, all read from the store:
+
+* slices at a quarter, half and three quarters of the depth: image, initial labels, refined
+  labels and the ensemble's uncertainty as a heat map;
+* before/after tiles (:func:`volref.report.panel.refinement_panel`): image, initial, removed
+  patches, refined, and ground truth where the store has it;
+* per-mitochondrion metrics (``volref/metrics.parquet``, written by ``volref measure``):
+  histograms before vs after refinement and a table of means;
+* provenance: models, their hashes and the settings each stage ran with.
+
+The PNGs are written beside ``index.html`` and embedded in it (base64), so the page can be
+mailed or archived alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from volref.errors import VolrefError
+from volref.io import open_image
+from volref.io.store import read_file
+from volref.metrics import METRICS
+from volref.report.evaluation import TITLES, _pyplot
+from volref.report.panel import _rgb, refinement_panel
+
+
+def _stretch(image: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(image, [0.5, 99.8])
+    return np.clip((image - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+
+
+def slices_figure(location, results: zarr.Group, out: Path, n: int = 3) -> Path:
+    plt = _pyplot()
+    vol = open_image(location)
+    nz = vol.shape[0]
+    zs = sorted({int(round(nz * (i + 1) / (n + 1))) for i in range(n)})
+    initial = results["labels/volref-initial/s0"]
+    refined = results["labels/volref-refined/s0"]
+    unc = results["volref/uncertainty/s0"]
+    cols = ["image", "initial", "refined", "uncertainty"]
+    fig, axes = plt.subplots(len(zs), 4, figsize=(12, 3.1 * len(zs)), squeeze=False)
+    for r, z in enumerate(zs):
+        img = np.asarray(vol.data[z].compute(), dtype=np.float64)
+        u = unc[z].astype(np.float32) / 255.0
+        panels = [(_stretch(img), "gray"), (_rgb(initial[z]), None), (_rgb(refined[z]), None),
+                  (u, "magma")]
+        for c, (ax, (p, cmap)) in enumerate(zip(axes[r], panels)):
+            shown = ax.imshow(p, cmap=cmap, interpolation="nearest",
+                              **({"vmin": 0, "vmax": 1} if c == 3 else {}))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=10)
+            if c == 3:
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        axes[r][0].set_ylabel(f"z = {z}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def metrics_table(results: zarr.Group):
+    """The per-mitochondrion table, or None when ``volref measure`` has not run."""
+    import pandas as pd
+
+    raw = read_file(results.require_group("volref"), "metrics.parquet") \
+        if "volref" in results else None
+    return None if raw is None else pd.read_parquet(io.BytesIO(raw))
+
+
+def histograms_figure(table, out: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.3 * len(METRICS), 3.0))
+    for ax, m in zip(axes, METRICS):
+        a = table[f"initial_{m}"].to_numpy(dtype=float)
+        b = table[f"refined_{m}"].to_numpy(dtype=float)
+        both = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+        bins = np.histogram_bin_edges(both, bins=15) if both.size else 10
+        ax.hist(a[np.isfinite(a)], bins=bins, alpha=0.55, color="#999999", label="initial")
+        ax.hist(b[np.isfinite(b)], bins=bins, alpha=0.55, color="#0072B2", label="refined")
+        ax.set_title(TITLES[m], fontsize=9)
+        ax.set_ylabel("mitochondria", fontsize=8)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
+                 results: str | os.PathLike | None = None, tiles: int = 4) -> Path:
+    """Write ``OUT/index.html`` with its PNGs for the refined volume at ``location`` (results in
+    ``results`` when they were written to a separate store)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        res = zarr.open_group(str(results or location), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise VolrefError(f"no OME-Zarr store at {results or location}") from None
+    for key, command in (("labels/volref-initial/s0", "segment"),
+                         ("labels/volref-refined/s0", "refine")):
+        if key not in res:
+            raise VolrefError(f"{results or location} has no {key.rsplit('/', 1)[0]}: run "
+                              f"volref {command} first")
+    sections = []
+    slices = slices_figure(location, res, out / "slices.png")
+    sections.append(("Slices", "Image, initial and refined labels, and the ensemble's "
+                     "uncertainty (normalised entropy, 0–1).", _img(slices, "slices")))
+    try:
+        panel = refinement_panel(location, out / "tiles.png", results=results, n_tiles=tiles)
+        sections.append(("Before and after", "Tiles with the most refinement: the removed "
+                         "patches (dark) were rebuilt by the refiner.", _img(panel, "tiles")))
+    except VolrefError as exc:
+        sections.append(("Before and after", html.escape(str(exc)), ""))
+    table = metrics_table(res)
+    summary = ""
+    if table is not None and len(table):
+        hist = histograms_figure(table, out / "metrics.png")
+        rows = "".join(
+            f"<tr><td>{html.escape(TITLES[m])}</td><td>{np.nanmean(table[f'initial_{m}']):.2f}"
+            f"</td><td>{np.nanmean(table[f'refined_{m}']):.2f}</td></tr>" for m in METRICS)
+        summary = (f"<p>{len(table)} mitochondria.</p><table><tr><th>metric (mean per "
+                   f"mitochondrion)</th><th>initial</th><th>refined</th></tr>{rows}</table>")
+        sections.append(("Per-mitochondrion metrics", summary, _img(hist, "metrics")))
+    else:
+        sections.append(("Per-mitochondrion metrics", "No metrics table: run volref measure.",
+                         ""))
+    raw = read_file(res["volref"], "provenance.json") if "volref" in res else None
+    provenance = json.loads(raw) if raw else {}
+    sections.append(("Provenance", "Models and settings each stage ran with.",
+                     f"<pre>{html.escape(json.dumps(provenance, indent=2, sort_keys=True))}</pre>"))
+    title = f"volref report — {Path(str(location)).name}"
+    body = "".join(f"<h2>{html.escape(h)}</h2><p>{p}</p>{fig}" for h, p, fig in sections)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;}"
+            "img{max-width:100%;}table{border-collapse:collapse;}td,th{border:1px solid #ccc;"
+            "padding:4px 8px;text-align:right;}pre{background:#f6f6f6;padding:1em;"
+            "overflow:auto;font-size:12px;}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{body}</body></html>")
+    index = out / "index.html"
+    index.write_text(page)
+    return index
