@@ -313,3 +313,16 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     if examples:
         assert set(examples[0]["labels"]) == {"crf", "mae"}
         assert table2_panel(examples, tmp_path / "fig6.png").stat().st_size > 0
+
+
+def test_max_removed_leaves_tiles_with_too_little_context_alone():
+    lab, unc, settings, c = _region()
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(TINY_MAE).eval()
+    fp32 = dataclasses.replace(settings, precision="fp32")
+    every = refine_region(mae, lab, unc, fp32)
+    none = refine_region(mae, lab, unc, dataclasses.replace(fp32, max_removed=0.01))
+    assert every.tiles_run > 0 and none.tiles_run == 0
+    np.testing.assert_array_equal(none.labels, lab[:, c:c + 32, c:c + 32])
+    with pytest.raises(ValueError, match="max_removed"):
+        RefineSettings(max_removed=0)

@@ -166,6 +166,10 @@ REFINER_OPTIONS = (
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
     click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
                  help="Tile stride (tiles are 128 px; overlaps are blended)."),
+    click.option("--max-removed", type=click.FloatRange(0, 1, min_open=True), default=None,
+                 help="Leave a tile as it was when more than this share of its patches near a "
+                      "mitochondrion is removed: too little is left to rebuild from (default: "
+                      "the refine settings' default)."),
     click.option("--blend", type=click.Choice(["centre", "window"]), default="centre",
                  show_default=True,
                  help="How overlapping tiles combine: the one tile whose central stride x "
@@ -185,14 +189,16 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
              blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000,
-             method="mae"):
+             method="mae", max_removed=None):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
     from volref.stages.segment import SegmentSettings
 
     try:
-        refine_settings = RefineSettings(tau=tau, stride=stride, precision=precision, blend=blend)
+        extra = {} if max_removed is None else {"max_removed": max_removed}
+        refine_settings = RefineSettings(tau=tau, stride=stride, precision=precision, blend=blend,
+                                         **extra)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--stride") from None
     settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,

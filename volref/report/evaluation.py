@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from volref.metrics import METRICS
-from volref.report.panel import _rgb
+from volref.report.panel import _rgb, draw_tiles, pyplot, removed_rgb, stretch
 
 TITLES = {"skeleton_end_points": "skeleton end points", "skeleton_cycles": "skeleton cycles",
           "boundary_area_ratio": "boundary / area (%)",
@@ -18,47 +18,20 @@ TITLES = {"skeleton_end_points": "skeleton end points", "skeleton_cycles": "skel
           "inner_membrane_background_ratio": "inner membrane / background (%)"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def table2_panel(examples: list[dict], out: str | os.PathLike,
                  methods: tuple[str, ...] = ("crf", "cnn-ae", "mae-x", "mae")) -> Path:
     """One row per example tile: image, initial, removed patches, each method, ground truth."""
-    plt = _pyplot()
     methods = tuple(m for m in methods if examples and m in examples[0]["labels"])
     cols = ["image", "initial", "removed patches", *methods, "ground truth"]
-    fig, axes = plt.subplots(len(examples), len(cols), squeeze=False,
-                             figsize=(1.9 * len(cols), 1.9 * len(examples)))
-    for r, ex in enumerate(examples):
-        img = ex["image"].astype(np.float64)
-        lo, hi = np.percentile(img, [0.5, 99.8])
-        removed = _rgb(ex["initial"])
-        removed[ex["removed"]] = (0.15, 0.15, 0.15)
-        panels = [np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), _rgb(ex["initial"]), removed,
-                  *(_rgb(ex["labels"][m]) for m in methods), _rgb(ex["truth"])]
-        for c, (ax, p) in enumerate(zip(axes[r], panels)):
-            ax.imshow(p, cmap="gray" if c == 0 else None, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(cols[c], fontsize=9)
-        axes[r][0].set_ylabel(ex["where"], fontsize=6)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    rows = [[stretch(ex["image"].astype(np.float64)), _rgb(ex["initial"]),
+             removed_rgb(ex["initial"], ex["removed"]),
+             *(_rgb(ex["labels"][m]) for m in methods), _rgb(ex["truth"])] for ex in examples]
+    return draw_tiles(rows, cols, [ex["where"] for ex in examples], out, size=1.9)
 
 
 def table2_bars(result: dict, out: str | os.PathLike) -> Path:
     """Mean ± standard error of each metric by method; the control group as a grey band."""
-    plt = _pyplot()
+    plt = pyplot()
     table = result["methods"]
     names = [m for m in table if m != "control"]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))

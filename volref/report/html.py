@@ -30,17 +30,12 @@ from volref.errors import VolrefError
 from volref.io import open_image
 from volref.io.store import read_file
 from volref.metrics import METRICS
-from volref.report.evaluation import TITLES, _pyplot
-from volref.report.panel import _rgb, refinement_panel
-
-
-def _stretch(image: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(image, [0.5, 99.8])
-    return np.clip((image - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+from volref.report.evaluation import TITLES
+from volref.report.panel import _rgb, pyplot, refinement_panel, stretch
 
 
 def slices_figure(location, results: zarr.Group, out: Path, n: int = 3) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     vol = open_image(location)
     nz = vol.shape[0]
     zs = sorted({int(round(nz * (i + 1) / (n + 1))) for i in range(n)})
@@ -52,7 +47,7 @@ def slices_figure(location, results: zarr.Group, out: Path, n: int = 3) -> Path:
     for r, z in enumerate(zs):
         img = np.asarray(vol.data[z].compute(), dtype=np.float64)
         u = unc[z].astype(np.float32) / 255.0
-        panels = [(_stretch(img), "gray"), (_rgb(initial[z]), None), (_rgb(refined[z]), None),
+        panels = [(stretch(img), "gray"), (_rgb(initial[z]), None), (_rgb(refined[z]), None),
                   (u, "magma")]
         for c, (ax, (p, cmap)) in enumerate(zip(axes[r], panels)):
             shown = ax.imshow(p, cmap=cmap, interpolation="nearest",
@@ -80,7 +75,7 @@ def metrics_table(results: zarr.Group):
 
 
 def histograms_figure(table, out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.3 * len(METRICS), 3.0))
     for ax, m in zip(axes, METRICS):
         a = table[f"initial_{m}"].to_numpy(dtype=float)

@@ -53,11 +53,6 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
                      results: str | os.PathLike | None = None, n_tiles: int = 4,
                      settings: RefineSettings | None = None) -> Path:
     """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = settings or RefineSettings()
     vol = open_image(location)
     res = zarr.open_group(str(results or location), mode="r")
@@ -84,26 +79,57 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
     if not tiles:
         raise VolrefError("no patch was removed anywhere: nothing to show")
     cols = ["image", "initial", "removed patches", "refined"] + (["ground truth"] if truth is not None else [])
-    fig, axes = plt.subplots(len(tiles), len(cols), figsize=(2.4 * len(cols), 2.4 * len(tiles)),
-                             squeeze=False)
-    for r, (z, y, x) in enumerate(tiles):
+    rows, names = [], []
+    for z, y, x in tiles:
         win = (slice(y, y + TILE), slice(x, x + TILE))
         img = np.asarray(vol.data[z][win].compute(), dtype=np.float64)
-        lo, hi = np.percentile(img, [0.5, 99.8])
         ini = initial[z][win]
-        shown = _rgb(ini)
-        shown[masks[z][win]] = (0.15, 0.15, 0.15)
-        panels = [np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), _rgb(ini), shown,
+        panels = [stretch(img), _rgb(ini), removed_rgb(ini, masks[z][win]),
                   _rgb(refined[z][win])]
         if truth is not None:
             panels.append(_rgb(truth[z][win]))
+        rows.append(panels)
+        names.append(f"z {z}, y {y}, x {x}")
+    return draw_tiles(rows, cols, names, out, size=2.4)
+
+
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def stretch(image: np.ndarray) -> np.ndarray:
+    """Grey values between the 0.5th and 99.8th percentiles mapped to [0, 1]."""
+    lo, hi = np.percentile(image, [0.5, 99.8])
+    return np.clip((image - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+
+
+def removed_rgb(labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The labels' colours with the removed pixels dark."""
+    shown = _rgb(labels)
+    shown[removed] = (0.15, 0.15, 0.15)
+    return shown
+
+
+def draw_tiles(rows: list[list[np.ndarray]], cols: list[str], names: list[str],
+               out: str | os.PathLike, size: float = 2.0) -> Path:
+    """A grid of tiles (first column grey, the others RGB), titled by column, named by row."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(size * len(cols), size * len(rows)),
+                             squeeze=False)
+    for r, panels in enumerate(rows):
         for c, (ax, p) in enumerate(zip(axes[r], panels)):
             ax.imshow(p, cmap="gray" if c == 0 else None, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(cols[c], fontsize=9)
-        axes[r][0].set_ylabel(f"z {z}, y {y}, x {x}", fontsize=7)
+        axes[r][0].set_ylabel(names[r], fontsize=7 if size > 2 else 6)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)

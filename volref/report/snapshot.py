@@ -17,6 +17,7 @@ import zarr
 from volref.errors import VolrefError
 from volref.io import label_names, open_image, read_multiscale
 from volref.io.ngff import ome_attributes
+from volref.report.panel import stretch
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     if unknown:
         raise VolrefError(f"no label image named {', '.join(unknown)} in {vol.location}")
 
-    panels = [("image", _stretch(image), "gray")]
+    panels = [("image", stretch(image), "gray")]
     for name in names:
         group = vol.group["labels"][name]
         ms = read_multiscale(group, where=f"labels/{name}")
@@ -67,11 +68,6 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     plt.close(fig)
     log.info("wrote %s", out)
     return out
-
-
-def _stretch(image: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(image, [0.5, 99.8])
-    return np.clip((image - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
 
 
 def _colour(data: np.ndarray, group: zarr.Group) -> np.ndarray:

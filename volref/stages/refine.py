@@ -58,6 +58,7 @@ class RefineSettings:
     batch: int = 0  # tiles per forward pass; 0: 1 on the CPU, 32 on a GPU (see refine_region)
     precision: str = "bf16"  # of the MAE's weights and activations: bf16 or fp32
     blend: str = "centre"  # how overlapping tiles combine: centre or window (module docstring)
+    max_removed: float = 1.0  # a tile with more of its near patches removed is not rebuilt
 
     def __post_init__(self) -> None:
         if self.tile % self.stride or self.stride % 4:
@@ -67,6 +68,8 @@ class RefineSettings:
         check_precision(self.precision)
         if self.batch < 0:
             raise ValueError("batch must be >= 0 (0: chosen for the device)")
+        if not 0 < self.max_removed <= 1:
+            raise ValueError("max_removed must be in (0, 1]")
 
     def batch_for(self, device: str | torch.device) -> int:
         """Tiles per forward pass. On the CPU one tile at a time with only its visible patches
@@ -84,20 +87,28 @@ class RefineSettings:
     def to_dict(self) -> dict[str, float]:
         return {"tile": self.tile, "stride": self.stride, "tau": self.tau,
                 "near_px": self.near_px, "batch": self.batch, "precision": self.precision,
-                "blend": self.blend}
+                "blend": self.blend, "max_removed": self.max_removed}
 
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
                  near_px: float) -> np.ndarray:
     """Patches to remove ``(H/p, W/p)`` of a slice ``(H, W)`` (H, W multiples of ``patch``)."""
+    return patch_masks(labels, uncertainty, patch, tau, near_px)[0]
+
+
+def patch_masks(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
+                near_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(removed, near) patches ``(H/p, W/p)`` of a slice: removed = uncertain and near a
+    mitochondrion; near = within ``near_px`` of one."""
     h, w = labels.shape
     mean_u = uncertainty.reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3))
     mito = labels != BACKGROUND
     if not mito.any():
-        return np.zeros(mean_u.shape, dtype=bool)
+        none = np.zeros(mean_u.shape, dtype=bool)
+        return none, none
     dist = ndimage.distance_transform_edt(~mito)
     near = dist.reshape(h // patch, patch, w // patch, patch).min(axis=(1, 3)) <= near_px
-    return (mean_u > tau) & near
+    return (mean_u > tau) & near, near
 
 
 def window(tile: int) -> np.ndarray:
@@ -163,8 +174,9 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     unc = np.pad(uncertainty, pad, constant_values=0.0)
     img = np.pad(image, pad, constant_values=0.0).astype(np.float32) if needs_image else None
     g = t // p
-    remove = np.stack([removal_mask(lab[z], unc[z], p, settings.tau, settings.near_px)
-                       for z in range(nz)])  # (nz, H/p, W/p)
+    masks = [patch_masks(lab[z], unc[z], p, settings.tau, settings.near_px) for z in range(nz)]
+    remove = np.stack([m[0] for m in masks])  # (nz, H/p, W/p)
+    near = np.stack([m[1] for m in masks])
     origins = [(y, x) for y in tile_origins(c, ny, settings)
                for x in tile_origins(c, nx, settings)]
     centre = settings.blend == "centre"
@@ -175,7 +187,9 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         for y, x in origins:
             r = remove[z, y // p:y // p + g, x // p:x // p + g]
             wanted = r[op:op + sp, op:op + sp].any() if centre else r.any()
-            if wanted and not r.all():  # nothing to do / nothing to rebuild from
+            # nothing to do / nothing to rebuild from / too little left to rebuild from
+            if wanted and not r.all() and (settings.max_removed >= 1 or r.sum() <= (
+                    settings.max_removed * near[z, y // p:y // p + g, x // p:x // p + g].sum())):
                 todo.append((z, y, x))
     if centre:
         win = np.zeros((t, t), np.float32)
