@@ -12,6 +12,7 @@ baseline is compared at its best, as a fair comparison needs.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 
 import numpy as np
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"initial labels: mean Dice {initial.mean():.4f}; best CRF: {best}")
     payload = {"machine": machine(), "store": args.store, "tiles": len(tiles),
                "initial_mean_dice": float(initial.mean()), "rows": rows, "best": best,
-               "command": "python -m benchmarks.crf_tuning " + " ".join(argv or [])}
+               "command": "python -m benchmarks.crf_tuning " + " ".join(
+                   sys.argv[1:] if argv is None else argv)}
     write_json(args.json, payload)
     return payload
 

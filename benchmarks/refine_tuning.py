@@ -13,6 +13,7 @@ and carry ``ground-truth`` and ``degraded`` label images.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import numpy as np
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"initial: mitochondrion {rows[0]['mitochondrion']:.4f}  " + "  ".join(
         f"{k} {x:.4f}" for k, x in rows[0]["per_class"].items()))
     payload = {"machine": machine(), "store": args.store, "slices": len(slices), "rows": rows,
-               "command": "python -m benchmarks.refine_tuning " + " ".join(argv or [])}
+               "command": "python -m benchmarks.refine_tuning " + " ".join(
+                   sys.argv[1:] if argv is None else argv)}
     write_json(args.json, payload)
     return payload
 

@@ -68,6 +68,7 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     box = (y - c, x - c, y + tile + c, x + tile + c)
     lab = window(initial, *box, BACKGROUND)[None]
     unc = window(uncertainty, *box, np.float32(0.0))[None]
-    img = window(image, *box, np.float32(0.0))[None] if getattr(model, "needs_image", False) \
-        else None
+    img = None
+    if getattr(model, "needs_image", False):  # mirrored past the slice, as volref refine reads
+        img = window(np.pad(image, c, mode="symmetric"), *(v + c for v in box), 0)[None]
     return refine_region(model, lab, unc, rs, image=img).labels[0]

@@ -153,7 +153,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
 
     ``model``: a tile refiner — the MAE, or a baseline with the same call (``model(labels,
     mask, pad_to=..., image=...) -> logits``). One whose ``needs_image`` is true also gets the
-    normalised ``image`` tiles (same shape as ``labels``; zero past the volume); one whose
+    normalised ``image`` tiles (same shape as ``labels``; mirrored past the volume); one whose
     ``replaces`` is ``"tile"`` (the CNN-AE) replaces every pixel of the tiles it runs on, not
     only the removed patches.
     """
