@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from volref.models.registry import DEFAULT_REFINER, DEFAULT_SEGMENTER, load_refiner, load_segmenter
+from volref.models.registry import (
+    DEFAULT_REFINER,
+    DEFAULT_REFINERS,
+    DEFAULT_SEGMENTER,
+    load_refiner,
+    load_segmenter,
+    refiner_method,
+)
 from volref.train.data import load_volume, slice_stack
 
 needs_segmenter = pytest.mark.skipif(not DEFAULT_SEGMENTER.exists(), reason="no shipped ensemble")
@@ -17,7 +24,8 @@ needs_refiner = pytest.mark.skipif(not DEFAULT_REFINER.exists(), reason="no ship
 
 @pytest.mark.parametrize("path", [
     pytest.param(DEFAULT_SEGMENTER, marks=needs_segmenter),
-    pytest.param(DEFAULT_REFINER, marks=needs_refiner),
+    *(pytest.param(path, marks=pytest.mark.skipif(not path.exists(), reason=f"no shipped {m}"))
+      for m, path in DEFAULT_REFINERS.items()),
 ])
 def test_model_cards_say_how_to_reproduce(path):
     card = json.loads(path.with_suffix(".json").read_text())["card"]
@@ -61,3 +69,11 @@ def test_shipped_ensemble_segments_an_unseen_phantom(unseen):
 def test_shipped_refiner_loads():
     mae = load_refiner()
     assert mae.config.tile == 128 and mae.config.depth == 14 and mae.config.width == 128
+
+
+@pytest.mark.parametrize("method", sorted(DEFAULT_REFINERS))
+def test_shipped_baselines_load_as_their_method(method):
+    if not DEFAULT_REFINERS[method].exists():
+        pytest.skip(f"no shipped {method}")
+    model = load_refiner(method=method)
+    assert refiner_method(model) == method and model.config.tile == 128
