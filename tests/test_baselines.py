@@ -329,3 +329,19 @@ def test_max_removed_leaves_tiles_with_too_little_context_alone():
     np.testing.assert_array_equal(none.labels, lab[:, c:c + 32, c:c + 32])
     with pytest.raises(ValueError, match="max_removed"):
         RefineSettings(max_removed=0)
+
+
+def test_cli_refine_with_the_shipped_cnnae_and_a_wrong_method(phantom_copy, models, capsys):
+    from volref.cli.main import main
+    from volref.models.registry import DEFAULT_REFINERS
+
+    if not DEFAULT_REFINERS["cnn-ae"].exists():
+        pytest.skip("no shipped cnn-ae")
+    seg, mae = models
+    assert main(["-q", "segment", str(phantom_copy), "--segmenter", seg, "--workers", "0"]) == 0
+    assert main(["-q", "refine", str(phantom_copy), "--method", "cnn-ae", "--workers", "0"]) == 0
+    assert "refine" in capsys.readouterr().out
+    # a MAE file given as the CNN-AE: one line, exit 2
+    assert main(["-q", "refine", str(phantom_copy), "--method", "cnn-ae", "--refiner", mae,
+                 "--workers", "0", "--overwrite"]) == 2
+    assert "is a mae model, not cnn-ae" in capsys.readouterr().err
