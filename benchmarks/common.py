@@ -61,3 +61,8 @@ def parser(doc: str, quick: str, repeats: int | None = None) -> argparse.Argumen
     ap.add_argument("--quick", action="store_true", help=quick)
     ap.add_argument("--json", default=None, help="write the results here")
     return ap
+
+
+def command(module: str, argv: list[str] | None) -> str:
+    """The command line that made a result (``argv`` None: this process's own arguments)."""
+    return f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)

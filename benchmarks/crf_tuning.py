@@ -12,12 +12,11 @@ baseline is compared at its best, as a fair comparison needs.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 
 import numpy as np
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import command, machine, parser, write_json
 from volref.evaluate.methods import MethodSettings, refine_tile
 from volref.evaluate.table2 import SliceData, Table2Settings, load_slices
 from volref.metrics import dice_per_class
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"initial labels: mean Dice {initial.mean():.4f}; best CRF: {best}")
     payload = {"machine": machine(), "store": args.store, "tiles": len(tiles),
                "initial_mean_dice": float(initial.mean()), "rows": rows, "best": best,
-               "command": "python -m benchmarks.crf_tuning " + " ".join(
-                   sys.argv[1:] if argv is None else argv)}
+               "command": command("crf_tuning", argv)}
     write_json(args.json, payload)
     return payload
 

@@ -13,12 +13,11 @@ and carry ``ground-truth`` and ``degraded`` label images.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import numpy as np
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import command, machine, parser, write_json
 from volref.evaluate.models import segmentation_dice
 from volref.evaluate.table2 import Table2Settings, load_slices
 from volref.models.registry import load_refiner
@@ -54,8 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"initial: mitochondrion {rows[0]['mitochondrion']:.4f}  " + "  ".join(
         f"{k} {x:.4f}" for k, x in rows[0]["per_class"].items()))
     payload = {"machine": machine(), "store": args.store, "slices": len(slices), "rows": rows,
-               "command": "python -m benchmarks.refine_tuning " + " ".join(
-                   sys.argv[1:] if argv is None else argv)}
+               "command": command("refine_tuning", argv)}
     write_json(args.json, payload)
     return payload
 
