@@ -18,6 +18,7 @@ import numpy as np
 from torch import nn
 
 from volref.classes import BACKGROUND
+from volref.pipeline.blocks import reflect
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.refine import RefineSettings, context, refine_region
 
@@ -30,8 +31,11 @@ class MethodSettings:
 
 
 def window(a: np.ndarray, y0: int, x0: int, y1: int, x1: int, fill) -> np.ndarray:
-    """``a[..., y0:y1, x0:x1]`` with ``fill`` where the window leaves ``a``."""
+    """``a[..., y0:y1, x0:x1]`` with ``fill`` where the window leaves ``a`` (``fill="mirror"``:
+    mirrored there, as ``volref refine`` reads images)."""
     ny, nx = a.shape[-2:]
+    if isinstance(fill, str):
+        return a[..., reflect(np.arange(y0, y1), ny)[:, None], reflect(np.arange(x0, x1), nx)]
     out = np.full(a.shape[:-2] + (y1 - y0, x1 - x0), fill, dtype=a.dtype)
     sy, sx = slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx))
     out[..., sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0] = a[..., sy, sx]
@@ -51,12 +55,9 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     if method == "crf":  # as volref refine --method crf: the tile's window, past the slice
         m = settings.crf_margin  # mirrored (image, probabilities) or empty (labels)
         box = (y - m, x - m, y + tile + m, x + tile + m)
-        pad = ((0, 0), (m, m), (m, m))
-        probs = np.pad(probabilities(), pad, mode="symmetric")
-        img = np.pad(image, pad[1:], mode="symmetric")
-        shifted = (box[0] + m, box[1] + m, box[2] + m, box[3] + m)
         rs = settings.refine
-        return crf_region(window(probs, *shifted, 0)[None], window(img, *shifted, 0)[None],
+        return crf_region(window(probabilities(), *box, "mirror")[None],
+                          window(image, *box, "mirror")[None],
                           window(initial, *box, BACKGROUND)[None],
                           window(uncertainty, *box, np.float32(0.0))[None], tile=tile,
                           margin=m, tau=rs.tau, near_px=rs.near_px, settings=settings.crf)[0]
@@ -70,5 +71,5 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     unc = window(uncertainty, *box, np.float32(0.0))[None]
     img = None
     if getattr(model, "needs_image", False):  # mirrored past the slice, as volref refine reads
-        img = window(np.pad(image, c, mode="symmetric"), *(v + c for v in box), 0)[None]
+        img = window(image, *box, "mirror")[None]
     return refine_region(model, lab, unc, rs, image=img).labels[0]

@@ -26,15 +26,24 @@ errors; a ratio with nothing to measure (NaN) leaves that tile out of that metri
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import zarr
 
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+from volref.errors import VolrefError
+from volref.evaluate.methods import MethodSettings, refine_tile
+from volref.io import intensity_sample, label_names, open_image
 from volref.metrics import METRICS, dice, tile_metrics
+from volref.stages.normalise import normalise, range_of
+from volref.stages.refine import removal_mask
+from volref.stages.segment import SegmentSettings, segment_probabilities
 
 METHODS = ("initial", "crf", "cnn-ae", "mae-x", "mae", "control")
 REFINERS = ("crf", "cnn-ae", "mae-x", "mae")
@@ -245,9 +254,6 @@ def to_markdown(result: dict) -> str:
 
 
 def write(result: dict, out: str | os.PathLike) -> None:
-    import json
-    from pathlib import Path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table2.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -261,13 +267,6 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
                 segment_settings=None) -> list[SliceData]:
     """Every ``every``-th z-slice of a segmented held-out phantom. With ``ensemble``, each slice's
     ensemble probabilities are computed on demand (and kept) for the CRF."""
-    import zarr
-
-    from volref.errors import VolrefError
-    from volref.io import intensity_sample, label_names, open_image
-    from volref.stages.normalise import normalise, range_of
-    from volref.stages.segment import SegmentSettings, segment_probabilities
-
     vol = open_image(location)
     root = zarr.open_group(str(location), mode="r")
     names = label_names(root)
@@ -317,9 +316,6 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
     segmenter whose probabilities the CRF refines (needed only for ``crf``). Returns the result
     (JSON-ready) and ``n_examples`` implausible tiles for a figure (image, initial, removed
     pixels, truth and every method's labels)."""
-    from volref.evaluate.methods import MethodSettings, refine_tile
-    from volref.stages.refine import removal_mask
-
     ms = method_settings or MethodSettings()
     slices = [s for store in stores for s in load_slices(store, settings, ensemble)]
     implausible, control, bounds = select(slices, settings)
@@ -366,7 +362,7 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
         "implausible_tiles": [{"store": r.slice.source, "z": r.slice.z, "y": r.y, "x": r.x,
                                "breaks": breaks_rule(r.metrics, bounds)} for r in implausible],
         "settings": settings.to_dict(),
-        "verdict": verdict(methods_out, {k: v for k, v in dice_deg.items()}),
+        "verdict": verdict(methods_out, dice_deg),
     }, examples
 
 
