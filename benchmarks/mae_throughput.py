@@ -15,6 +15,8 @@ whether the model saw it or not. Modes:
   (``scaled_dot_product_attention``) — a stronger baseline, reported beside it;
 * ``batched``: volref's dense path (``RefineSettings()``: bf16 weights, the batch it picks for
   the device — on the CPU one tile per core, side by side), every tile through the model;
+* ``batched_torch_softmax``: the same with volref's compiled softmax switched off (PyTorch's
+  softmax in the attention; what runs where the kernel cannot: ``volref.models.kernels``);
 * ``batched_skipping``: volref's path with ``--blend window``: only tiles holding a removed
   patch (and something to rebuild it from);
 * ``batched_skipping_centre``: with ``--blend centre``: only tiles whose central 64x64 block
@@ -24,6 +26,8 @@ whether the model saw it or not. Modes:
 same as in the fp32 per-tile loop. ``uncertain_area``: the fraction of the slices' pixels in
 removed patches (uncertainty > tau near a mitochondrion); the issue's skipping target is set for
 about 10 %. FLOP counts are multiply-adds x 2 of what each mode computes (``mae_flops``).
+glibc's malloc thresholds are pinned first (``benchmarks.common.steady_allocator``): otherwise
+the authors' fp32 loop runs at 3.5 or 9.6 tiles/s depending on the process.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import numpy as np
 import torch
 import zarr
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import machine, parser, steady_allocator, write_json
+from volref.models import kernels
 from volref.models import mae as mae_module
 from volref.models.mae import mae_flops
 from volref.models.precision import in_precision
@@ -44,8 +49,8 @@ from volref.models.registry import DEFAULT_REFINER, load_refiner
 from volref.stages.refine import RefineSettings, in_order, removal_mask
 from volref.stages.segment import uncertainty_from_uint8
 
-MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched", "batched_skipping",
-         "batched_skipping_centre")
+MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched_torch_softmax", "batched",
+         "batched_skipping", "batched_skipping_centre")
 
 
 def runs_tile(r: np.ndarray, mode: str) -> bool:
@@ -118,7 +123,9 @@ def run_mode(model, tiles, mode: str) -> tuple[float, int, float, list[np.ndarra
         net, batch = in_precision(model, settings.precision), settings.batch_for("cpu")
     padded = batch > 1
     flops = sum(mae_flops(model.config, g2 if padded else int((~r).sum()), g2) for _, r in todo)
-    ctx = authors_attention() if mode == "per_tile_loop" else contextlib.nullcontext()
+    ctx = (authors_attention() if mode == "per_tile_loop"
+           else kernels.native_off() if mode == "batched_torch_softmax"
+           else contextlib.nullcontext())
     lanes = 1 if mode.startswith("per_tile_loop") or padded else torch.get_num_threads()
 
     @torch.no_grad()
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.slices, args.repeats = 1, 1
+    allocator = steady_allocator()
     settings = RefineSettings()
     model = load_refiner(DEFAULT_REFINER)
     tiles, uncertain = tiles_of(args.store, args.slices, settings)
@@ -187,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['tiles_per_s']:>8.2f} {row['gflop_per_s']:>8.1f} "
               f"{row['vs_per_tile_loop']:>7.2f}x {row.get('agreement', 1.0):>7.4f}")
     payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
+               "native_softmax": kernels.native_softmax() is not None, "allocator": allocator,
                "store": args.store, "slices": args.slices, "repeats": args.repeats,
                "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(), **rows}
     write_json(args.json, payload)
