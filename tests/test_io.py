@@ -100,6 +100,15 @@ def test_phantom_validates_and_reads_back_with_ome_zarr_py(tmp_path, version):
     img = root[p0][:].astype(float)
     expected = np.rint(img.reshape(8, 256, 2, 256, 2).mean(axis=(2, 4)))
     np.testing.assert_array_equal(root[p1][:], expected)
+    # codecs (benchmarks.compression): labels zstd 5 + bit shuffle, intensities zstd 1
+    for path, cname, level, shuffle in ((p0, "zstd", 1, "bitshuffle"),
+                                        (f"labels/ground-truth/{p0}", "zstd", 5, "bitshuffle")):
+        arr = root[path]
+        codec = arr.compressors[0]
+        if version == "0.5":
+            assert (codec.cname.value, codec.clevel, codec.shuffle.value) == (cname, level, shuffle)
+        else:
+            assert (codec.cname, codec.clevel, codec.shuffle) == (cname, level, 2)
 
 
 def test_image_label_metadata_is_napari_compatible(small_phantom):
