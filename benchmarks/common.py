@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -48,28 +46,6 @@ def run_measured(argv: list[str]) -> dict:
         peak_kib = int(m.group(1))
     return {"argv": argv, "wall_s": wall,
             "peak_rss_gib": peak_kib / 2**20 if peak_kib is not None else None}
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def steady_allocator(mmap_mib: int = 64, trim_mib: int = 256) -> dict | None:
-    """Pin glibc malloc's thresholds so that buffers up to ``mmap_mib`` come from the heap and
-    the heap is not trimmed below ``trim_mib``: what was measured with the process's defaults.
-
-    By default glibc moves its mmap threshold as the process frees memory, so a loop that makes
-    a 16 MB buffer per layer (the authors' fp32 attention) pays fresh page faults for each in
-    some processes and not in others: 3.5-9.6 tiles/s for the same code on the same tiles, one
-    process to the next. Pinned, that loop runs at 8.0-8.7 (its fast state) and volref's bf16
-    path varies less. Returns the settings (for the JSON), or None where this is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        ok = (libc.mallopt(M_MMAP_THRESHOLD, mmap_mib << 20) == 1
-              and libc.mallopt(M_TRIM_THRESHOLD, trim_mib << 20) == 1)
-    except (OSError, AttributeError, TypeError):
-        return None
-    return {"mmap_threshold_mib": mmap_mib, "trim_threshold_mib": trim_mib} if ok else None
 
 
 def write_json(path: str | None, payload: dict) -> None:

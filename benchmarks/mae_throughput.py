@@ -26,8 +26,9 @@ whether the model saw it or not. Modes:
 same as in the fp32 per-tile loop. ``uncertain_area``: the fraction of the slices' pixels in
 removed patches (uncertainty > tau near a mitochondrion); the issue's skipping target is set for
 about 10 %. FLOP counts are multiply-adds x 2 of what each mode computes (``mae_flops``).
-glibc's malloc thresholds are pinned first (``benchmarks.common.steady_allocator``): otherwise
-the authors' fp32 loop runs at 3.5 or 9.6 tiles/s depending on the process.
+glibc's malloc thresholds are pinned first, as volref's workers pin them
+(``volref.engine.allocator``): otherwise the authors' fp32 loop runs at 3.5 or 9.6 tiles/s
+depending on the process.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import numpy as np
 import torch
 import zarr
 
-from benchmarks.common import machine, parser, steady_allocator, write_json
+from benchmarks.common import machine, parser, write_json
+from volref.engine.allocator import steady_allocator
 from volref.models import kernels
 from volref.models import mae as mae_module
 from volref.models.mae import mae_flops

@@ -148,3 +148,20 @@ def test_specks_are_dropped_by_their_merged_size():
     got, n = _labels_by_blocks(mask, (2, 10, 10), min_voxels=50)
     assert n == 1 and set(np.unique(got)) == {0, 1}
     assert (got[mask] == 1).sum() == 128
+
+
+def test_allocator_pins_glibc_thresholds_and_tasks_release_memory(monkeypatch):
+    import platform
+
+    from volref.engine import allocator, runner
+
+    pinned = allocator.steady_allocator()
+    if platform.libc_ver()[0] == "glibc":
+        assert pinned == {"mmap_threshold": 32 << 20, "trim_threshold": 64 << 20}
+        assert allocator.release_free_memory() in (True, False)  # malloc_trim ran
+    released = []
+    monkeypatch.setattr(runner, "release_free_memory", lambda: released.append(1) or True)
+    assert runner.run_task(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(ZeroDivisionError):  # released after a failing task too
+        runner.run_task(lambda: 1 / 0)
+    assert released == [1, 1]

@@ -23,6 +23,7 @@ from typing import Any
 
 import dask
 
+from volref.engine.allocator import release_free_memory
 from volref.errors import VolrefError
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,8 @@ class Executor:
                 return _Done(fn(*values))
             except Exception as exc:  # noqa: BLE001 - reported per block by the caller
                 return _Done(error=exc)
-        return self.client.submit(fn, *args, key=f"{key}-{self.token}", pure=False, retries=self.retries,
-                                  resources=self._resources(gpu))
+        return self.client.submit(run_task, fn, *args, key=f"{key}-{self.token}", pure=False,
+                                  retries=self.retries, resources=self._resources(gpu))
 
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         if self.client is None:
@@ -187,6 +188,16 @@ def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
         report.results[key] = value
     notify({"event": "block", "stage": stage, "key": key, "ok": error is None,
             "done": report.skipped + report.computed + len(failed), "total": report.total})
+
+
+def run_task(fn: Callable[..., Any], *args: Any) -> Any:
+    """A block task on a worker: ``fn(*args)``, then the worker's free heap pages go back to
+    the OS (:mod:`volref.engine.allocator`), so a worker's resident memory after a task is what
+    it holds, not what the largest task before it freed."""
+    try:
+        return fn(*args)
+    finally:
+        release_free_memory()
 
 
 def worker_address() -> str | None:

@@ -13,9 +13,10 @@ Whatever block asks, a voxel outside the volume reads the same value, so overlap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from volref.engine.allocator import release_free_memory, steady_allocator
 from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.errors import ImageDataError, OutputExistsError
@@ -31,6 +33,18 @@ log = logging.getLogger(__name__)
 
 #: one model forward pass at a time per process (torch already uses every core it is given)
 MODEL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_pass() -> Iterator[None]:
+    """One model pass of a block: under :data:`MODEL_LOCK`, and afterwards the free heap pages
+    go back to the OS (:mod:`volref.engine.allocator`), so peak memory does not creep up with
+    the number of blocks a worker has run."""
+    with MODEL_LOCK:
+        try:
+            yield
+        finally:
+            release_free_memory()
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,10 @@ def device() -> str:
 
 @lru_cache(maxsize=8)
 def cached_model(loader: Callable[..., Any], path: str, digest: str, dev: str) -> Any:
-    """Models load once per worker process, keyed by file hash; never shipped in the graph."""
+    """Models load once per worker process, keyed by file hash; never shipped in the graph.
+    The first load also pins the process's malloc thresholds (:mod:`volref.engine.allocator`):
+    model passes allocate large buffers, which Dask's worker defaults page-fault in afresh."""
+    steady_allocator()
     log.info("loading %s (%s) on %s", path, digest[:12], dev)
     return loader(path, device=dev)
 
