@@ -12,8 +12,8 @@ time in the kernel than in user code (266 s system, 249 s user; in one process: 
 overrides the environment: the demo's ``volref run`` on 2 workers takes 1:34 instead of 3:08.
 Kept on the heap, freed buffers fragment it over many blocks (peak memory per worker grew
 1.37x from a 1x to an 8x volume), so :func:`release_free_memory` hands free heap pages back to
-the OS (``malloc_trim``) after each block's model pass: page faults once per block instead of
-once per buffer. Where the C library is not glibc both do nothing.
+the OS (``malloc_trim``) after each block task (``volref.engine.runner.run_task``): page faults
+once per task instead of once per buffer. Where the C library is not glibc both do nothing.
 """
 
 from __future__ import annotations

@@ -13,10 +13,9 @@ Whatever block asks, a voxel outside the volume reads the same value, so overlap
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from volref.engine.allocator import release_free_memory, steady_allocator
+from volref.engine.allocator import steady_allocator
 from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.errors import ImageDataError, OutputExistsError
@@ -33,18 +32,6 @@ log = logging.getLogger(__name__)
 
 #: one model forward pass at a time per process (torch already uses every core it is given)
 MODEL_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def model_pass() -> Iterator[None]:
-    """One model pass of a block: under :data:`MODEL_LOCK`, and afterwards the free heap pages
-    go back to the OS (:mod:`volref.engine.allocator`), so peak memory does not creep up with
-    the number of blocks a worker has run."""
-    with MODEL_LOCK:
-        try:
-            yield
-        finally:
-            release_free_memory()
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ from volref.models.registry import (
     refiner_method,
 )
 from volref.pipeline.blocks import (
+    MODEL_LOCK,
     Source,
     cached_model,
     device,
-    model_pass,
     open_outputs,
     require_done,
 )
@@ -188,7 +188,7 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "zero"))
         image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
             if job.image is not None else None
-        with model_pass():
+        with MODEL_LOCK:
             out = refine_region(mae, labels, unc, s, device=dev, image=image)
         job.refined.write(block, out.labels)
         stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
@@ -214,7 +214,7 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
     raw = job.image.read((z0 - 1, ys - h, xs - h), (z1 + 1, ye + h, xe + h), "mirror")
     stack = normalise(raw, job.intensity)
-    with model_pass():
+    with MODEL_LOCK:
         probs = segment_probabilities(ens, stack, seg, device=dev)
     win = (slice(y0 - m - ys, y1 + m - ys), slice(x0 - m - xs, x1 + m - xs))
     image = stack[1:-1, h:-h, h:-h][(slice(None),) + win]

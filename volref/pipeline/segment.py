@@ -47,7 +47,7 @@ from volref.io import (
 )
 from volref.io.store import has_member
 from volref.models.registry import DEFAULT_SEGMENTER, file_hash, load_segmenter
-from volref.pipeline.blocks import Source, cached_model, device, model_pass, open_outputs
+from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device, open_outputs
 from volref.pipeline.store import record_provenance
 from volref.stages.normalise import IntensityRange, normalise, range_of
 from volref.stages.segment import SegmentSettings, segment_slices, uncertainty_to_uint8
@@ -165,7 +165,7 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     stack = normalise(raw, job.intensity)
     dev = device()
     ensemble = cached_model(load_segmenter, *job.model, dev)
-    with model_pass():
+    with MODEL_LOCK:
         labels, unc = segment_slices(ensemble, stack, s, device=dev)
     core = (slice(None), slice(0, y1 - y0), slice(0, x1 - x0))
     job.labels.write(block, labels[core])
