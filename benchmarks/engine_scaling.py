@@ -147,11 +147,15 @@ def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
            "voxels_per_s": voxels / wall,
            "stages_s": {r.stage: r.seconds for r in result.reports},
            "peak_rss_gib_per_worker": {w: m / 2**30 for w, m in result.peak_memory.items()},
-           "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30}
+           "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30,
+           "peak_rss_gib_after_stage": {s: max(p.values()) / 2**30
+                                        for s, p in result.stage_peak_memory.items()}}
     print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {workers} workers {len(result.grid):>4} "
           f"blocks {wall:8.1f} s {voxels / wall / 1e3:8.1f} kvoxel/s  peak/worker "
           f"{row['peak_rss_gib_max']:.2f} GiB  "
-          + " ".join(f"{s}={t:.0f}s" for s, t in row["stages_s"].items()), flush=True)
+          + " ".join(f"{s}={t:.0f}s" for s, t in row["stages_s"].items()) + "  peak after "
+          + " ".join(f"{s}={g:.2f}" for s, g in row["peak_rss_gib_after_stage"].items()),
+          flush=True)
     return row
 
 

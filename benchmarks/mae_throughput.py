@@ -28,7 +28,7 @@ removed patches (uncertainty > tau near a mitochondrion); the issue's skipping t
 about 10 %. FLOP counts are multiply-adds x 2 of what each mode computes (``mae_flops``).
 glibc's malloc thresholds are pinned first, as volref's workers pin them
 (``volref.engine.allocator``): otherwise the authors' fp32 loop runs at 3.5 or 9.6 tiles/s
-depending on the process.
+depending on the process; their kernel caches are capped as there too.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 import zarr
 
 from benchmarks.common import machine, parser, write_json
-from volref.engine.allocator import steady_allocator
+from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.models import kernels
 from volref.models import mae as mae_module
 from volref.models.mae import mae_flops
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.slices, args.repeats = 1, 1
     allocator = steady_allocator()
+    kernel_caches = bounded_kernel_caches()  # as in volref's workers
     settings = RefineSettings()
     model = load_refiner(DEFAULT_REFINER)
     tiles, uncertain = tiles_of(args.store, args.slices, settings)
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['vs_per_tile_loop']:>7.2f}x {row.get('agreement', 1.0):>7.4f}")
     payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
                "native_softmax": kernels.native_softmax() is not None, "allocator": allocator,
+               "kernel_caches": kernel_caches,
                "store": args.store, "slices": args.slices, "repeats": args.repeats,
                "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(), **rows}
     write_json(args.json, payload)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from volref.engine.allocator import steady_allocator
+from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.errors import ImageDataError, OutputExistsError
@@ -118,9 +118,11 @@ def device() -> str:
 @lru_cache(maxsize=8)
 def cached_model(loader: Callable[..., Any], path: str, digest: str, dev: str) -> Any:
     """Models load once per worker process, keyed by file hash; never shipped in the graph.
-    The first load also pins the process's malloc thresholds (:mod:`volref.engine.allocator`):
-    model passes allocate large buffers, which Dask's worker defaults page-fault in afresh."""
+    The first load also pins the process's malloc thresholds and caps its kernel caches
+    (:mod:`volref.engine.allocator`): model passes allocate large buffers, which Dask's worker
+    defaults page-fault in afresh, and give matrix products many shapes, each cached."""
     steady_allocator()
+    bounded_kernel_caches()
     log.info("loading %s (%s) on %s", path, digest[:12], dev)
     return loader(path, device=dev)
 

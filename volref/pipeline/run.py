@@ -57,6 +57,9 @@ class RunResult:
     dashboard: str | None
     reports: list[StageReport]
     peak_memory: dict[str, int] = field(default_factory=dict)  # bytes per worker
+    #: each worker's peak so far, read after each stage (peaks only grow: the stage whose
+    #: reading rises is the one that set it)
+    stage_peak_memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def report(self, stage: str) -> StageReport | None:
         return next((r for r in self.reports if r.stage == stage), None)
@@ -111,6 +114,7 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
     block_grid(vol, settings, stages)  # a bad block shape fails before a cluster starts
     root, where = open_target(location, vol.multiscale, output)
     reports: list[StageReport] = []
+    peaks: dict[str, dict[str, int]] = {}
     with lock(root, where), connect(cluster) as conn:
         if on_connect is not None:
             on_connect(conn)
@@ -134,8 +138,9 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
             else:
                 rep = measure(vol, root, grid, executor, csv=settings.csv, **common)
             reports.append(rep)
-        peaks = peak_memory(conn.client)
-    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, peaks)
+            peaks[stage] = peak_memory(conn.client)
+        final = peak_memory(conn.client)
+    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, final, peaks)
 
 
 def run_block(location: str | os.PathLike, index: Sequence[int], *,
