@@ -346,3 +346,15 @@ def test_shipped_models_find_every_mitochondrion_of_a_clean_phantom(tmp_path):
     for t in np.unique(truth)[1:]:
         found = set(np.unique(ids[truth == t]).tolist()) - {0}
         assert len(found) == 1
+
+
+def test_cli_with_worker_processes_keeps_dask_chatter_quiet(phantom_copy, models):
+    """distributed sets its log levels from the Dask config at import, in the client and in
+    every worker it spawns: without -vv a run prints volref's lines, not Dask's INFO log."""
+    seg, _ = models
+    cmd = [sys.executable, "-m", "volref.cli.main", "-q", "segment", str(phantom_copy),
+           "--segmenter", seg, "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "segment" in proc.stdout
+    assert "INFO" not in proc.stderr and "distributed." not in proc.stderr, proc.stderr[:2000]

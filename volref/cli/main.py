@@ -32,9 +32,15 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Refine mitochondria segmentations in OME-Zarr z-stacks."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    # Dask's loggers keep their own INFO level; show their chatter only with -vv
+    # Dask's loggers keep their own INFO level; show their chatter only with -vv. distributed
+    # sets its levels from the Dask config when it is first imported (in this process and in
+    # every worker it spawns), so the level goes into the config as well as onto the loggers.
+    dask_level = "debug" if verbose >= 2 else "warning"
+    dask.config.set({"distributed.logging": {"distributed": dask_level,
+                                             "distributed.client": dask_level,
+                                             "bokeh": "error", "tornado": "critical"}})
     for name in ("distributed", "dask_cuda"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+        logging.getLogger(name).setLevel(dask_level.upper())
     ctx.obj = {"progress": not quiet}
 
 

@@ -108,7 +108,8 @@ def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor
                                                  key=f"summary-{b.key}") for b in blocks])
     pair_values = executor.gather([p[3] for p in pairs])
     del labelled  # release the faces
-    notify({"event": "end", "stage": "instances: faces", "blocks": len(blocks)})
+    notify({"event": "end", "stage": "instances: faces", "blocks": len(blocks),
+            "computed": len(blocks), "seconds": time.perf_counter() - start})
     # step 3 here
     number = {b.index: i for i, b in enumerate(blocks)}
     block_voxels = int(np.prod(grid.block))
