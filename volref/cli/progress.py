@@ -11,10 +11,20 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+def progress_bar(console: Console, label: str, *middle: ProgressColumn) -> Progress:
+    """A started rich bar on ``console``: label, bar, done / total, ``middle``, elapsed, ETA."""
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *middle,
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   console=console)
+    bar.start()
+    return bar
 
 
 class DaskProgress(Callback):
@@ -37,11 +47,8 @@ class DaskProgress(Callback):
         self._ntasks = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
         self._start = time.perf_counter()
         if self.enabled and self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("tasks"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=self.console, transient=False)
-            self._progress.start()
+            self._progress = progress_bar(self.console, "[bold]{task.description}",
+                                          TextColumn("tasks"))
             self._task = self._progress.add_task(self.description, total=self._ntasks)
 
     def _posttask(self, key, result, dsk, state, worker_id):
@@ -68,11 +75,8 @@ class EngineProgress:
 
     def __enter__(self) -> EngineProgress:
         if self.enabled and self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("blocks"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=self.console, transient=False)
-            self._progress.start()
+            self._progress = progress_bar(self.console, "[bold]{task.description:<22}",
+                                          TextColumn("blocks"))
         return self
 
     def __call__(self, event: dict) -> None:

@@ -7,14 +7,9 @@ import sys
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn
+
+from volref.cli.progress import progress_bar
 
 
 class TrainingProgress:
@@ -29,11 +24,8 @@ class TrainingProgress:
 
     def __enter__(self) -> TrainingProgress:
         if self.enabled:
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=self.console)
-            self.progress.start()
+            self.progress = progress_bar(self.console, "[bold]{task.description}",
+                                         TextColumn("loss {task.fields[loss]:.4f}"))
         return self
 
     def __call__(self, event: dict) -> None:

@@ -42,15 +42,15 @@ from volref.models.checkpoint import save_model
 from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.mae import MAEConfig, MaskedAutoencoder
 from volref.models.registry import CNNAE_KIND, REFINER_KIND, file_hash, load_refiner
+from volref.train.schedule import Observer, cosine_lr
+from volref.train.state import load_state, save_state
+
+log = logging.getLogger(__name__)
 
 METHODS = ("mae", "mae-x", "cnn-ae")
 #: the file a training run writes, per method (the names volref ships them under)
 MODEL_FILES = {"mae": "refiner.safetensors", "mae-x": "mae-x.safetensors",
                "cnn-ae": "cnn-ae.safetensors"}
-from volref.train.schedule import Observer, cosine_lr
-from volref.train.state import load_state, save_state
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
