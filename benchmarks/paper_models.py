@@ -209,6 +209,9 @@ def _report(result: dict, out: str | None) -> None:
         + " | ".join(f"{r['micro_dice']['0.1']:.3f}" for r in result["table1"]) + " |",
         "| … same, uncertainty < 0.4 | "
         + " | ".join(f"{r['micro_dice']['0.4']:.3f}" for r in result["table1"]) + " |",
+        *[f"| … recall of {c} among those pixels | "
+          + " | ".join(f"{r['recall']['0.1'][c]:.3f}" for r in result["table1"]) + " |"
+          for c in CLASS_NAMES],
         "| volref MAE, strict: every removed pixel, per-class Dice, mean of 4 classes | "
         + " | ".join(f"{r['mean_dice']:.3f}" for r in result["table1"]) + " |",
         "| volref MAE, whole tile after refilling removed patches | "

@@ -63,6 +63,7 @@ def test_clear_tiles_and_reconstruction_dice():
     torch.manual_seed(0)
     r = reconstruction_dice(MaskedAutoencoder(TINY_MAE).eval(), tiles, ratio=0.5)
     assert 0.0 <= r["mean_dice"] <= 1.0 and r["tiles"] == 7
+    assert all(0.0 <= v <= 1.0 for v in r["recall"]["0.1"].values())
     n = r["micro_dice_pixels"]
     assert 0 < n["0.1"] < n["0.4"]  # the right-half tiles count only below 0.4
     assert 0.0 <= r["micro_dice"]["0.1"] <= 1.0
@@ -83,3 +84,13 @@ def test_reconstruction_dice_of_a_perfect_model_is_one():
     r = reconstruction_dice(Oracle(TINY_MAE).eval(), tiles, ratio=0.9)
     assert r["mean_tile_dice"] == 1.0 and r["pixel_accuracy"] == 1.0
     assert r["micro_dice"] == {"0.1": 1.0, "0.4": 1.0}
+    assert set(r["recall"]["0.1"].values()) == {1.0}
+
+    class CristaeBlind(MaskedAutoencoder):  # rebuilds cristae as matrix, all else right
+        def forward(self, labels, mask, offset=(0, 0), pad_to=None):
+            blind = torch.where(labels == 2, 3, labels.long())
+            return torch.nn.functional.one_hot(blind, 4).permute(0, 3, 1, 2).float()
+
+    r = reconstruction_dice(CristaeBlind(TINY_MAE).eval(), tiles, ratio=0.9)
+    recall = r["recall"]["0.1"]
+    assert recall["cristae"] == 0.0 and recall["matrix"] == 1.0 and r["micro_dice"]["0.1"] < 1

@@ -105,7 +105,9 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
       reconstruction into the removed patches only, as refinement does;
     * ``micro_dice[t]``: micro-averaged Dice (= the fraction of pixels right) on removed pixels
       within 10 px of a mitochondrion whose uncertainty is below ``t`` — how the authors'
-      reconstruction experiment scores its Table 1 (needs ``tiles.uncertainty``).
+      reconstruction experiment scores its Table 1 (needs ``tiles.uncertainty``);
+      ``recall[t]``, per class, the share of those pixels rebuilt as their own class (which
+      class the misses are).
     """
     rng = np.random.default_rng(seed)
     p = model.config.patch
@@ -113,6 +115,7 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
     inter, total = np.zeros(N_CLASSES), np.zeros(N_CLASSES)
     tile_inter, tile_total = np.zeros(N_CLASSES), np.zeros(N_CLASSES)
     right = {t: [0, 0] for t in SCORE_CERTAIN_BELOW}
+    confusion = {t: np.zeros((N_CLASSES, N_CLASSES), np.int64) for t in SCORE_CERTAIN_BELOW}
     accuracy = [0, 0]
     for i in range(0, len(tiles.labels), batch):
         labs = tiles.labels[i:i + batch]
@@ -143,6 +146,7 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
                 scored = pix & near & (unc < t)
                 right[t][0] += int(hit[scored].sum())
                 right[t][1] += int(scored.sum())
+                np.add.at(confusion[t], (labs[scored], pred[scored]), 1)
     per_class = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
     per_tile = np.where(tile_total > 0, 2 * tile_inter / np.maximum(tile_total, 1), 1.0)
     out = {"ratio": ratio, "tiles": int(len(tiles.labels)),
@@ -154,6 +158,8 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
     if tiles.uncertainty is not None:
         out["micro_dice"] = {f"{t:g}": r[0] / max(r[1], 1) for t, r in right.items()}
         out["micro_dice_pixels"] = {f"{t:g}": r[1] for t, r in right.items()}
+        out["recall"] = {f"{t:g}": {CLASS_NAMES[c]: float(m[c, c] / max(m[c].sum(), 1))
+                                    for c in range(N_CLASSES)} for t, m in confusion.items()}
     return out
 
 
