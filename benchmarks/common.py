@@ -65,6 +65,51 @@ def parser(doc: str, quick: str, repeats: int | None = None) -> argparse.Argumen
     return ap
 
 
+def add_device(ap: argparse.ArgumentParser) -> None:
+    """``--device``: where a model benchmark runs (default: the GPU when there is one)."""
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
 def command(module: str, argv: list[str] | None) -> str:
     """The command line that made a result (``argv`` None: this process's own arguments)."""
     return f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def default_device() -> str:
+    """Where the model benchmarks run unless ``--device`` says: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (timings on a GPU must not stop before it ends)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matrix_rates(device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+    """Measured matrix-product rate (GFLOP/s) of ``device`` in fp32 and bf16: the ceiling a
+    model's achieved GFLOP/s is compared to (n = 2048 on the CPU, 8192 on a GPU)."""
+    import statistics
+
+    import torch
+
+    n = 8192 if str(device).startswith("cuda") else 2048
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        a @ b
+        synchronize(device)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+        out[name] = 2 * n ** 3 / statistics.median(times) / 1e9
+    print("matrix product rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in out.items()))
+    return out

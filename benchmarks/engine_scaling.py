@@ -7,7 +7,8 @@ voxels/s and peak memory per worker.
 Each size is ``k`` copies of one base phantom stacked along z (so every size holds the same
 content per voxel: a fresh phantom per size would hold a different number of mitochondria and
 degraded areas, and refinement time follows those), run on a fresh local cluster of
-``--workers`` single-threaded worker processes with the shipped models and one block shape for
+``--workers`` single-threaded worker processes (on a machine with GPUs: one worker per GPU,
+as ``volref run`` starts them) with the shipped models and one block shape for
 every size (the default shape would give the smallest volume smaller blocks, whose overlapping
 tiles cost more per voxel). ``--worker-sweep`` then runs the base volume again on
 each number of workers. Peak memory is each worker process's maximum resident set since it
@@ -15,8 +16,9 @@ started (getrusage), read before the cluster closes. With ``--repeats N`` every 
 times, the sizes interleaved (1x, 2x, ..., 1x, 2x, ...) so that a slow spell of the machine
 does not fall on one size; rows hold the median wall time (min and max beside it), and a
 least-squares line ``wall = fixed + per_voxel * voxels`` through the medians separates the
-fixed start (cluster, model loading) from the work that grows with the volume. ``--quick`` uses a smaller base volume
-(for a smoke run; numbers are not comparable).
+fixed start (cluster, model loading) from the work that grows with the volume; the line also
+projects the time for the paper's dataset (12 stacks of 2048x2048x150, 7.5 Gvoxel) on this
+machine. ``--quick`` uses a smaller base volume (for a smoke run; numbers are not comparable).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from volref.engine.cluster import ClusterSpec
 from volref.io.ngff import Axis
 from volref.io.write import create_multiscale, default_levels, pyramid_geometry, store_pyramid
 from volref.pipeline import write_phantom
-from volref.pipeline.run import RunSettings, run
+from volref.pipeline.run import RunSettings, gpu_count, run
 from volref.synth import SynthConfig
 
 
@@ -54,6 +56,10 @@ def stacked(base_image: Path, image: Path, k: int, chunks: tuple[int, int, int])
     with dask.config.set(scheduler="threads"):
         dask.compute(store_pyramid(data.rechunk(chunks), arrays, "mean"))
     return data.shape
+
+
+#: the paper's dataset: 12 z-stacks of 2048 x 2048 x 150 voxels
+PAPER_VOXELS = 12 * 150 * 2048 * 2048
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     if line:
         print(f"wall = {line['fixed_s']:.1f} s + {line['s_per_mvoxel']:.2f} s/Mvoxel; "
               f"largest deviation of a median from the line {line['max_deviation']:.1%}")
+        line["paper_dataset_s"] = line["fixed_s"] + line["s_per_mvoxel"] * PAPER_VOXELS / 1e6
+        print(f"projected for the paper's data (12 stacks of 2048x2048x150, "
+              f"{PAPER_VOXELS / 1e9:.2f} Gvoxel) on this machine: "
+              f"{line['paper_dataset_s'] / 60:.1f} min")
     for row in sweep[1:]:
         row["speedup_vs_first"] = row["voxels_per_s"] / sweep[0]["voxels_per_s"]
         print(f"{row['workers']} workers vs {sweep[0]['workers']}: "
@@ -131,6 +141,13 @@ def fit_line(rows: list[dict]) -> dict:
             "deviation": deviation}
 
 
+def cluster_for(workers: int) -> ClusterSpec:
+    """``workers`` CPU worker processes; on a machine with GPUs, one worker per GPU instead
+    (dask-cuda), as ``volref run`` starts them."""
+    gpus = gpu_count()
+    return ClusterSpec(gpus=gpus) if gpus else ClusterSpec(workers=workers)
+
+
 def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
             block: tuple[int, int, int], workers: int, k: int) -> dict:
     image = work / f"phantom-{k}x-{workers}w.ome.zarr"
@@ -139,7 +156,7 @@ def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
     shape = stacked(base_image, image, k, chunks)
     start = time.perf_counter()
     result = run(image, settings=RunSettings(block_shape=block),
-                 cluster=ClusterSpec(workers=workers))
+                 cluster=cluster_for(workers))
     wall = time.perf_counter() - start
     voxels = math.prod(shape)
     row = {"multiple": k, "shape": shape, "voxels": voxels, "workers": workers,

@@ -2,7 +2,11 @@
 batched (vmapped) K-member pass, and volref's ``Ensemble.predict`` as it runs on this device,
 in fp32 and bf16, side by side in one run.
 
-    python -m benchmarks.ensemble_throughput [--batch 4] [--repeats 5] [--quick] [--json OUT]
+    python -m benchmarks.ensemble_throughput [--batch 4] [--repeats 5] [--device cpu|cuda]
+        [--quick] [--json OUT]
+
+Runs on the GPU when there is one (``--device``; use a larger ``--batch`` there, e.g. 32), and
+compares GFLOP/s with the matrix-product rate measured on the same device.
 
 Input: ``--batch`` windows of 3 x 320 x 320 (SegmentSettings: 256-px tiles with a 32-px halo),
 random values (speed does not depend on them). Voxels count the tiles' cores (256 x 256 per
@@ -18,7 +22,15 @@ import time
 
 import torch
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import (
+    add_device,
+    default_device,
+    machine,
+    matrix_rates,
+    parser,
+    synchronize,
+    write_json,
+)
 from volref.models.precision import PRECISIONS, in_precision
 from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
 from volref.stages.segment import SegmentSettings
@@ -36,18 +48,20 @@ def unet_flops(member: torch.nn.Module, shape: tuple[int, ...]) -> float:
     handles = [m.register_forward_hook(hook) for m in member.modules()
                if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
     with torch.no_grad():
-        member(torch.zeros(shape))
+        member(torch.zeros(shape, device=next(member.parameters()).device))
     for h in handles:
         h.remove()
     return total
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn, repeats: int, device: str = "cpu") -> list[float]:
     fn()  # warm-up
+    synchronize(device)
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        synchronize(device)
         out.append(time.perf_counter() - t)
     return out
 
@@ -55,14 +69,16 @@ def timed(fn, repeats: int) -> list[float]:
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, quick="2 repeats", repeats=5)
     ap.add_argument("--batch", type=int, default=4)
+    add_device(ap)
     args = ap.parse_args(argv)
+    dev = args.device or default_device()
     if args.quick:
         args.repeats = 2
     s = SegmentSettings()
     w = s.tile + 2 * s.halo
-    ensemble = load_segmenter(DEFAULT_SEGMENTER)
+    ensemble = load_segmenter(DEFAULT_SEGMENTER, device=dev)
     k = len(ensemble.members)
-    x32 = torch.randn(args.batch, ensemble.config.in_slices, w, w)
+    x32 = torch.randn(args.batch, ensemble.config.in_slices, w, w, device=dev)
     voxels = args.batch * s.tile * s.tile
     flops_member = unet_flops(ensemble.members[0], tuple(x32.shape))
     rows = {}
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for mode, (fn, members) in modes.items():
             with torch.no_grad():
-                secs = timed(fn, args.repeats)
+                secs = timed(fn, args.repeats, dev)
             med = statistics.median(secs)
             rows[f"{mode}_{precision}"] = {
                 "members": members, "precision": precision, "seconds": secs, "median_s": med,
@@ -87,13 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
     base = rows["batched_ensemble_fp32"]["voxels_per_s"]
     print(f"{args.batch} windows of 3x{w}x{w} ({voxels} voxels), K = {k}, "
           f"{flops_member / (args.batch * s.tile * s.tile):.0f} FLOP per voxel per member, "
-          f"{torch.get_num_threads()} threads")
+          f"on {dev}, {torch.get_num_threads()} threads")
     print(f"{'mode':<26} {'median s':>9} {'Mvoxel/s':>9} {'GFLOP/s':>8} {'vs fp32 ens':>11}")
     for name, row in rows.items():
         row["vs_batched_ensemble_fp32"] = row["voxels_per_s"] / base
         print(f"{name:<26} {row['median_s']:>9.3f} {row['voxels_per_s'] / 1e6:>9.3f} "
               f"{row['gflop_per_s']:>8.1f} {row['vs_batched_ensemble_fp32']:>10.2f}x")
-    payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
+    payload = {"machine": machine(), "device": dev, "torch_threads": torch.get_num_threads(),
+               "matrix_rate_gflop_per_s": matrix_rates(dev),
                "batch": args.batch, "window": w, "core": s.tile, "members": k,
                "flop_per_voxel_per_member": flops_member / voxels, "repeats": args.repeats,
                **rows}

@@ -2,7 +2,10 @@
 skipping, on the same tiles and weights, side by side in one run.
 
     python -m benchmarks.mae_throughput [--store STORE] [--slices 2] [--repeats 3]
-                                        [--quick] [--json OUT]
+                                        [--device cpu|cuda] [--quick] [--json OUT]
+
+Runs on the GPU when there is one (``--device``): there the batched modes send batches of 32
+tiles (``RefineSettings.batch_for``) and the matrix rate is measured on the GPU.
 
 Tiles are every 128-px tile of the global grid (stride 64) over ``--slices`` z-slices of a store
 that ``volref segment`` (or ``run``) has segmented. tiles/s counts every tile of those slices,
@@ -14,7 +17,8 @@ whether the model saw it or not. Modes:
 * ``per_tile_loop_sdpa``: the same loop with volref's fp32 attention
   (``scaled_dot_product_attention``) — a stronger baseline, reported beside it;
 * ``batched``: volref's dense path (``RefineSettings()``: bf16 weights, the batch it picks for
-  the device — on the CPU one tile per core, side by side), every tile through the model;
+  the device — on the CPU one tile per core, side by side; 32 on a GPU), every tile through
+  the model;
 * ``batched_torch_softmax``: the same with volref's compiled softmax switched off (PyTorch's
   softmax in the attention; what runs where the kernel cannot: ``volref.models.kernels``);
 * ``batched_skipping``: volref's path with ``--blend window``: only tiles holding a removed
@@ -41,7 +45,14 @@ import numpy as np
 import torch
 import zarr
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import (
+    add_device,
+    default_device,
+    machine,
+    matrix_rates,
+    parser,
+    write_json,
+)
 from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.models import kernels
 from volref.models import mae as mae_module
@@ -113,22 +124,24 @@ def authors_attention():
 
 
 @torch.no_grad()
-def run_mode(model, tiles, mode: str) -> tuple[float, int, float, list[np.ndarray]]:
-    """Seconds, tiles seen by the model, FLOPs spent, and each seen tile's classes of its
-    removed pixels."""
+def run_mode(model, tiles, mode: str, device: str = "cpu"
+             ) -> tuple[float, int, float, list[np.ndarray]]:
+    """Seconds, tiles seen by the model (on ``device``), FLOPs spent, and each seen tile's
+    classes of its removed pixels."""
     g2 = (model.config.tile // model.config.patch) ** 2
     todo = [(lab, r) for lab, r in tiles if runs_tile(r, mode)]
     if mode.startswith("per_tile_loop"):
         net, batch = model, 1
     else:
         settings = RefineSettings()
-        net, batch = in_precision(model, settings.precision), settings.batch_for("cpu")
+        net, batch = in_precision(model, settings.precision), settings.batch_for(device)
     padded = batch > 1
     flops = sum(mae_flops(model.config, g2 if padded else int((~r).sum()), g2) for _, r in todo)
     ctx = (authors_attention() if mode == "per_tile_loop"
            else kernels.native_off() if mode == "batched_torch_softmax"
            else contextlib.nullcontext())
-    lanes = 1 if mode.startswith("per_tile_loop") or padded else torch.get_num_threads()
+    lanes = 1 if mode.startswith("per_tile_loop") or padded or device != "cpu" \
+        else torch.get_num_threads()
 
     @torch.no_grad()
     def forward(part):
@@ -136,8 +149,9 @@ def run_mode(model, tiles, mode: str) -> tuple[float, int, float, list[np.ndarra
         masks = np.zeros((batch, g2), dtype=bool)
         for k, (lab, r) in enumerate(part):
             labs[k], masks[k] = lab, r.ravel()
-        logits = net(torch.from_numpy(labs), torch.from_numpy(masks), pad_to=g2 if padded else None)
-        return logits[:len(part)].argmax(dim=1).to(torch.uint8).numpy()
+        logits = net(torch.from_numpy(labs).to(device), torch.from_numpy(masks).to(device),
+                     pad_to=g2 if padded else None)
+        return logits[:len(part)].argmax(dim=1).to(torch.uint8).cpu().numpy()  # waits for it
 
     with ctx:
         start = time.perf_counter()
@@ -157,20 +171,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, quick="1 slice, 1 repeat", repeats=3)
     ap.add_argument("--store", default="demo/phantom.ome.zarr")
     ap.add_argument("--slices", type=int, default=2)
+    add_device(ap)
     args = ap.parse_args(argv)
+    dev = args.device or default_device()
     if args.quick:
         args.slices, args.repeats = 1, 1
     allocator = steady_allocator()
     kernel_caches = bounded_kernel_caches()  # as in volref's workers
     settings = RefineSettings()
-    model = load_refiner(DEFAULT_REFINER)
+    model = load_refiner(DEFAULT_REFINER, device=dev)
     tiles, uncertain = tiles_of(args.store, args.slices, settings)
-    print(f"{len(tiles)} tiles, uncertain area {100 * uncertain:.1f} %, "
+    print(f"{len(tiles)} tiles, uncertain area {100 * uncertain:.1f} %, on {dev}, "
           f"{torch.get_num_threads()} threads", flush=True)
     rows, reference = {}, None
     for _ in range(args.repeats):  # modes interleaved, so drifts of a shared machine hit all
         for mode in MODES:
-            secs, seen, flops, classes = run_mode(model, tiles, mode)
+            secs, seen, flops, classes = run_mode(model, tiles, mode, dev)
             row = rows.setdefault(mode, {"tiles": len(tiles), "tiles_run": seen, "seconds": [],
                                          "flops": flops})
             row["seconds"].append(secs)
@@ -197,30 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{mode:<24} {row['tiles_run']:>9} {row['median_s']:>9.2f} "
               f"{row['tiles_per_s']:>8.2f} {row['gflop_per_s']:>8.1f} "
               f"{row['vs_per_tile_loop']:>7.2f}x {row.get('agreement', 1.0):>7.4f}")
-    payload = {"machine": machine(), "torch_threads": torch.get_num_threads(),
+    payload = {"machine": machine(), "device": dev, "torch_threads": torch.get_num_threads(),
                "native_softmax": kernels.native_softmax() is not None, "allocator": allocator,
                "kernel_caches": kernel_caches,
                "store": args.store, "slices": args.slices, "repeats": args.repeats,
-               "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(), **rows}
+               "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(dev), **rows}
     write_json(args.json, payload)
     return payload
-
-
-def matrix_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Measured matrix-product rate (GFLOP/s) of this machine in fp32 and bf16, the ceiling each
-    mode's GFLOP/s is compared to."""
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        out[name] = 2 * n ** 3 / statistics.median(times) / 1e9
-    print("matrix product rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in out.items()))
-    return out
 
 
 if __name__ == "__main__":
