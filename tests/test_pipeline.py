@@ -65,6 +65,13 @@ def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phanto
     assert result.cluster.startswith("local cluster (2 workers)")
     assert result.dashboard.startswith("http://127.0.0.1:")  # loopback only
     assert_same(b, expected)
+    # each worker's peak after every stage: one reading per worker, never falling, the last
+    # equal to the run's peak
+    peaks = result.stage_peak_memory
+    assert list(peaks) == ["segment", "refine", "instances", "measure"]
+    for worker, peak in result.peak_memory.items():
+        readings = [peaks[stage][worker] for stage in peaks]
+        assert readings == sorted(readings) and 0 < readings[-1] <= peak
 
 
 def test_same_bytes_for_another_chunking_of_the_image(reference, small_phantom, models,

@@ -11,10 +11,10 @@ time in the kernel than in user code (266 s system, 249 s user; in one process: 
 :func:`steady_allocator` pins the values glibc's own dynamic rule settles at (mmap threshold
 32 MiB, its maximum; trim threshold twice that), once per process, through ``mallopt``, which
 overrides the environment: the demo's ``volref run`` on 2 workers takes 1:34 instead of 3:08.
-Kept on the heap, freed buffers fragment it over many blocks (peak memory per worker grew
-1.37x from a 1x to an 8x volume), so :func:`release_free_memory` hands free heap pages back to
-the OS (``malloc_trim``) after each block task (``volref.engine.runner.run_task``): page faults
-once per task instead of once per buffer. Where the C library is not glibc both do nothing.
+Kept on the heap, freed buffers would stay resident between tasks, so
+:func:`release_free_memory` hands free heap pages back to the OS (``malloc_trim``) after each
+block task (``volref.engine.runner.run_task``): page faults once per task instead of once per
+buffer. Where the C library is not glibc both do nothing.
 
 On the CPU the MAE encodes exactly a tile's visible patches, so almost every tile gives its
 matrix products a new shape. oneDNN keeps a compiled primitive per shape
