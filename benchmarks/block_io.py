@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import command, machine, parser, write_json
 from volref.engine.runner import run_task
 from volref.io import open_image
 from volref.pipeline import blocks
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         undo()
         shutil.rmtree(work, ignore_errors=True)
     payload = {"machine": machine(), "store": args.store, "torch_threads": 1, "stages": rows,
-               "command": "python -m benchmarks.block_io " + " ".join(argv or [])}
+               "command": command("block_io", argv)}
     write_json(args.json, payload)
     return payload
 

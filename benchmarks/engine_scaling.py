@@ -34,7 +34,7 @@ import dask
 import dask.array as da
 import zarr
 
-from benchmarks.common import machine, parser, write_json
+from benchmarks.common import command, machine, parser, write_json
 from volref.engine.cluster import ClusterSpec
 from volref.io.ngff import Axis
 from volref.io.write import create_multiscale, default_levels, pyramid_geometry, store_pyramid
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['speedup_vs_first']:.2f}x voxels/s")
     payload = {"machine": machine(), "workers": args.workers, "block": block,
                "repeats": args.repeats, "rows": rows, "line": line, "worker_sweep": sweep,
-               "command": "python -m benchmarks.engine_scaling " + " ".join(argv or [])}
+               "command": command("engine_scaling", argv)}
     write_json(args.json, payload)
     return payload
 
