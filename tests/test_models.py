@@ -133,6 +133,22 @@ def test_refine_changes_only_removed_pixels():
     assert out.removed.sum() == 16
     np.testing.assert_array_equal(out.labels[~out.removed], labels[~out.removed])
     assert out.tiles_run < out.tiles_total  # tiles without a removed patch skip the MAE
+    np.testing.assert_array_equal(out.rebuilt, out.removed)
+
+
+def test_rebuilt_leaves_out_tiles_with_every_patch_removed():
+    """A tile whose patches are all removed has nothing to rebuild from: its pixels stay
+    removed but not rebuilt, and keep their class."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(TINY_MAE).eval()
+    labels, unc = _scene()
+    unc[16:48, 16:48] = 0.9  # a whole tile (32 px) and more of the mitochondrion
+    settings = RefineSettings(tile=32, stride=16, tau=0.4, near_px=8)
+    m = settings.margin
+    out = refine_slice(model, np.pad(labels, m), np.pad(unc, m), settings)
+    kept = out.removed & ~out.rebuilt
+    assert kept.any() and out.rebuilt.any() and not (out.rebuilt & ~out.removed).any()
+    np.testing.assert_array_equal(out.labels[kept], labels[kept])
 
 
 def test_refine_skips_everything_when_certain():

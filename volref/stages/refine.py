@@ -120,6 +120,7 @@ def window(tile: int) -> np.ndarray:
 class Refined:
     labels: np.ndarray  # (nz, Y, X) uint8
     removed: np.ndarray  # (nz, Y, X) bool, pixels of removed patches
+    rebuilt: np.ndarray  # (nz, Y, X) bool, pixels the model set (not those of skipped tiles)
     tiles_total: int  # tiles of the grid that touch the region's core
     tiles_run: int  # of those, the ones the MAE saw (the others hold no removed patch)
 
@@ -197,6 +198,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     else:
         win = window(t)
     out = lab[:, c:c + ny, c:c + nx].copy()
+    rebuilt = np.zeros(out.shape, dtype=bool)
     removed = np.repeat(np.repeat(remove, p, axis=1), p, axis=2)
     acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -205,6 +207,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         core = (slice(c, c + ny), slice(c, c + nx))
         sel = w[core] > 0 if whole else removed[z][core] & (w[core] > 0)
         out[z][sel] = a[(slice(None),) + core][:, sel].argmax(axis=0).astype(np.uint8)
+        rebuilt[z][sel] = True
 
     b = settings.batch_for(device)
     net = in_precision(model, settings.precision)
@@ -244,7 +247,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     for z in sorted(acc):
         finish(z)
     core_removed = removed[:, c:c + ny, c:c + nx]
-    return Refined(labels=out, removed=core_removed, tiles_total=nz * len(origins),
+    return Refined(labels=out, removed=core_removed, rebuilt=rebuilt, tiles_total=nz * len(origins),
                    tiles_run=len(todo))
 
 
@@ -283,5 +286,6 @@ def refine_slice(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.n
     lab = np.pad(labels, extra, constant_values=BACKGROUND)[None]
     unc = np.pad(uncertainty, extra, constant_values=0.0)[None]
     r = refine_region(model, lab, unc, settings, device=device)
-    return Refined(labels=r.labels[0], removed=r.removed[0], tiles_total=r.tiles_total,
+    return Refined(labels=r.labels[0], removed=r.removed[0], rebuilt=r.rebuilt[0],
+                   tiles_total=r.tiles_total,
                    tiles_run=r.tiles_run)
