@@ -30,7 +30,7 @@ def table2_panel(examples: list[dict], out: str | os.PathLike,
 
 
 def table2_bars(result: dict, out: str | os.PathLike) -> Path:
-    """Mean ± standard error of each metric by method; the control group as a grey band."""
+    """Mean ± standard error of each metric by method; the control group as an orange band."""
     plt = pyplot()
     table = result["methods"]
     names = [m for m in table if m != "control"]
@@ -49,8 +49,10 @@ def table2_bars(result: dict, out: str | os.PathLike) -> Path:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.set_title(TITLES[metric], fontsize=9)
-    axes[0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    if "control" in table:  # above the panels, where it hides no bar
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)
