@@ -18,6 +18,7 @@ import numpy as np
 from benchmarks.common import command, machine, parser, write_json
 from volref.classes import CLASS_NAMES, N_CLASSES
 from volref.evaluate.table2 import Table2Settings, load_slices
+from volref.metrics import confusion
 from volref.models.registry import load_refiner
 from volref.stages.refine import RefineSettings, refine_slice
 
@@ -25,8 +26,7 @@ from volref.stages.refine import RefineSettings, refine_slice
 def scores(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Accuracy, mitochondrion recall/precision and per-class recall of ``pred`` vs ``truth``
     (flat, same pixels), with the confusion matrix (rows: truth)."""
-    cm = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
-    np.add.at(cm, (truth.astype(np.intp), pred.astype(np.intp)), 1)
+    cm = confusion(truth, pred, N_CLASSES)
     rows = np.maximum(cm.sum(axis=1), 1)
     return {
         "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> dict:
     m = settings.margin
     truth = np.stack([s.truth for s in slices])
     spots = np.stack([s.degraded for s in slices])
-    removed = np.stack([refine_slice(mae, np.pad(s.initial, m), np.pad(s.uncertainty, m),
-                                     settings).removed for s in slices]).astype(bool)
-    rows = {"ensemble (initial labels)": np.stack([s.initial for s in slices])}
-    scored = removed & spots
-    for name, source in (("MAE from the ensemble's labels", [s.initial for s in slices]),
-                         ("MAE from the ground truth", [s.truth for s in slices])):
-        # the same removed patches for both: uncertainty decides, the context is what differs
-        out = [_rebuild(mae, lab, rem, settings) for lab, rem in zip(source, removed)]
-        rows[name] = np.stack([r.labels for r in out])
-        scored &= np.stack([r.rebuilt for r in out])  # rebuilt in both runs
+    # as volref refine runs: the removed patches follow the ensemble's uncertainty
+    ensemble = [refine_slice(mae, np.pad(s.initial, m), np.pad(s.uncertainty, m), settings)
+                for s in slices]
+    # the same removed patches, rebuilt from the ground truth: only the context differs
+    perfect = [_rebuild(mae, s.truth, r.removed, settings) for s, r in zip(slices, ensemble)]
+    rows = {"ensemble (initial labels)": np.stack([s.initial for s in slices]),
+            "MAE from the ensemble's labels": np.stack([r.labels for r in ensemble]),
+            "MAE from the ground truth": np.stack([r.labels for r in perfect])}
+    # scored: pixels in spots rebuilt in both runs
+    scored = spots & np.stack([r.rebuilt for r in ensemble]) & np.stack([r.rebuilt for r in perfect])
     result = {name: scores(pred[scored], truth[scored]) for name, pred in rows.items()}
     share = float(scored.sum() / max(spots.sum(), 1))
     for name, r in result.items():
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _rebuild(mae, labels: np.ndarray, removed: np.ndarray, settings: RefineSettings):
     """``labels`` refined with the patches ``removed`` marks: their uncertainty is set to 1 and
-    every other pixel's to 0. Scored are the pixels rebuilt in both runs (a patch near no
-    mitochondrion of ``labels`` stays, and a tile with every patch removed is not run)."""
+    every other pixel's to 0 (a patch near no mitochondrion of ``labels`` stays; hence the
+    scoring of pixels rebuilt in both runs)."""
     m = settings.margin
     forced = np.where(removed, np.float32(1.0), np.float32(0.0))
     return refine_slice(mae, np.pad(labels, m), np.pad(forced, m), settings)

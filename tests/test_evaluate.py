@@ -13,7 +13,7 @@ from volref.evaluate.models import (
     segmentation_dice,
     uncertainty_under_degradation,
 )
-from volref.metrics import dice, dice_per_class
+from volref.metrics import confusion, dice, dice_per_class
 from volref.models.mae import MaskedAutoencoder
 
 
@@ -27,6 +27,15 @@ def test_dice_by_hand():
     region = np.array([1, 1, 0, 0], bool)
     np.testing.assert_allclose(dice_per_class(np.array([0, 1, 0, 0]), np.array([0, 1, 3, 3]), 4,
                                               region), [1, 1, 1, 1])
+
+
+def test_confusion_by_hand():
+    truth = np.array([[0, 2], [2, 3]], np.uint8)
+    pred = np.array([[0, 3], [2, 3]], np.uint8)
+    expected = np.zeros((4, 4), int)
+    expected[0, 0] = expected[2, 2] = expected[2, 3] = expected[3, 3] = 1
+    np.testing.assert_array_equal(confusion(truth, pred, 4), expected)
+    assert confusion(truth[:0], pred[:0], 4).sum() == 0
 
 
 def test_uncertainty_rise():

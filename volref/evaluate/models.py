@@ -19,7 +19,7 @@ import torch
 from scipy import ndimage
 
 from volref.classes import BACKGROUND, CLASS_NAMES, N_CLASSES
-from volref.metrics import dice, dice_per_class
+from volref.metrics import confusion, dice, dice_per_class
 from volref.models.mae import MaskedAutoencoder
 from volref.train.refiner import patch_distance
 
@@ -115,7 +115,7 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
     inter, total = np.zeros(N_CLASSES), np.zeros(N_CLASSES)
     tile_inter, tile_total = np.zeros(N_CLASSES), np.zeros(N_CLASSES)
     right = {t: [0, 0] for t in SCORE_CERTAIN_BELOW}
-    confusion = {t: np.zeros((N_CLASSES, N_CLASSES), np.int64) for t in SCORE_CERTAIN_BELOW}
+    counts = {t: np.zeros((N_CLASSES, N_CLASSES), np.int64) for t in SCORE_CERTAIN_BELOW}
     accuracy = [0, 0]
     for i in range(0, len(tiles.labels), batch):
         labs = tiles.labels[i:i + batch]
@@ -146,7 +146,7 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
                 scored = pix & near & (unc < t)
                 right[t][0] += int(hit[scored].sum())
                 right[t][1] += int(scored.sum())
-                np.add.at(confusion[t], (labs[scored], pred[scored]), 1)
+                counts[t] += confusion(labs[scored], pred[scored], N_CLASSES)
     per_class = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
     per_tile = np.where(tile_total > 0, 2 * tile_inter / np.maximum(tile_total, 1), 1.0)
     out = {"ratio": ratio, "tiles": int(len(tiles.labels)),
@@ -159,7 +159,7 @@ def reconstruction_dice(model: MaskedAutoencoder, tiles: Tiles, ratio: float, se
         out["micro_dice"] = {f"{t:g}": r[0] / max(r[1], 1) for t, r in right.items()}
         out["micro_dice_pixels"] = {f"{t:g}": r[1] for t, r in right.items()}
         out["recall"] = {f"{t:g}": {CLASS_NAMES[c]: float(m[c, c] / max(m[c].sum(), 1))
-                                    for c in range(N_CLASSES)} for t, m in confusion.items()}
+                                    for c in range(N_CLASSES)} for t, m in counts.items()}
     return out
 
 

@@ -1,4 +1,4 @@
-"""Dice overlap, per class and for arbitrary masks, optionally inside a region."""
+"""Dice overlap, per class and for arbitrary masks, optionally inside a region; confusion counts."""
 
 from __future__ import annotations
 
@@ -21,3 +21,9 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int,
         region = region.astype(bool)
         pred, truth = pred[region], truth[region]
     return np.array([dice(pred == c, truth == c) for c in range(n_classes)])
+
+
+def confusion(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts ``(n_classes, n_classes)`` of (true class, predicted class) pairs; rows: truth."""
+    idx = truth.astype(np.int64).ravel() * n_classes + pred.astype(np.int64).ravel()
+    return np.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
