@@ -16,7 +16,6 @@ from volref.errors import InvalidMetadataError, NotOmeZarrError
 from volref.io.store import check_name
 
 VERSIONS = ("0.4", "0.5")
-AXIS_TYPES = ("space", "time", "channel")
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,3 @@ def _labels_group(root: zarr.Group) -> zarr.Group:
     if not isinstance(node, zarr.Group):
         raise OutputExistsError("'labels' exists in the store and is not a group")
     return node
-
-
-def expand_to(data: da.Array, ndim: int) -> da.Array:
-    """Give a 3-D array the leading size-1 axes of a 4-D or 5-D image."""
-    return data[(None,) * (ndim - data.ndim)] if data.ndim < ndim else data

@@ -26,7 +26,7 @@ Ratios with an empty denominator are NaN (nothing to measure), not 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -122,23 +122,6 @@ def slice_counts(labels: np.ndarray, pad: bool = True) -> SliceCounts:
 def tile_metrics(labels: np.ndarray, pad: bool = False) -> dict[str, float]:
     """The five metrics of a 2-D tile (the paper's per-tile numbers)."""
     return slice_counts(labels, pad=pad).metrics()
-
-
-def stack_counts(labels: np.ndarray, footprint: np.ndarray | None = None) -> SliceCounts:
-    """Counts summed over the z-slices of ``labels (z, y, x)``, optionally inside ``footprint``."""
-    if footprint is not None:
-        labels = np.where(footprint, labels, BACKGROUND)
-    total = SliceCounts()
-    for z in range(labels.shape[0]):
-        total = total + slice_counts(labels[z])
-    return total
-
-
-def sum_counts(parts: Iterable[SliceCounts]) -> SliceCounts:
-    total = SliceCounts()
-    for p in parts:
-        total = total + p
-    return total
 
 
 # 13 of the 26 neighbour offsets: each neighbour pair counted once

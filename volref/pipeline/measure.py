@@ -32,7 +32,7 @@ from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run
 from volref.io import Volume
 from volref.io.ngff import set_ome
 from volref.io.store import write_file
-from volref.metrics.consistency import METRICS, SliceCounts, skeleton_length, slice_counts
+from volref.metrics.consistency import SliceCounts, skeleton_length, slice_counts
 from volref.pipeline.blocks import Source, require_done
 from volref.pipeline.instances import MITOCHONDRIA
 from volref.pipeline.refine import REFINED
@@ -189,10 +189,6 @@ def measure(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, 
                          seconds=time.perf_counter() - start, results={"table": table})
     manifest.mark_done({**report.to_dict(), "mitochondria": len(table)})
     return report
-
-
-def metric_columns() -> list[str]:
-    return [f"{s}_{m}" for s in ("initial", "refined") for m in METRICS]
 
 
 def write_table(root: zarr.Group, table: pd.DataFrame, csv: bool) -> None:
