@@ -148,3 +148,22 @@ def test_evaluate_refuses_unknown_methods_and_missing_models(small_phantom, tmp_
     assert main(["evaluate", str(small_phantom), "--output", str(tmp_path), "--methods",
                  "mae,magic"]) == 2
     assert "unknown method magic" in capsys.readouterr().err
+
+
+def test_training_progress_in_a_log_is_one_line_per_epoch(capsys):
+    from volref.cli.train import TrainingProgress
+
+    # stderr is not a terminal under pytest: a batch job's log
+    with TrainingProgress("segmenter", enabled=True) as progress:
+        for member in range(2):
+            for step in range(1, 5):  # 2 epochs of 2 steps per member
+                progress({"member": member, "members": 2, "epoch": (step + 1) // 2,
+                          "epochs": 2, "step": step, "steps": 4, "loss": float(step)})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("segmenter member 1/2 epoch 1/2: loss 1.5000, ")
+    assert lines[3].startswith("segmenter member 2/2 epoch 2/2: loss 3.5000, ")
+    assert lines[3].endswith("0 min left")
+    with TrainingProgress("refiner", enabled=False) as quiet:
+        quiet({"epoch": 1, "epochs": 1, "step": 1, "steps": 1, "loss": 1.0})
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 
 import click
 from rich.console import Console
@@ -13,31 +14,51 @@ from volref.cli.progress import progress_bar
 
 
 class TrainingProgress:
-    """Observer of training events drawn as a rich progress bar on stderr."""
+    """Observer of training events: a rich progress bar on stderr when it is a terminal;
+    otherwise (a batch job's log, ``nohup``) one line per epoch with its mean loss, its time and
+    the time left for the run (for the segmenter: for the member being trained)."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.console = Console(stderr=True)
-        self.enabled = enabled and self.console.is_terminal
+        self.bar = enabled and self.console.is_terminal
+        self.lines = enabled and not self.console.is_terminal
         self.label = label
         self.progress: Progress | None = None
         self.task = None
+        self._losses: list[float] = []
+        self._since = 0.0
 
     def __enter__(self) -> TrainingProgress:
-        if self.enabled:
+        if self.bar:
             self.progress = progress_bar(self.console, "[bold]{task.description}",
                                          TextColumn("loss {task.fields[loss]:.4f}"))
+        self._since = time.perf_counter()
         return self
 
     def __call__(self, event: dict) -> None:
-        if self.progress is None:
-            return
         desc = self.label + (f" member {event['member'] + 1}/{event['members']}"
                              if "member" in event else "")
+        if self.lines:
+            self._line(desc, event)
+        if self.progress is None:
+            return
         if self.task is None or self.progress.tasks[0].description != desc:
             if self.task is not None:
                 self.progress.remove_task(self.task)
             self.task = self.progress.add_task(desc, total=event["steps"], loss=0.0)
         self.progress.update(self.task, completed=event["step"], loss=event["loss"])
+
+    def _line(self, desc: str, event: dict) -> None:
+        self._losses.append(event["loss"])
+        if event["step"] % (event["steps"] // event["epochs"]):
+            return
+        now = time.perf_counter()
+        took, done = now - self._since, len(self._losses)
+        left = took / done * (event["steps"] - event["step"])
+        print(f"{desc} epoch {event['epoch']}/{event['epochs']}: loss "
+              f"{sum(self._losses) / done:.4f}, {took:.0f} s, {left / 60:.0f} min left",
+              file=sys.stderr, flush=True)
+        self._losses, self._since = [], now
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
