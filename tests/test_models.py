@@ -151,6 +151,38 @@ def test_rebuilt_leaves_out_tiles_with_every_patch_removed():
     np.testing.assert_array_equal(out.labels[kept], labels[kept])
 
 
+def test_smoothing_straightens_what_the_model_rebuilt_and_nothing_else():
+    from volref.stages.refine import smoothed
+
+    labels = np.zeros((24, 24), np.uint8)
+    labels[:, 12:] = 3  # background | matrix, a straight boundary
+    model_set = np.zeros((24, 24), bool)
+    model_set[8:16, 8:16] = True
+    acc = np.zeros((4, 24, 24), np.float32)
+    weight = np.zeros((24, 24), np.float32)
+    weight[model_set] = 2.0  # two tiles summed
+    comb = np.zeros((8, 8), np.uint8)
+    comb[:, 4:] = 3
+    comb[::2, 3], comb[1::2, 4] = 3, 0  # a ragged 1-px comb along the boundary
+    for k in (0, 3):
+        acc[k, 8:16, 8:16] = 2.0 * np.where(comb == k, 0.6, 0.4)
+    prob = smoothed(acc, weight, labels, model_set, sigma=1.5)
+    assert prob.shape == acc.shape
+    np.testing.assert_allclose(prob.sum(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(prob.argmax(axis=0)[model_set], labels[model_set])
+    # sharp model outputs survive a small sigma: a rebuilt block of matrix stays matrix
+    acc[:] = 0.0
+    acc[3, 8:16, 8:16] = 2.0
+    prob = smoothed(acc, weight, np.zeros_like(labels), model_set, sigma=1.0)
+    assert (prob.argmax(axis=0)[10:14, 10:14] == 3).all()
+    with pytest.raises(ValueError, match="smooth"):
+        RefineSettings(smooth=1.0, blend="window")
+    with pytest.raises(ValueError, match="smooth"):
+        RefineSettings(smooth=11.0)  # reaches past the central block's 32 px
+    with pytest.raises(ValueError, match="smooth"):
+        RefineSettings(smooth=-1.0)
+
+
 def test_refine_skips_everything_when_certain():
     model = MaskedAutoencoder(TINY_MAE).eval()
     labels, _ = _scene()
@@ -197,19 +229,22 @@ def test_refine_in_bf16_agrees_with_fp32_and_lanes_do_not_change_bytes():
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
 
 
-@pytest.mark.parametrize("blend", ["window", "centre"])
-def test_refine_region_cut_in_two_gives_the_same_bytes(blend):
-    """Regions cut on the tile grid (with their context) rebuild exactly what the whole does."""
+@pytest.mark.parametrize(("blend", "smooth", "uncertain"),
+                         [("window", 0.0, 0.1), ("centre", 0.0, 0.1), ("centre", 2.5, 0.6)])
+def test_refine_region_cut_in_two_gives_the_same_bytes(blend, smooth, uncertain):
+    """Regions cut on the tile grid (with their context) rebuild exactly what the whole does.
+    (Smoothing with a reach past the central block's half, sigma 6 here, breaks it: 40 pixels
+    differ with 60 % of the patches uncertain.)"""
     from volref.stages.refine import context
 
     torch.manual_seed(0)
     model = MaskedAutoencoder(TINY_MAE).eval()
     rng = np.random.default_rng(5)
-    settings = RefineSettings(tile=32, stride=16, tau=0.5, near_px=8, blend=blend)
+    settings = RefineSettings(tile=32, stride=16, tau=0.5, near_px=8, blend=blend, smooth=smooth)
     c = context(settings, TINY_MAE.patch)
     labels = rng.integers(0, 4, (2, 64 + 2 * c, 96 + 2 * c)).astype(np.uint8)
-    sparse = rng.random((2, labels.shape[1] // 4, labels.shape[2] // 4)) < 0.1
-    unc = np.kron(sparse, np.ones((1, 4, 4))).astype(np.float32)  # 10 % uncertain patches
+    sparse = rng.random((2, labels.shape[1] // 4, labels.shape[2] // 4)) < uncertain
+    unc = np.kron(sparse, np.ones((1, 4, 4))).astype(np.float32)  # that share of patches uncertain
     whole = refine_region(model, labels, unc, settings)
     left = refine_region(model, labels[:, :, :48 + 2 * c], unc[:, :, :48 + 2 * c], settings)
     right = refine_region(model, labels[:, :, 48:], unc[:, :, 48:], settings)
@@ -225,7 +260,7 @@ def test_centre_blend_runs_fewer_tiles_where_removals_are_sparse():
     labels, unc = _scene()  # one uncertain patch
     runs = {}
     for blend in ("window", "centre"):
-        settings = RefineSettings(tile=32, stride=16, tau=0.4, near_px=8, blend=blend)
+        settings = RefineSettings(tile=32, stride=16, tau=0.4, near_px=8, blend=blend, smooth=0)
         m = settings.margin
         runs[blend] = refine_slice(model, np.pad(labels, m), np.pad(unc, m), settings)
     assert runs["centre"].tiles_run == 1 < runs["window"].tiles_run == 4

@@ -21,8 +21,16 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
   context on every side), so a tile runs only when its central block holds a removed patch: up
   to ``(tile/stride)**2`` times fewer tiles where removed patches are sparse, with the same
   Dice in degraded regions as ``window`` (0.722 vs 0.723 for the mitochondrion, 4 slices of a
-  held-out phantom). The refined class is the argmax. Pixels of patches that were not removed
-  keep their initial class exactly.
+  held-out phantom).
+* smoothing (``smooth``, a volref addition): the class probabilities — the model's where it
+  rebuilt, one-hot of the kept class elsewhere — go through a Gaussian of ``smooth`` px (1 by
+  default, 0: none) before the argmax. The MAE's 4x4-patch head draws boundaries inside large
+  rebuilt areas as ragged combs; at 1 px, skeleton end points of rebuilt tiles fall from 12.3 to
+  5.2 and cycles from 4.3 to 0.25 for the same Dice (validation phantom,
+  ``benchmarks.smooth_tuning``). Its reach (3 sigma) stays inside the central block's half, so
+  with ``blend="centre"`` results still do not depend on the block cut; ``window`` needs 0.
+* The refined class is the argmax. Pixels of patches that were not removed keep their initial
+  class exactly.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BLENDS = ("window", "centre")
+SMOOTH_TRUNCATE = 3.0  # the smoothing Gaussian's reach, in sigmas
 #: refinement methods: the MAE and the paper's baselines (volref refine --method)
 METHODS = ("mae", "mae-x", "cnn-ae", "crf")
 
@@ -59,6 +68,7 @@ class RefineSettings:
     precision: str = "bf16"  # of the MAE's weights and activations: bf16 or fp32
     blend: str = "centre"  # how overlapping tiles combine: centre or window (module docstring)
     max_removed: float = 1.0  # a tile with more of its near patches removed is not rebuilt
+    smooth: float = 1.0  # sigma (px) of a Gaussian over the class probabilities; 0: none (module doc)
 
     def __post_init__(self) -> None:
         if self.tile % self.stride or self.stride % 4:
@@ -70,6 +80,13 @@ class RefineSettings:
             raise ValueError("batch must be >= 0 (0: chosen for the device)")
         if not 0 < self.max_removed <= 1:
             raise ValueError("max_removed must be in (0, 1]")
+        if self.smooth < 0:
+            raise ValueError("smooth must be >= 0")
+        if self.smooth > 0 and self.blend != "centre":
+            raise ValueError("smooth needs blend='centre' (set smooth=0 for the window blend)")
+        if self.smooth_reach > (self.tile - self.stride) // 2:
+            raise ValueError(f"smooth {self.smooth:g} reaches {self.smooth_reach} px, past half "
+                             f"the tile overlap ({(self.tile - self.stride) // 2} px); smooth=0 turns it off")
 
     def batch_for(self, device: str | torch.device) -> int:
         """Tiles per forward pass. On the CPU one tile at a time with only its visible patches
@@ -80,6 +97,10 @@ class RefineSettings:
         return 1 if torch.device(device).type == "cpu" else 32
 
     @property
+    def smooth_reach(self) -> int:
+        return int(np.ceil(SMOOTH_TRUNCATE * self.smooth))
+
+    @property
     def margin(self) -> int:
         """Pixels of context a slice needs around itself (the tiles' reach past it)."""
         return self.tile - self.stride
@@ -87,7 +108,7 @@ class RefineSettings:
     def to_dict(self) -> dict[str, float]:
         return {"tile": self.tile, "stride": self.stride, "tau": self.tau,
                 "near_px": self.near_px, "batch": self.batch, "precision": self.precision,
-                "blend": self.blend, "max_removed": self.max_removed}
+                "blend": self.blend, "max_removed": self.max_removed, "smooth": self.smooth}
 
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
@@ -205,7 +226,10 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     def finish(z: int) -> None:
         a, w = acc.pop(z)
         core = (slice(c, c + ny), slice(c, c + nx))
-        sel = w[core] > 0 if whole else removed[z][core] & (w[core] > 0)
+        model_set = w > 0 if whole else removed[z] & (w > 0)
+        if settings.smooth > 0:
+            a = smoothed(a, w, lab[z], model_set, settings.smooth)
+        sel = model_set[core]
         out[z][sel] = a[(slice(None),) + core][:, sel].argmax(axis=0).astype(np.uint8)
         rebuilt[z][sel] = True
 
@@ -249,6 +273,21 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     core_removed = removed[:, c:c + ny, c:c + nx]
     return Refined(labels=out, removed=core_removed, rebuilt=rebuilt, tiles_total=nz * len(origins),
                    tiles_run=len(todo))
+
+
+def smoothed(acc: np.ndarray, weight: np.ndarray, labels: np.ndarray, model_set: np.ndarray,
+             sigma: float) -> np.ndarray:
+    """Class probabilities of a slice smoothed by a Gaussian of ``sigma`` px: the model's
+    (``acc / weight``) where it sets the class (``model_set``), one-hot of the class elsewhere. The MAE's 4x4-patch
+    head draws class boundaries inside large rebuilt areas as ragged combs; smoothing the
+    probabilities before the argmax straightens them."""
+    n = acc.shape[0]
+    prob = (labels[None] == np.arange(n, dtype=labels.dtype)[:, None, None]).astype(np.float32)
+    prob[:, model_set] = acc[:, model_set] / weight[model_set]
+    for k in range(n):
+        ndimage.gaussian_filter(prob[k], sigma, output=prob[k], mode="nearest",
+                                truncate=SMOOTH_TRUNCATE)
+    return prob
 
 
 def in_order(fn: Callable[[T], R], items: list[T], lanes: int) -> Iterator[R]:
