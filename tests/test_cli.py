@@ -167,3 +167,12 @@ def test_training_progress_in_a_log_is_one_line_per_epoch(capsys):
     with TrainingProgress("refiner", enabled=False) as quiet:
         quiet({"epoch": 1, "epochs": 1, "step": 1, "steps": 1, "loss": 1.0})
     assert capsys.readouterr().err == ""
+
+
+def test_refine_smoothing_that_breaks_block_independence_is_refused(small_phantom, capsys):
+    # a usage error, as for a bad --stride: exit 2, click's message naming the option
+    code, _, err = run(capsys, "refine", str(small_phantom), "--blend", "window", "--smooth", "1")
+    assert code == 2 and "Invalid value for --smooth: smooth needs blend='centre'" in err
+    code, _, err = run(capsys, "refine", str(small_phantom), "--smooth", "11")
+    assert code == 2 and "Invalid value for --smooth: smooth 11 reaches 33 px" in err
+    assert "Traceback" not in err
