@@ -70,6 +70,14 @@ weights: $(STAMP)
 		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
 		--out mae128d --init mae128c/refiner.safetensors --crop 128 --epochs 10 --steps 100 \
 		--batch 16 --lr 1.5e-4 --seed 7
+	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
+		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
+		--out mae128e --init mae128d/refiner.safetensors --crop 128 --epochs 12 --steps 100 \
+		--batch 16 --lr 1.5e-4 --seed 8
+	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
+		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
+		--out mae128f --init mae128e/refiner.safetensors --crop 128 --epochs 12 --steps 100 \
+		--batch 16 --lr 1.5e-4 --seed 9
 	# the paper's learned baselines, trained like the MAE on the same tiles (volref refine --method)
 	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --method cnn-ae \
 		--data train-101.ome.zarr --data train-102.ome.zarr --data train-103.ome.zarr \
@@ -80,7 +88,7 @@ weights: $(STAMP)
 		--data train-104.ome.zarr --out maex --init mae128/refiner.safetensors --crop 128 \
 		--epochs 4 --steps 100 --batch 16 --lr 1.5e-4 --seed 4
 	cp $(TRAIN)/seg/segmenter.safetensors $(TRAIN)/seg/segmenter.json volref/models/weights/
-	cp $(TRAIN)/mae128d/refiner.safetensors $(TRAIN)/mae128d/refiner.json volref/models/weights/
+	cp $(TRAIN)/mae128f/refiner.safetensors $(TRAIN)/mae128f/refiner.json volref/models/weights/
 	cp $(TRAIN)/cnnae/cnn-ae.safetensors $(TRAIN)/cnnae/cnn-ae.json volref/models/weights/
 	cp $(TRAIN)/maex/mae-x.safetensors $(TRAIN)/maex/mae-x.json volref/models/weights/
 
