@@ -32,61 +32,44 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# Reproduce the shipped weights (volref/models/weights) on this CPU: ~6 h on 2 cores
-# (the MAE: 2 x 3,000 steps on 64x64 crops first, then 1,600 + 800 + 1,200 + 1,000 on 128x128
-# tiles, the size it refines; MAE+X starts from the MAE after its first 1,600 128x128 steps).
+# Reproduce the shipped weights (volref/models/weights) on this CPU: ~9 h on 2 cores
+# (the MAE: 2 x 3,000 steps on 64x64 crops first, then 1,600 + 800 + 1,200 + 1,000 + 1,200 +
+# 1,200 on 128x128 tiles, the size it refines; MAE+X starts from the MAE after its first 1,600
+# 128x128 steps). A stage that is run again resumes from its last checkpoint.
 # Training phantoms use seeds 101-104; evaluation (benchmarks.paper_models) uses 997-999.
 TRAIN := build/train
+TRAIN_DATA := --data train-101.ome.zarr --data train-102.ome.zarr --data train-103.ome.zarr \
+	--data train-104.ome.zarr
+TRAIN_REFINER := cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner
 weights: $(STAMP)
 	mkdir -p $(TRAIN)
 	for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q synth $(TRAIN)/train-$$s.ome.zarr \
 		--shape 48 512 512 --density 1.2 --degraded-fraction 0.3 --degraded-length 150 350 \
 		--seed $$s --overwrite; done
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
+	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter $(TRAIN_DATA) \
 		--out seg --members 5 --epochs 8 --steps 80 --seed 0
 	cd $(TRAIN) && for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q segment \
 		train-$$s.ome.zarr --segmenter seg/segmenter.safetensors --precision fp32 --overwrite; done
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae --epochs 30 --steps 100 --batch 32 --lr 5e-4 --seed 0
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae_more --init mae/refiner.safetensors --epochs 30 --steps 100 --batch 32 \
-		--lr 5e-4 --seed 2
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae128 --init mae_more/refiner.safetensors --crop 128 --epochs 16 --steps 100 \
-		--batch 16 --lr 3e-4 --seed 1
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae128b --init mae128/refiner.safetensors --crop 128 --epochs 8 --steps 100 \
-		--batch 16 --lr 2e-4 --seed 5
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae128c --init mae128b/refiner.safetensors --crop 128 --epochs 12 --steps 100 \
-		--batch 16 --lr 1.5e-4 --seed 6
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae128d --init mae128c/refiner.safetensors --crop 128 --epochs 10 --steps 100 \
-		--batch 16 --lr 1.5e-4 --seed 7
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae128e --init mae128d/refiner.safetensors --crop 128 --epochs 12 --steps 100 \
-		--batch 16 --lr 1.5e-4 --seed 8
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --data train-101.ome.zarr \
-		--data train-102.ome.zarr --data train-103.ome.zarr --data train-104.ome.zarr \
-		--out mae128f --init mae128e/refiner.safetensors --crop 128 --epochs 12 --steps 100 \
-		--batch 16 --lr 1.5e-4 --seed 9
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae --epochs 30 --steps 100 --batch 32 --lr 5e-4 --seed 0
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae_more --init mae/refiner.safetensors --epochs 30 \
+		--steps 100 --batch 32 --lr 5e-4 --seed 2
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae128 --init mae_more/refiner.safetensors --crop 128 \
+		--epochs 16 --steps 100 --batch 16 --lr 3e-4 --seed 1
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae128b --init mae128/refiner.safetensors --crop 128 \
+		--epochs 8 --steps 100 --batch 16 --lr 2e-4 --seed 5
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae128c --init mae128b/refiner.safetensors --crop 128 \
+		--epochs 12 --steps 100 --batch 16 --lr 1.5e-4 --seed 6
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae128d --init mae128c/refiner.safetensors --crop 128 \
+		--epochs 10 --steps 100 --batch 16 --lr 1.5e-4 --seed 7
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae128e --init mae128d/refiner.safetensors --crop 128 \
+		--epochs 12 --steps 100 --batch 16 --lr 1.5e-4 --seed 8
+	$(TRAIN_REFINER) $(TRAIN_DATA) --out mae128f --init mae128e/refiner.safetensors --crop 128 \
+		--epochs 12 --steps 100 --batch 16 --lr 1.5e-4 --seed 9
 	# the paper's learned baselines, trained like the MAE on the same tiles (volref refine --method)
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --method cnn-ae \
-		--data train-101.ome.zarr --data train-102.ome.zarr --data train-103.ome.zarr \
-		--data train-104.ome.zarr --out cnnae --crop 128 --epochs 8 --steps 100 --batch 16 \
-		--lr 1e-3 --seed 3
-	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train refiner --method mae-x \
-		--data train-101.ome.zarr --data train-102.ome.zarr --data train-103.ome.zarr \
-		--data train-104.ome.zarr --out maex --init mae128/refiner.safetensors --crop 128 \
-		--epochs 4 --steps 100 --batch 16 --lr 1.5e-4 --seed 4
+	$(TRAIN_REFINER) --method cnn-ae $(TRAIN_DATA) --out cnnae --crop 128 --epochs 8 --steps 100 \
+		--batch 16 --lr 1e-3 --seed 3
+	$(TRAIN_REFINER) --method mae-x $(TRAIN_DATA) --out maex --init mae128/refiner.safetensors \
+		--crop 128 --epochs 4 --steps 100 --batch 16 --lr 1.5e-4 --seed 4
 	cp $(TRAIN)/seg/segmenter.safetensors $(TRAIN)/seg/segmenter.json volref/models/weights/
 	cp $(TRAIN)/mae128f/refiner.safetensors $(TRAIN)/mae128f/refiner.json volref/models/weights/
 	cp $(TRAIN)/cnnae/cnn-ae.safetensors $(TRAIN)/cnnae/cnn-ae.json volref/models/weights/
