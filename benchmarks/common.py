@@ -65,6 +65,24 @@ def parser(doc: str, quick: str, repeats: int | None = None) -> argparse.Argumen
     return ap
 
 
+def tuning_args(doc: str, values: str, every: int,
+                argv: list[str] | None) -> tuple[argparse.Namespace, list[float]]:
+    """The options of a setting sweep on a validation phantom: ``--store`` (segmented, with ground
+    truth), ``--refiner``, ``--values`` (comma-separated), ``--every`` (N-th slice); ``--quick``
+    keeps the first two values on every second of those slices. Returns the parsed options and
+    the values as floats."""
+    ap = parser(doc, f"two values, every {2 * every}th slice")
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--refiner", default=None)
+    ap.add_argument("--values", default=values)
+    ap.add_argument("--every", type=int, default=every)
+    args = ap.parse_args(argv)
+    swept = [float(v) for v in args.values.split(",")]
+    if args.quick:
+        swept, args.every = swept[:2], 2 * args.every
+    return args, swept
+
+
 def add_device(ap: argparse.ArgumentParser) -> None:
     """``--device``: where a model benchmark runs (default: the GPU when there is one)."""
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import command, machine, parser, write_json
+from benchmarks.common import command, machine, tuning_args, write_json
 from volref.evaluate.models import segmentation_dice
 from volref.evaluate.table2 import Table2Settings, load_slices
 from volref.models.registry import load_refiner
@@ -25,15 +25,7 @@ from volref.stages.refine import RefineSettings, refine_slice
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, "two values, every 16th slice")
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--refiner", default=None)
-    ap.add_argument("--values", default="1,0.9,0.75,0.6,0.5")
-    ap.add_argument("--every", type=int, default=8)
-    args = ap.parse_args(argv)
-    values = [float(v) for v in args.values.split(",")]
-    if args.quick:
-        values, args.every = values[:2], 16
+    args, values = tuning_args(__doc__, "1,0.9,0.75,0.6,0.5", 8, argv)
     mae = load_refiner(args.refiner)
     slices = load_slices(args.store, Table2Settings(every=args.every))
     truth = np.stack([s.truth for s in slices])

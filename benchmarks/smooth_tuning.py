@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from benchmarks.common import command, machine, parser, write_json
+from benchmarks.common import command, machine, tuning_args, write_json
 from volref.evaluate.methods import MethodSettings
 from volref.evaluate.table2 import Table2Settings, evaluate_table2
 from volref.metrics import METRICS
@@ -27,15 +27,7 @@ SHORT = {"skeleton_end_points": "end pts", "skeleton_cycles": "cycles",
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, "two values, every 8th slice")
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--refiner", default=None)
-    ap.add_argument("--values", default="0,0.5,0.75,1,1.25,1.5,2")
-    ap.add_argument("--every", type=int, default=4)
-    args = ap.parse_args(argv)
-    values = [float(v) for v in args.values.split(",")]
-    if args.quick:
-        values, args.every = values[:2], 8
+    args, values = tuning_args(__doc__, "0,0.5,0.75,1,1.25,1.5,2", 4, argv)
     mae = load_refiner(args.refiner)
     table = Table2Settings(every=args.every)
     rows, reference = [], None

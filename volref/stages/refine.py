@@ -25,9 +25,10 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
 * smoothing (``smooth``, a volref addition): the class probabilities — the model's where it
   rebuilt, one-hot of the kept class elsewhere — go through a Gaussian of ``smooth`` px (1 by
   default, 0: none) before the argmax. The MAE's 4x4-patch head draws boundaries inside large
-  rebuilt areas as ragged combs; at 1 px, skeleton end points of rebuilt tiles fall from 12.1 to
-  4.9 and cycles from 5.1 to 0.47 (control tiles: 3.0, 0.67), mitochondrion Dice in the spots
-  0.697 -> 0.695, cristae 0.066 -> 0.056 (validation phantom, ``benchmarks.smooth_tuning``).
+  rebuilt areas as ragged combs; at 1 px, with the shipped MAE, skeleton end points of rebuilt
+  tiles fall from 10.2 to 5.0 and cycles from 5.3 to 0.43 (control tiles: 3.0, 0.67),
+  mitochondrion Dice in the spots 0.720 -> 0.718, cristae 0.073 -> 0.060 (validation phantom,
+  ``benchmarks.smooth_tuning``; table in BENCHMARKS.md).
   Its reach (3 sigma) stays inside the central block's half, so with ``blend="centre"`` results
   still do not depend on the block cut; ``window`` needs 0.
 * The refined class is the argmax. Pixels of patches that were not removed keep their initial
