@@ -4,6 +4,9 @@ in-process runner."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from volref.engine.cluster import close_cluster
 from volref.engine.grid import BlockGrid, plan_blocks
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
@@ -141,6 +145,25 @@ def test_inline_runner_skips_finished_and_summarises_failures():
     assert events[-1]["event"] == "end" and events[0]["done"] == 1
     with pytest.raises(BlocksFailedError, match="1 block\\(s\\) failed: 3: ValueError: boom"):
         run_blocks(ex, "s", [BlockTask(str(i), _fail_on, (i,)) for i in range(5)])
+
+
+def test_a_cluster_slow_to_stop_is_a_warning_and_its_workers_are_killed(caplog):
+    # seen on a loaded machine: every block written, then LocalCluster.close() timed out
+    # waiting for a niced worker to exit and the finished command ended in a traceback
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    class SlowToStop:
+        workers = {"w0": SimpleNamespace(process=SimpleNamespace(pid=worker.pid))}
+
+        def close(self):
+            raise TimeoutError
+
+    try:
+        close_cluster(SlowToStop())
+        assert worker.wait(timeout=10) == -9
+    finally:
+        worker.kill()
+    assert "killed 1 worker process(es)" in caplog.text
 
 
 def test_specks_are_dropped_by_their_merged_size():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,35 @@ def _start(config: dict[str, Any]) -> Iterator[Connection]:
     finally:
         with contextlib.suppress(Exception):
             client.close()
+        close_cluster(cluster)
+
+
+def close_cluster(cluster) -> None:
+    """Close a cluster volref started. By now its work is written (or has failed): a worker
+    process slow to exit — a loaded or niced machine — must neither turn a finished run into an
+    error nor hide the error on its way out, so a timeout while stopping is a warning, and the
+    local worker processes still alive then are killed."""
+    pids = _worker_pids(cluster)
+    try:
         cluster.close()
+    except TimeoutError:
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                alive.append(pid)
+        log.warning("the cluster's workers did not stop in time; killed %d worker process(es) "
+                    "still running", len(alive))
+
+
+def _worker_pids(cluster) -> list[int]:
+    """Process ids of a local cluster's worker processes (none for batch clusters)."""
+    pids = []
+    for nanny in getattr(cluster, "workers", {}).values():
+        pid = getattr(getattr(nanny, "process", None), "pid", None)
+        if isinstance(pid, int):
+            pids.append(pid)
+    return pids
 
 
 def _local(kind: str, config: dict[str, Any]):
