@@ -54,10 +54,15 @@ def write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
+def summary(doc: str) -> str:
+    """A script's docstring's first paragraph on one line (its ``--help`` description)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def parser(doc: str, quick: str, repeats: int | None = None) -> argparse.ArgumentParser:
     """The options every benchmark shares: ``--quick`` (what it cuts: ``quick``), ``--json OUT``
     and, for timed loops, ``--repeats N`` (medians are taken over them)."""
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(doc))
     if repeats is not None:
         ap.add_argument("--repeats", type=int, default=repeats, help="runs per median")
     ap.add_argument("--quick", action="store_true", help=quick)

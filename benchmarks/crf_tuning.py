@@ -1,8 +1,8 @@
-"""Tune the dense-CRF baseline's kernel weights on a *training* phantom (never a held-out one):
+"""Tune the dense-CRF baseline's kernel weights on a *validation* phantom (never a held-out one):
 a grid over the smoothness and appearance kernels, scored by the mean per-class Dice against
 ground truth inside degraded regions of the tiles the CRF relabels.
 
-    python -m benchmarks.crf_tuning --store build/train/train-101.ome.zarr [--every 8] [--json OUT]
+    python -m benchmarks.crf_tuning --store /tmp/val-500.ome.zarr [--every 8] [--json OUT]
 
 The store must be segmented (``volref segment``) and carry ``ground-truth`` and ``degraded``
 label images (``volref synth`` makes them). The winner becomes ``CRFSettings``' defaults, so the

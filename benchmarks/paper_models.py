@@ -24,7 +24,7 @@ import dask
 import numpy as np
 import zarr
 
-from benchmarks.common import machine
+from benchmarks.common import machine, summary
 from volref.classes import CLASS_NAMES
 from volref.engine.cluster import ClusterSpec
 from volref.evaluate.models import (
@@ -44,7 +44,7 @@ PAPER_TABLE1 = {0.1: 0.97, 0.25: 0.97, 0.5: 0.95, 0.75: 0.92, 0.9: 0.86}
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--workdir", required=True, help="where held-out phantoms live or are made")
     ap.add_argument("--out", default=None, help="folder for models.json and models.md")
     ap.add_argument("--segmenter", default=str(DEFAULT_SEGMENTER))

@@ -1,8 +1,8 @@
-"""Choose ``RefineSettings.max_removed`` on a *training* phantom (never a held-out one): refine
+"""Choose ``RefineSettings.max_removed`` on a *validation* phantom (never a held-out one): refine
 every N-th slice with each candidate value and score Dice against ground truth inside the
 degraded regions, per class and for the mitochondrion as a whole.
 
-    python -m benchmarks.refine_tuning --store build/train/train-101.ome.zarr [--refiner F]
+    python -m benchmarks.refine_tuning --store /tmp/val-500.ome.zarr [--refiner F]
         [--values 1,0.9,0.75,0.6,0.5] [--every 8] [--json OUT]
 
 A tile whose near-mitochondrion patches are nearly all removed leaves the MAE nothing to rebuild

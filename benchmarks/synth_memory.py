@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, run_measured, write_json
+from benchmarks.common import machine, run_measured, summary, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--quick", action="store_true", help="64 x 512 x 512 only")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--workdir", default=None, help="where to write the phantoms")
