@@ -151,13 +151,13 @@ def close_cluster(cluster) -> None:
     try:
         cluster.close()
     except TimeoutError:
-        alive = []
+        killed = 0
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-                alive.append(pid)
+                killed += 1
         log.warning("the cluster's workers did not stop in time; killed %d worker process(es) "
-                    "still running", len(alive))
+                    "still running", killed)
 
 
 def _worker_pids(cluster) -> list[int]:
