@@ -20,7 +20,7 @@ from volref.engine.grid import BlockGrid, plan_blocks
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
 from volref.errors import ConfigError
-from volref.pipeline.blocks import Source, reflect
+from volref.pipeline.blocks import Source
 from volref.stages.instances import STRUCTURE, block_labels, face_pairs, label_block, resolve
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 70), st.integers(1, 70))
@@ -50,21 +50,13 @@ def test_plan_blocks_checks_alignment():
     assert plan_blocks((40, 100, 1000), (20, 64, 64), 128, (40, 100, 256)).block[1] == 100
 
 
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 9), i=st.integers(-30, 30))
-def test_reflect_matches_numpy_symmetric_padding(n, i):
-    a = np.arange(n)
-    padded = np.pad(a, 40, mode="symmetric")
-    assert reflect(np.array([i]), n)[0] == padded[i + 40]
-
-
 def test_source_reads_past_the_volume(tmp_path):
     data = np.arange(2 * 5 * 6, dtype=np.uint16).reshape(2, 5, 6)
     arr = zarr.create_array(tmp_path / "a.zarr", data=data, chunks=(1, 2, 4))
     src = Source(arr)
     np.testing.assert_array_equal(src.read((0, -3, -2), (2, 8, 9), "mirror"),
                                   np.pad(data, ((0, 0), (3, 3), (2, 3)), mode="symmetric"))
-    np.testing.assert_array_equal(src.read((-1, -3, -2), (2, 8, 9), "zero"),
+    np.testing.assert_array_equal(src.read((-1, -3, -2), (2, 8, 9), "constant"),
                                   np.pad(data, ((1, 0), (3, 3), (2, 3))))
 
 

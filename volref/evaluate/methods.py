@@ -18,7 +18,7 @@ import numpy as np
 from torch import nn
 
 from volref.classes import BACKGROUND
-from volref.pipeline.blocks import reflect
+from volref.io.region import read_padded
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.refine import RefineSettings, context, refine_region
 
@@ -33,13 +33,10 @@ class MethodSettings:
 def window(a: np.ndarray, y0: int, x0: int, y1: int, x1: int, fill) -> np.ndarray:
     """``a[..., y0:y1, x0:x1]`` with ``fill`` where the window leaves ``a`` (``fill="mirror"``:
     mirrored there, as ``volref refine`` reads images)."""
-    ny, nx = a.shape[-2:]
+    lead = (slice(None),) * (a.ndim - 2)
     if isinstance(fill, str):
-        return a[..., reflect(np.arange(y0, y1), ny)[:, None], reflect(np.arange(x0, x1), nx)]
-    out = np.full(a.shape[:-2] + (y1 - y0, x1 - x0), fill, dtype=a.dtype)
-    sy, sx = slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx))
-    out[..., sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0] = a[..., sy, sx]
-    return out
+        return read_padded(a, (y0, x0), (y1, x1), "mirror", lead=lead)
+    return read_padded(a, (y0, x0), (y1, x1), "constant", lead=lead, fill=fill)
 
 
 def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.ndarray,

@@ -40,6 +40,7 @@ from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.evaluate.methods import MethodSettings, refine_tile
 from volref.io import intensity_sample, label_names, open_image
+from volref.io.region import read_padded, reflect
 from volref.metrics import METRICS, dice, tile_metrics
 from volref.stages.normalise import normalise, range_of
 from volref.stages.refine import removal_mask
@@ -284,14 +285,15 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
     seg = segment_settings or SegmentSettings()
     out = []
     for z in range(settings.every // 2, nz, settings.every):
-        zs = np.clip(np.arange(z - 1, z + 2), 0, nz - 1)  # mirrored at the ends, as segment
+        zs = reflect(np.arange(z - 1, z + 2), nz)  # mirrored at the ends, as segment reads
         stack = normalise(np.asarray(vol.data[zs].compute()), irange)
         probs_cache: dict = {}
 
         def probabilities(stack=stack, cache=probs_cache) -> np.ndarray:
             if "p" not in cache:
                 h = seg.halo
-                padded = np.pad(stack, ((0, 0), (h, h), (h, h)), mode="symmetric")
+                ny, nx = stack.shape[1:]
+                padded = read_padded(stack, (0, -h, -h), (3, ny + h, nx + h), "mirror")
                 cache["p"] = segment_probabilities(ensemble, padded, seg)[0]
             return cache["p"]
 

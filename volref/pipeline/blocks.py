@@ -1,14 +1,9 @@
 """What block tasks share: reading a block with its halo, writing its chunks, the per-process model
 cache, and opening (or resuming) a stage's outputs.
 
-Reading a region that reaches past the volume::
-
-      requested   [y0 - h ........................ y1 + h)
-      volume      [0 ............... n)
-      mirrored                          n-1 n-2 ...           (images: as np.pad "symmetric")
-      filled                            0   0   ...           (labels: background)
-
-Whatever block asks, a voxel outside the volume reads the same value, so overlapping reads agree.
+Reading a region that reaches past the volume goes through :func:`volref.io.region.read_padded`
+(mirrored images, background labels): whatever block asks, a voxel outside the volume reads the
+same value, so overlapping reads agree.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.errors import ImageDataError, OutputExistsError
+from volref.io.region import read_padded
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +42,8 @@ class Source:
         return tuple(self.array.shape[-3:])
 
     def read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
-        """Voxels ``[start, stop)`` (may reach past the volume): ``mode`` "mirror" or "zero".
+        """Voxels ``[start, stop)`` (may reach past the volume): ``mode`` "mirror" or "constant"
+        (zeros), as :func:`~volref.io.region.read_padded`.
 
         A chunk that cannot be decoded raises :class:`ImageDataError` naming the chunk.
         """
@@ -77,28 +74,10 @@ class Source:
                                  f"corrupt ({type(exc).__name__}: {exc})") from exc
 
     def _read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
-        shape = self.shape
-        inside = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, shape))
-        if mode == "zero":
-            out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=self.array.dtype)
-            if all(s.stop > s.start for s in inside):
-                data = np.asarray(self.array[self.lead + inside])
-                out[tuple(slice(s.start - a, s.stop - a) for s, a in zip(inside, start))] = data
-            return out
-        idx = [reflect(np.arange(a, b), n) for a, b, n in zip(start, stop, shape)]
-        lo = [int(i.min()) for i in idx]
-        hi = [int(i.max()) + 1 for i in idx]
-        data = np.asarray(self.array[self.lead + tuple(slice(a, b) for a, b in zip(lo, hi))])
-        return data[np.ix_(*(i - a for i, a in zip(idx, lo)))]
+        return read_padded(self.array, start, stop, mode, lead=self.lead)
 
     def write(self, block: Block, data: np.ndarray) -> None:
         self.array[self.lead + block.slices] = data
-
-
-def reflect(index: np.ndarray, n: int) -> np.ndarray:
-    """Mirror indices into ``[0, n)`` like ``np.pad(mode="symmetric")``, for any distance."""
-    m = np.mod(index, 2 * n)
-    return np.where(m >= n, 2 * n - 1 - m, m)
 
 
 def level0(group: zarr.Group, path: str, ndim: int) -> Source:

@@ -45,7 +45,7 @@ class InstanceJob:
 
 
 def _mask(job: InstanceJob, block: Block) -> np.ndarray:
-    return job.refined.read(block.start, block.stop, "zero") != BACKGROUND
+    return job.refined.read(block.start, block.stop, "constant") != BACKGROUND
 
 
 def label_task(job: InstanceJob, block: Block) -> BlockLabels:

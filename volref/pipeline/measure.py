@@ -59,7 +59,7 @@ class MeasureJob:
 
 
 def stats_task(job: MeasureJob, block: Block) -> dict[str, Any]:
-    lab = np.asarray(job.ids[0].read(block.start, block.stop, "zero"))
+    lab = np.asarray(job.ids[0].read(block.start, block.stop, "constant"))
     stats = block_stats(lab, block.start)
     job.manifest.record(f"stats-{block.key}", stats)
     return stats
@@ -123,9 +123,9 @@ def shape_metrics(job: MeasureJob, row: dict[str, Any]) -> dict[str, Any]:
     for z in range(lo[0], hi[0], job.slab):
         z1 = min(z + job.slab, hi[0])
         a, b = (z, lo[1], lo[2]), (z1, hi[1], hi[2])
-        foot = np.asarray(job.ids[0].read(a, b, "zero")) == label
+        foot = np.asarray(job.ids[0].read(a, b, "constant")) == label
         for name, src in (("initial", job.initial), ("refined", job.refined)):
-            classes = np.where(foot, np.asarray(src.read(a, b, "zero")), 0)
+            classes = np.where(foot, np.asarray(src.read(a, b, "constant")), 0)
             for k in range(classes.shape[0]):
                 counts[name] = counts[name] + slice_counts(classes[k])
     out: dict[str, Any] = {"label": label,
@@ -144,7 +144,7 @@ def _skeleton(job: MeasureJob, label: int, lo: list[int], hi: list[int]) -> floa
     f = 2**level
     a = (lo[0], lo[1] // f, lo[2] // f)
     b = (hi[0], -(-hi[1] // f), -(-hi[2] // f))
-    mask = np.asarray(job.ids[level].read(a, b, "zero")) == label
+    mask = np.asarray(job.ids[level].read(a, b, "constant")) == label
     sz, sy, sx = job.spacing
     return skeleton_length(mask, (sz, sy * f, sx * f))
 

@@ -184,8 +184,8 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         c = context(s, mae.config.patch)
         (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
         lo, hi = (z0, y0 - c, x0 - c), (z1, y1 + c, x1 + c)
-        labels = job.initial.read(lo, hi, "zero")
-        unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "zero"))
+        labels = job.initial.read(lo, hi, "constant")
+        unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
         image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
             if job.image is not None else None
         with MODEL_LOCK:
@@ -207,8 +207,8 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     ens = cached_model(load_segmenter, *job.model, dev)
     (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
     lo, hi = (z0, y0 - m, x0 - m), (z1, y1 + m, x1 + m)
-    labels = job.initial.read(lo, hi, "zero")
-    unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "zero"))
+    labels = job.initial.read(lo, hi, "constant")
+    unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
     t, h = seg.tile, seg.halo
     ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
     ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
