@@ -45,5 +45,17 @@ class ConfigError(VolrefError, ValueError):
     """A setting with an impossible value."""
 
 
+class SettingsError(ConfigError):
+    """A settings field with a value it cannot take; ``field`` names it (the command line maps
+    it to its flag)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # pickles across Dask workers with its field
+        return (type(self), (self.field, str(self)))
+
+
 class ImageDataError(VolrefError, ValueError):
     """The image's voxels cannot be used: NaN/Inf intensities, or a chunk that cannot be read."""

@@ -9,8 +9,7 @@ from volref.io import label_names, open_multiscale, read_multiscale
 from volref.io.image import select_volume
 from volref.io.ngff import Multiscale
 from volref.io.store import members, redact
-
-VOLREF_LABELS = ("volref-initial", "volref-refined", "volref-mitochondria")
+from volref.layout import LABEL_IMAGES, META, label_path, meta_path
 
 
 def describe(location: str, *, channel: int | None = None,
@@ -62,9 +61,9 @@ def _labels(group: zarr.Group, image: Multiscale) -> list[str]:
 
 
 def _volref_outputs(group: zarr.Group) -> list[str]:
-    found = [f"labels/{n}" for n in label_names(group) if n in VOLREF_LABELS]
+    found = [label_path(n) for n in label_names(group) if n in LABEL_IMAGES]
     try:
-        meta = group["volref"]
+        meta = group[META]
     except KeyError:
         meta = None
     if isinstance(meta, zarr.Group):
@@ -74,7 +73,7 @@ def _volref_outputs(group: zarr.Group) -> list[str]:
             n = info.get("n_mitochondria")
             found.append(f"phantom (seed {p.get('seed')}, {n} mitochondri{'on' if n == 1 else 'a'};"
                          " ground truth in labels)")
-        found.extend(f"volref/{k}" for k in members(meta))
+        found.extend(meta_path(k) for k in members(meta))
     try:
         group["tables"]
         found.append("tables")

@@ -17,10 +17,14 @@ import dask
 from volref import __version__
 from volref.cli.info import describe
 from volref.cli.progress import DaskProgress, EngineProgress
-from volref.errors import VolrefError
+from volref.errors import SettingsError, VolrefError
+from volref.layout import METRICS_CSV_PATH
+from volref.pipeline.settings import RunSettings
+from volref.settings import default_of
+from volref.stages.settings import BLENDS, METHODS, PRECISIONS, RefineSettings, SegmentSettings
+from volref.synth.config import SynthConfig
 
 log = logging.getLogger(__name__)
-
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,22 +50,30 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("out", type=str)
-@click.option("--shape", nargs=3, type=click.IntRange(min=1), default=(64, 512, 512),
+@click.option("--shape", nargs=3, type=click.IntRange(min=1),
+              default=default_of(SynthConfig, "shape"),
               show_default=True, help="Volume shape Z Y X in voxels.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
-@click.option("--chunks", nargs=3, type=click.IntRange(min=1), default=(32, 256, 256),
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=default_of(SynthConfig, "seed"),
+              show_default=True)
+@click.option("--chunks", nargs=3, type=click.IntRange(min=1),
+              default=default_of(SynthConfig, "chunks"),
               show_default=True, help="Chunk shape Z Y X of every stored array.")
-@click.option("--density", type=click.FloatRange(min=0), default=0.24, show_default=True,
+@click.option("--density", type=click.FloatRange(min=0), default=default_of(SynthConfig, "density"),
+              show_default=True,
               help="Mitochondria per million voxels.")
-@click.option("--degraded-fraction", type=click.FloatRange(0, 1), default=0.1,
+@click.option("--degraded-fraction", type=click.FloatRange(0, 1),
+              default=default_of(SynthConfig, "degraded_fraction"),
               show_default=True, help="Fraction of mitochondria with a low-SNR area.")
-@click.option("--degraded-length", nargs=2, type=click.FloatRange(min=0), default=(20.0, 60.0),
+@click.option("--degraded-length", nargs=2, type=click.FloatRange(min=0),
+              default=default_of(SynthConfig, "degraded_length_px"),
               show_default=True, help="Range of a low-SNR area's length along the skeleton (px); "
                                       "the area also spans the mitochondrion's width.")
-@click.option("--noise", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--noise", type=click.FloatRange(min=0, min_open=True),
+              default=default_of(SynthConfig, "noise"),
               show_default=True, help="Noise level (2 = a quarter of the photons).")
 @click.option("--voxel-size", nargs=3, type=click.FloatRange(min=0, min_open=True),
-              default=(0.375, 0.15, 0.15), show_default=True, help="Voxel size Z Y X in µm.")
+              default=default_of(SynthConfig, "voxel_size_um"), show_default=True,
+              help="Voxel size Z Y X in µm.")
 @click.option("--levels", type=click.IntRange(min=1), default=None,
               help="Pyramid levels (default: until y or x < 256).")
 @click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.5", show_default=True,
@@ -161,64 +173,79 @@ def engine_options(stage_options):
 SEGMENTER_OPTION = click.option("--segmenter", type=click.Path(dir_okay=False), default=None,
                                 help="Ensemble checkpoint (default: the shipped weights).")
 REFINER_OPTIONS = (
-    click.option("--method", type=click.Choice(["mae", "mae-x", "cnn-ae", "crf"]),
-                 default="mae", show_default=True,
+    click.option("--method", type=click.Choice(list(METHODS)),
+                 default=default_of(RunSettings, "method"),
+                 show_default=True,
                  help="The MAE, or one of the paper's baselines: MAE+X (with an image "
                       "encoder), CNN denoising autoencoder, dense CRF (on the ensemble's "
                       "probabilities and the image; re-runs the --segmenter ensemble)."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
                  help="Checkpoint of the --method model (default: the shipped weights)."),
-    click.option("--tau", type=click.FloatRange(0, 1), default=0.4, show_default=True,
-                 help="Patches whose mean uncertainty exceeds this are rebuilt."),
-    click.option("--stride", type=click.IntRange(min=4), default=64, show_default=True,
-                 help="Tile stride (tiles are 128 px; overlaps are blended)."),
-    click.option("--max-removed", type=click.FloatRange(0, 1, min_open=True), default=None,
-                 help="Leave a tile as it was when more than this share of its patches near a "
-                      "mitochondrion is removed: too little is left to rebuild from (default: "
-                      "the refine settings' default)."),
-    click.option("--blend", type=click.Choice(["centre", "window"]), default="centre",
+    click.option("--tau", type=click.FloatRange(0, 1), default=default_of(RefineSettings, "tau"),
                  show_default=True,
+                 help="Patches whose mean uncertainty exceeds this are rebuilt."),
+    click.option("--stride", type=click.IntRange(min=4),
+                 default=default_of(RefineSettings, "stride"), show_default=True,
+                 help="Tile stride (tiles are 128 px; overlaps are blended)."),
+    click.option("--max-removed", type=float, default=default_of(RefineSettings, "max_removed"),
+                 show_default=True,
+                 help="Leave a tile as it was when more than this share (0 < share <= 1) of its "
+                      "patches near a mitochondrion is removed: too little is left to rebuild "
+                      "from."),
+    click.option("--blend", type=click.Choice(list(BLENDS)),
+                 default=default_of(RefineSettings, "blend"), show_default=True,
                  help="How overlapping tiles combine: the one tile whose central stride x "
                       "stride block holds the pixel (fewer tiles to run), or a smooth window "
                       "over all of them."),
     click.option("--smooth", type=click.FloatRange(min=0), default=None,
                  help="Sigma (px) of a Gaussian over the class probabilities before the argmax: "
                       "straightens the ragged boundaries of large rebuilt areas; 0: none "
-                      "(default: 1 with --blend centre, 0 with window)."),
+                      f"(default: {default_of(RefineSettings, 'smooth'):g} with --blend centre, "
+                      "0 with window)."),
 )
 PRECISION_OPTION = click.option(
-    "--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+    "--precision", type=click.Choice(list(PRECISIONS)),
+    default=default_of(SegmentSettings, "precision"), show_default=True,
     help="Numbers the models compute in (bf16: 2-3x faster on GPUs and on CPUs with "
          "AVX-512 BF16; fp32 for reference).")
-CSV_OPTION = click.option("--csv", is_flag=True, help="Also write volref/metrics.csv.")
-MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), default=1000,
+CSV_OPTION = click.option("--csv", is_flag=True, help=f"Also write {METRICS_CSV_PATH}.")
+MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0),
+                                 default=default_of(RunSettings, "min_voxels"),
                                  show_default=True,
                                  help="Smaller connected pieces are specks, not mitochondria.")
 
+#: command-line flags of settings fields whose flag is not ``--`` + the field with dashes
+FLAGS: dict[str, str] = {}
 
-def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
-             overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
-             blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000,
-             method="mae", max_removed=None, smooth=None):
+
+def flag_of(field: str) -> str:
+    """The option that sets settings field ``field``."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def refine_settings(tau: float, stride: int, precision: str, blend: str, max_removed: float,
+                    smooth: float | None) -> RefineSettings:
+    """The refine settings of the command line's options (``smooth`` None: the settings'
+    default with the centre blend, none with the window blend)."""
+    if smooth is None and blend != "centre":
+        smooth = 0.0
+    extra = {} if smooth is None else {"smooth": smooth}
+    return RefineSettings(tau=tau, stride=stride, precision=precision, blend=blend,
+                          max_removed=max_removed, **extra)
+
+
+def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output: str | None,
+             workers: int | None, block_shape: tuple[int, int, int] | None,
+             scheduler: str | None, cluster_file: str | None, overwrite: bool,
+             channel: int | None, timepoint: int | None, block: tuple[int, int, int] | None = None,
+             **stage_options: object) -> None:
     from volref.engine.cluster import ClusterSpec
-    from volref.pipeline.run import RunSettings, gpu_count, run, run_block
-    from volref.stages.refine import RefineSettings
-    from volref.stages.segment import SegmentSettings
+    from volref.pipeline.run import gpu_count, run, run_block
 
-    extra = {} if max_removed is None else {"max_removed": max_removed}
-    if smooth is not None or blend != "centre":
-        extra["smooth"] = 0.0 if smooth is None else smooth
     try:
-        refine_settings = RefineSettings(tau=tau, stride=stride, precision=precision, blend=blend,
-                                         **extra)
-    except ValueError as exc:
-        hint = "--smooth" if str(exc).startswith("smooth") else "--stride"
-        raise click.BadParameter(str(exc), param_hint=hint) from None
-    settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,
-                           method=method,
-                           segment=SegmentSettings(precision=precision),
-                           block_shape=tuple(block_shape) if block_shape else None,
-                           overwrite=overwrite, csv=csv, min_voxels=min_voxels)
+        settings = run_settings(stages, block_shape, overwrite, stage_options)
+    except SettingsError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag_of(exc.field)) from None
     if block is not None:
         result = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
                            output=output, settings=settings, channel=channel,
@@ -245,6 +272,28 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     measured = result.report("measure")
     if measured is not None:
         click.echo(metrics_summary(measured.results["table"]))
+
+
+def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | None,
+                 overwrite: bool, options: dict[str, object]) -> RunSettings:
+    """The typed :class:`~volref.pipeline.settings.RunSettings` of a command's stage options; an
+    option a command does not have keeps the settings' default."""
+    o = dict(options)
+    d = RunSettings()
+    precision = o.get("precision", d.segment.precision)
+    refine = d.refine
+    if "tau" in o:
+        refine = refine_settings(o["tau"], o["stride"], precision, o["blend"],
+                                 o["max_removed"], o["smooth"])
+    elif precision != refine.precision:
+        refine = refine_settings(refine.tau, refine.stride, precision, refine.blend,
+                                 refine.max_removed, None)
+    return RunSettings(segmenter=o.get("segmenter"), refiner=o.get("refiner"),
+                       segment=SegmentSettings(precision=precision), refine=refine,
+                       method=o.get("method", d.method),
+                       block_shape=tuple(block_shape) if block_shape else None,
+                       overwrite=overwrite, csv=o.get("csv", d.csv),
+                       min_voxels=o.get("min_voxels", d.min_voxels))
 
 
 def metrics_summary(table) -> str:

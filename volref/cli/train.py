@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 
 from volref.cli.progress import progress_bar
+from volref.layout import DEGRADED, GROUND_TRUTH
 
 
 class TrainingProgress:
@@ -77,9 +78,9 @@ def train() -> None:
 @train.command("segmenter")
 @click.option("--data", "data", multiple=True, required=True,
               help="OME-Zarr image with labels (repeatable).")
-@click.option("--labels", default="ground-truth", show_default=True,
+@click.option("--labels", default=GROUND_TRUTH, show_default=True,
               help="Label image holding the annotations.")
-@click.option("--degraded", default="degraded", show_default=True,
+@click.option("--degraded", default=DEGRADED, show_default=True,
               help="Label image marking low-SNR areas (annotator ambiguity is simulated there).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Folder for checkpoints and the finished ensemble.")

@@ -25,6 +25,7 @@ import zarr
 
 from volref.errors import ConfigError
 from volref.io.store import delete_files, list_files, read_file, write_file
+from volref.layout import manifest_prefix
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -37,7 +38,7 @@ class Manifest:
     def __init__(self, group: zarr.Group, stage: str) -> None:
         self.group = group  # the store's ``volref`` group
         self.stage = stage
-        self.prefix = f"manifests/{stage}"
+        self.prefix = manifest_prefix(stage)
 
     # ------------------------------------------------------------ settings
 

@@ -48,6 +48,10 @@ class BlockTask:
     fn: Callable[..., Any]
     args: tuple = ()
     gpu: bool = False  # runs a model: goes to GPU workers when there are any
+    #: the box ``(start, stop)`` the task reads (may reach past the volume) and the one it writes
+    #: (its block), declared by the stage when it plans
+    reads: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    writes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 @dataclass

@@ -41,6 +41,7 @@ from volref.errors import VolrefError
 from volref.evaluate.methods import MethodSettings, refine_tile
 from volref.io import intensity_sample, label_names, open_image
 from volref.io.region import read_padded, reflect
+from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH, finest, label_path
 from volref.metrics import METRICS, dice, tile_metrics
 from volref.stages.normalise import normalise, range_of
 from volref.stages.refine import removal_mask
@@ -271,15 +272,16 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
     vol = open_image(location)
     root = zarr.open_group(str(location), mode="r")
     names = label_names(root)
-    need = ("volref-initial", "ground-truth", "degraded")
+    need = (INITIAL, GROUND_TRUTH, DEGRADED)
     missing = [n for n in need if n not in names]
     if missing:
         raise VolrefError(f"{location}: no label image {', '.join(missing)} (Table 2 needs a "
                           "phantom made by volref synth and segmented by volref segment)")
     try:
-        unc_arr = root["volref/uncertainty/s0"]
+        unc_arr = finest(root, UNCERTAINTY_PATH)
     except KeyError:
-        raise VolrefError(f"{location}: no volref/uncertainty: run volref segment first") from None
+        raise VolrefError(f"{location}: no {UNCERTAINTY_PATH}: run volref segment first") from None
+    initial, truth, degraded = (finest(root, label_path(n)) for n in need)
     irange = range_of(intensity_sample(vol))
     nz = vol.shape[0]
     seg = segment_settings or SegmentSettings()
@@ -299,10 +301,10 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
 
         out.append(SliceData(
             source=str(location), z=z, image=stack[1],
-            initial=root["labels/volref-initial/s0"][z],
+            initial=initial[z],
             uncertainty=unc_arr[z].astype(np.float32) / np.float32(255.0),
-            truth=root["labels/ground-truth/s0"][z],
-            degraded=root["labels/degraded/s0"][z].astype(bool),
+            truth=truth[z],
+            degraded=degraded[z].astype(bool),
             probabilities=probabilities if ensemble is not None else None))
     return out
 

@@ -18,22 +18,23 @@ import numpy as np
 import zarr
 
 from volref.classes import BACKGROUND
-from volref.engine.grid import Block, BlockGrid
+from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
 from volref.errors import VolrefError
-from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
-from volref.pipeline.blocks import Source, open_outputs, require_done
-from volref.pipeline.refine import REFINED
-from volref.pipeline.segment import existing_levels, levels_of
+from volref.io import LabelInfo, create_label_image, label_levels, store_pyramid
+from volref.layout import MITOCHONDRIA, REFINED, existing_levels, label_path, levels_of
+from volref.pipeline.blocks import Source
+from volref.pipeline.settings import RunSettings
+from volref.pipeline.stage import StageContext, open_outputs, require_done
 from volref.pipeline.store import record_provenance
+from volref.settings import default_of
 from volref.stages.instances import BlockLabels, block_labels, face_pairs, label_block, resolve
 
 log = logging.getLogger(__name__)
 
-MITOCHONDRIA = "volref-mitochondria"
-#: fewer voxels than this is a speck, not a mitochondrion (a 40 px wide tube has ~1000 per slice)
-MIN_VOXELS = 1000
+#: fewer voxels than this is a speck, not a mitochondrion (:class:`RunSettings`)
+MIN_VOXELS: int = default_of(RunSettings, "min_voxels")
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,29 @@ def relabel_task(job: InstanceJob, block: Block, table: np.ndarray) -> dict[str,
     return {"mitochondria": count}
 
 
-def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
-              observer: Observer | None = None, overwrite: bool = False,
+@dataclass(frozen=True)
+class InstancesStage:
+    """Connected mitochondria with ids unique across the volume (see the module doc). Its
+    tasks read and write their own block only (faces are passed between tasks)."""
+
+    min_voxels: int = MIN_VOXELS
+    name: str = "instances"
+
+    def align(self) -> int:
+        return 1
+
+    def run(self, ctx: StageContext, executor: Executor,
+            observer: Observer | None = None) -> StageReport:
+        return instances(ctx, executor, observer=observer, min_voxels=self.min_voxels)
+
+
+def instances(ctx: StageContext, executor: Executor, *, observer: Observer | None = None,
               min_voxels: int = MIN_VOXELS) -> StageReport:
-    meta = root.require_group("volref")
-    upstream = require_done(meta, "refine", f"labels/{REFINED} is", "refine")
+    root, grid, vol = ctx.root, ctx.grid, ctx.vol
+    meta = ctx.meta
+    upstream = require_done(meta, "refine", f"{label_path(REFINED)} is", "refine")
     ms = vol.multiscale
-    refined = levels_of(root["labels"][REFINED])
+    refined = levels_of(root[label_path(REFINED)])
     manifest = Manifest(meta, "instances")
     record = {"refine": upstream.settings_digest(), "connectivity": 6, "min_voxels": min_voxels}
 
@@ -85,11 +102,10 @@ def instances(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor
         return create_label_image(root, MITOCHONDRIA, label_levels(ms, "uint32"), ms.axes,
                                   version=ms.version, info=LabelInfo(), overwrite=over)[1]
 
-    arrays, _ = open_outputs(manifest, record, overwrite, create,
-                             lambda: existing_levels(root, f"labels/{MITOCHONDRIA}"))
+    arrays, _ = open_outputs(manifest, record, ctx.overwrite, create,
+                             lambda: existing_levels(root, label_path(MITOCHONDRIA)))
     record_provenance(root, "instances", record)
-    lead = (0,) * (ms.ndim - 3)
-    job = InstanceJob(Source(refined[0], lead), Source(arrays[0], lead), vol.shape, manifest)
+    job = InstanceJob(ctx.source(refined[0]), ctx.source(arrays[0]), vol.shape, manifest)
     finished = manifest.finished()
     blocks = list(grid)
     start = time.perf_counter()

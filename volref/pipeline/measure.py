@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,18 +25,27 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from volref.engine.grid import Block, BlockGrid
+from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
-from volref.io import Volume
 from volref.io.ngff import set_ome
 from volref.io.store import write_file
-from volref.metrics.consistency import SliceCounts, skeleton_length, slice_counts
-from volref.pipeline.blocks import Source, require_done
-from volref.pipeline.instances import MITOCHONDRIA
-from volref.pipeline.refine import REFINED
-from volref.pipeline.segment import INITIAL, levels_of
+from volref.layout import (
+    INITIAL,
+    META,
+    METRICS_CSV,
+    METRICS_TABLE,
+    MITOCHONDRIA,
+    REFINED,
+    finest,
+    label_path,
+    levels_of,
+)
+from volref.metrics.consistency import SliceCounts, skeleton_length
+from volref.pipeline.blocks import Source
+from volref.pipeline.stage import StageContext, require_done
 from volref.pipeline.store import record_provenance
+from volref.stages import measure as stage
 
 log = logging.getLogger(__name__)
 
@@ -60,50 +68,13 @@ class MeasureJob:
 
 def stats_task(job: MeasureJob, block: Block) -> dict[str, Any]:
     lab = np.asarray(job.ids[0].read(block.start, block.stop, "constant"))
-    stats = block_stats(lab, block.start)
+    stats = stage.block_stats(lab, block.start)
     job.manifest.record(f"stats-{block.key}", stats)
     return stats
 
 
-def block_stats(lab: np.ndarray, start) -> dict[str, Any]:
-    """Per id in a block: voxels, coordinate sums, box (inclusive min, exclusive max)."""
-    flat = np.flatnonzero(lab)
-    if flat.size == 0:
-        return {"ids": [], "count": [], "sum": [], "min": [], "max": []}
-    vals = lab.ravel()[flat]
-    order = np.argsort(vals, kind="stable")
-    vals = vals[order]
-    coords = np.stack(np.unravel_index(flat[order], lab.shape), axis=1) + np.asarray(start)
-    ids, first = np.unique(vals, return_index=True)
-    counts = np.diff(np.append(first, len(vals)))
-    return {"ids": ids.tolist(), "count": counts.tolist(),
-            "sum": np.add.reduceat(coords.astype(np.float64), first).tolist(),
-            "min": np.minimum.reduceat(coords, first).tolist(),
-            "max": (np.maximum.reduceat(coords, first) + 1).tolist()}
-
-
 def merge_stats(parts: list[dict[str, Any]]) -> pd.DataFrame:
-    acc: dict[int, list] = {}
-    for part in parts:
-        for i, n, s, lo, hi in zip(part["ids"], part["count"], part["sum"], part["min"],
-                                   part["max"]):
-            if i not in acc:
-                acc[i] = [0, np.zeros(3), np.array(lo), np.array(hi)]
-            a = acc[i]
-            a[0] += n
-            a[1] += s
-            a[2] = np.minimum(a[2], lo)
-            a[3] = np.maximum(a[3], hi)
-    rows = []
-    for i in sorted(acc):
-        n, s, lo, hi = acc[i]
-        rows.append({"label": i, "voxels": n,
-                     **{f"bbox_{a}0": int(v) for a, v in zip("zyx", lo)},
-                     **{f"bbox_{a}1": int(v) for a, v in zip("zyx", hi)},
-                     **{f"centroid_{a}": float(v) / n for a, v in zip("zyx", s)}})
-    columns = ["label", "voxels"] + [f"bbox_{a}{e}" for e in "01" for a in "zyx"] + \
-        [f"centroid_{a}" for a in "zyx"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(stage.merge_stats(parts), columns=stage.STATS_COLUMNS)
 
 
 # ---------------------------------------------------------------- 3. shape metrics
@@ -116,6 +87,7 @@ def shape_task(job: MeasureJob, key: str, rows: list[dict[str, Any]]) -> dict[st
 
 
 def shape_metrics(job: MeasureJob, row: dict[str, Any]) -> dict[str, Any]:
+    """Read one mitochondrion's box in z-slabs and measure it (:mod:`volref.stages.measure`)."""
     label = row["label"]
     lo = [row[f"bbox_{a}0"] for a in "zyx"]
     hi = [row[f"bbox_{a}1"] for a in "zyx"]
@@ -123,24 +95,15 @@ def shape_metrics(job: MeasureJob, row: dict[str, Any]) -> dict[str, Any]:
     for z in range(lo[0], hi[0], job.slab):
         z1 = min(z + job.slab, hi[0])
         a, b = (z, lo[1], lo[2]), (z1, hi[1], hi[2])
-        foot = np.asarray(job.ids[0].read(a, b, "constant")) == label
-        for name, src in (("initial", job.initial), ("refined", job.refined)):
-            classes = np.where(foot, np.asarray(src.read(a, b, "constant")), 0)
-            for k in range(classes.shape[0]):
-                counts[name] = counts[name] + slice_counts(classes[k])
-    out: dict[str, Any] = {"label": label,
-                           "skeleton_length_um": _skeleton(job, label, lo, hi)}
-    for name, c in counts.items():
-        for metric, value in c.metrics().items():
-            out[f"{name}_{metric}"] = value
-    return out
+        counts = stage.footprint_counts(
+            job.ids[0].read(a, b, "constant"), label,
+            {"initial": job.initial.read(a, b, "constant"),
+             "refined": job.refined.read(a, b, "constant")}, counts)
+    return stage.shape_row(label, counts, _skeleton(job, label, lo, hi))
 
 
 def _skeleton(job: MeasureJob, label: int, lo: list[int], hi: list[int]) -> float:
-    voxels = math.prod(b - a for a, b in zip(lo, hi))
-    level = 0
-    while voxels / 4**level > SKELETON_VOXELS and level + 1 < len(job.ids):
-        level += 1
+    level = stage.skeleton_level(lo, hi, len(job.ids), SKELETON_VOXELS)
     f = 2**level
     a = (lo[0], lo[1] // f, lo[2] // f)
     b = (hi[0], -(-hi[1] // f), -(-hi[2] // f))
@@ -152,20 +115,34 @@ def _skeleton(job: MeasureJob, label: int, lo: list[int], hi: list[int]) -> floa
 # ---------------------------------------------------------------- the stage
 
 
-def measure(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
-            observer: Observer | None = None, overwrite: bool = False,
+@dataclass(frozen=True)
+class MeasureStage:
+    """The metrics table of every mitochondrion (see the module doc). Its tasks read their
+    block (statistics) or one mitochondrion's box (shape metrics)."""
+
+    csv: bool = False
+    name: str = "measure"
+
+    def align(self) -> int:
+        return 1
+
+    def run(self, ctx: StageContext, executor: Executor,
+            observer: Observer | None = None) -> StageReport:
+        return measure(ctx, executor, observer=observer, csv=self.csv)
+
+
+def measure(ctx: StageContext, executor: Executor, *, observer: Observer | None = None,
             csv: bool = False) -> StageReport:
-    meta = root.require_group("volref")
-    upstream = require_done(meta, "instances", f"labels/{MITOCHONDRIA} is", "measure")
-    ms = vol.multiscale
-    lead = (0,) * (ms.ndim - 3)
-    ids = [Source(a, lead) for a in levels_of(root["labels"][MITOCHONDRIA])]
-    initial = Source(levels_of(root["labels"][INITIAL])[0], lead)
-    refined = Source(levels_of(root["labels"][REFINED])[0], lead)
+    root, grid, vol = ctx.root, ctx.grid, ctx.vol
+    meta = ctx.meta
+    upstream = require_done(meta, "instances", f"{label_path(MITOCHONDRIA)} is", "measure")
+    ids = [ctx.source(a) for a in levels_of(root[label_path(MITOCHONDRIA)])]
+    initial = ctx.source(finest(root, label_path(INITIAL)))
+    refined = ctx.source(finest(root, label_path(REFINED)))
     manifest = Manifest(meta, "measure")
     record = {"instances": upstream.settings_digest(),
               "segment": Manifest(meta, "segment").settings_digest(), "group": GROUP}
-    manifest.begin(record, overwrite)
+    manifest.begin(record, ctx.overwrite)
     record_provenance(root, "measure", record)
     job = MeasureJob(ids, initial, refined, tuple(vol.scale), ids[0].array.chunks[-3], manifest)
     start = time.perf_counter()
@@ -193,13 +170,13 @@ def measure(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, 
 
 def write_table(root: zarr.Group, table: pd.DataFrame, csv: bool) -> None:
     """``volref/metrics.parquet`` (+ csv) and the label image's ``properties``."""
-    meta = root["volref"]
+    meta = root[META]
     buf = io.BytesIO()
     table.to_parquet(buf, index=False)
-    write_file(meta, "metrics.parquet", buf.getvalue())
+    write_file(meta, METRICS_TABLE, buf.getvalue())
     if csv:
-        write_file(meta, "metrics.csv", table.to_csv(index=False).encode())
-    group = root["labels"][MITOCHONDRIA]
+        write_file(meta, METRICS_CSV, table.to_csv(index=False).encode())
+    group = root[label_path(MITOCHONDRIA)]
     props = json.loads(table.to_json(orient="records"))  # NaN -> null
     for p in props:
         p["label-value"] = p.pop("label")

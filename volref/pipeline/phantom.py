@@ -32,13 +32,11 @@ from volref.io import (
     validate_image,
 )
 from volref.io.store import prepare_new_store, redact
+from volref.layout import DEGRADED, GROUND_TRUTH, GROUND_TRUTH_INSTANCES, META
 from volref.synth import SynthConfig, make_phantom
 
 log = logging.getLogger(__name__)
 
-GROUND_TRUTH = "ground-truth"
-GROUND_TRUTH_INSTANCES = "ground-truth-instances"
-DEGRADED = "degraded"
 
 
 def write_phantom(config: SynthConfig, location: str | os.PathLike, *, version: str = "0.5",
@@ -63,7 +61,7 @@ def write_phantom(config: SynthConfig, location: str | os.PathLike, *, version: 
         pyramid_geometry(config.shape, config.voxel_size_um, n_levels, config.chunks, "uint16",
                          version, method="mean"),
         axes, version=version, name=f"volref phantom seed {config.seed}", method="mean")
-    meta = root.create_group("volref")
+    meta = root.create_group(META)
     meta.attrs["volref"] = {"version": __version__, "phantom": config.to_dict(),
                             "n_mitochondria": phantom.scene.n_mitochondria}
 

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zarr
@@ -37,6 +37,14 @@ from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, worker_address
 from volref.errors import ConfigError
 from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
+from volref.layout import (
+    INITIAL,
+    REFINED,
+    UNCERTAINTY_PATH,
+    existing_levels,
+    label_path,
+    levels_of,
+)
 from volref.models.registry import (
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
@@ -44,20 +52,16 @@ from volref.models.registry import (
     load_segmenter,
     refiner_method,
 )
-from volref.pipeline.blocks import (
-    MODEL_LOCK,
-    Source,
-    cached_model,
-    device,
+from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
+from volref.pipeline.stage import (
+    Halo,
+    StageContext,
+    StagePlan,
+    check_model,
+    finish_stage,
     open_outputs,
     require_done,
-)
-from volref.pipeline.segment import (
-    INITIAL,
-    check_model,
-    existing_levels,
-    finish_stage,
-    levels_of,
+    tasks_of,
 )
 from volref.pipeline.store import record_provenance
 from volref.stages.crf import CRFSettings, crf_region
@@ -66,8 +70,6 @@ from volref.stages.refine import METHODS, RefineSettings, context, refine_region
 from volref.stages.segment import SegmentSettings, segment_probabilities, uncertainty_from_uint8
 
 log = logging.getLogger(__name__)
-
-REFINED = "volref-refined"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class RefineJob:
     intensity: IntensityRange | None = None  # as the segment stage normalised it
     segment: SegmentSettings | None = None  # crf: how the ensemble ran
     crf: CRFSettings = CRFSettings()
+    halo: Halo = Halo()  # what a block task reads around its block (labels, uncertainty)
 
 
 #: crf: pixels of context around each tile (past the near-mitochondrion test's reach)
@@ -102,74 +105,114 @@ def model_settings(model_key: tuple[str, str], settings: RefineSettings) -> Refi
             from None
 
 
+@dataclass(frozen=True)
+class RefineStage:
+    """``method`` over every block (see the module doc)."""
+
+    settings: RefineSettings = field(default_factory=RefineSettings)
+    model: str | os.PathLike | None = None
+    method: str = "mae"
+    segmenter: str | os.PathLike | None = None  # crf: the ensemble that made the labels
+    name: str = "refine"
+
+    def model_key(self) -> tuple[str, str]:
+        """The checkpoint this method runs (crf: the ensemble), checked once."""
+        if self.method == "crf":
+            return check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
+        return check_model(self.model, DEFAULT_REFINERS.get(self.method), load_refiner)
+
+    def effective_settings(self) -> RefineSettings:
+        """The settings blocks run with: the model decides the tile size (crf: as given)."""
+        if self.method == "crf":
+            return self.settings
+        return model_settings(self.model_key(), self.settings)
+
+    def align(self) -> int:
+        return self.effective_settings().tile
+
+    def halo(self, settings: RefineSettings, model_key: tuple[str, str]) -> Halo:
+        """The tiles' reach plus the near-mitochondrion test's, on the tile grid (crf: its
+        margin); in y and x only."""
+        if self.method == "crf":
+            return Halo.around(0, CRF_MARGIN)
+        patch = cached_model(load_refiner, *model_key, "cpu").config.patch
+        return Halo.around(0, context(settings, patch))
+
+    def plan(self, ctx: StageContext) -> StagePlan:
+        """Check the method's model against the segment record, open or resume the refined
+        labels, and list the block tasks."""
+        method, vol, root, grid = self.method, ctx.vol, ctx.root, ctx.grid
+        if method not in METHODS:
+            raise ConfigError(f"unknown refinement method {method!r} (choose from "
+                              f"{', '.join(METHODS)})")
+        meta = ctx.meta
+        upstream = require_done(meta, "segment",
+                                f"{label_path(INITIAL)} and {UNCERTAINTY_PATH} are", "segment")
+        made_with = upstream.settings()
+        settings = self.settings
+        model_key = self.model_key()
+        if method == "crf":
+            if made_with.get("model_sha256") not in (None, model_key[1]):
+                raise ConfigError("--method crf refines the probabilities of the ensemble that "
+                                  f"made {label_path(INITIAL)}; {model_key[0]} is another one "
+                                  "(pass that ensemble with --segmenter)")
+            if any(b % settings.tile for b in grid.block[1:]):
+                raise ConfigError(f"--method crf relabels {settings.tile}-px tiles: the block's "
+                                  f"y and x ({grid.block[1]}, {grid.block[2]}) must be multiples "
+                                  "of it")
+        else:
+            found = refiner_method(cached_model(load_refiner, *model_key, "cpu"))
+            if found != method:
+                raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
+            settings = model_settings(model_key, settings)
+        initial = levels_of(root[label_path(INITIAL)])
+        unc = levels_of(root[UNCERTAINTY_PATH])
+        ms = vol.multiscale
+        record = {"segment": upstream.settings_digest(), "model_sha256": model_key[1],
+                  "settings": settings.to_dict(), "method": method}
+        if method == "crf":
+            record["crf"] = CRFSettings().to_dict()
+        manifest = Manifest(meta, self.name)
+
+        def create(over: bool) -> list[zarr.Array]:
+            return create_label_image(root, REFINED, label_levels(ms, "uint8"), ms.axes,
+                                      version=ms.version,
+                                      info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
+                                      overwrite=over)[1]
+
+        arrays, resumed = open_outputs(manifest, record, ctx.overwrite, create,
+                                       lambda: existing_levels(root, label_path(REFINED)))
+        record_provenance(root, self.name, {"model": model_key[0], **record})
+        needs_image = method in ("mae-x", "crf")
+        if needs_image and "intensity" not in made_with:
+            raise ConfigError(f"--method {method} reads the image normalised as segment did, but "
+                              "the segment record holds no intensity range: run volref segment "
+                              "again")
+        halo = self.halo(settings, model_key)
+        job = RefineJob(ctx.source(initial[0]), ctx.source(unc[0]), ctx.source(arrays[0]),
+                        settings, model_key, manifest, method=method,
+                        image=ctx.image() if needs_image else None,
+                        intensity=IntensityRange(**made_with["intensity"]) if needs_image
+                        else None,
+                        segment=SegmentSettings.from_dict(made_with.get("settings", {}))
+                        if method == "crf" else None, halo=halo)
+        return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
+                         [store_pyramid(None, arrays, "nearest")], resumed)
+
+    def run(self, ctx: StageContext, executor: Executor,
+            observer: Observer | None = None) -> StageReport:
+        return finish_stage(executor, self.name, self.plan(ctx), observer)
+
+
 def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                 model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
                 overwrite: bool = False, method: str = "mae",
                 segmenter: str | os.PathLike | None = None
-                ) -> tuple[RefineJob, list[BlockTask], list[zarr.Array]]:
-    if method not in METHODS:
-        raise ConfigError(f"unknown refinement method {method!r} (choose from "
-                          f"{', '.join(METHODS)})")
-    meta = root.require_group("volref")
-    upstream = require_done(meta, "segment", f"labels/{INITIAL} and volref/uncertainty are",
-                            "segment")
-    made_with = upstream.settings()
-    settings = settings or RefineSettings()
-    if method == "crf":
-        model_key = check_model(segmenter, DEFAULT_SEGMENTER, load_segmenter)
-        if made_with.get("model_sha256") not in (None, model_key[1]):
-            raise ConfigError("--method crf refines the probabilities of the ensemble that made "
-                              f"labels/{INITIAL}; {model_key[0]} is another one (pass that "
-                              "ensemble with --segmenter)")
-        if any(b % settings.tile for b in grid.block[1:]):
-            raise ConfigError(f"--method crf relabels {settings.tile}-px tiles: the block's y and "
-                              f"x ({grid.block[1]}, {grid.block[2]}) must be multiples of it")
-    else:
-        model_key = check_model(model, DEFAULT_REFINERS[method], load_refiner)
-        found = refiner_method(cached_model(load_refiner, *model_key, "cpu"))
-        if found != method:
-            raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
-        settings = model_settings(model_key, settings)
-    initial = levels_of(root["labels"][INITIAL])
-    unc = levels_of(root["volref"]["uncertainty"])
-    ms = vol.multiscale
-    record = {"segment": upstream.settings_digest(), "model_sha256": model_key[1],
-              "settings": settings.to_dict(), "method": method}
-    if method == "crf":
-        record["crf"] = CRFSettings().to_dict()
-    manifest = Manifest(meta, "refine")
-
-    def create(over: bool) -> list[zarr.Array]:
-        return create_label_image(root, REFINED, label_levels(ms, "uint8"), ms.axes,
-                                  version=ms.version,
-                                  info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
-                                  overwrite=over)[1]
-
-    arrays, _ = open_outputs(manifest, record, overwrite, create,
-                             lambda: existing_levels(root, f"labels/{REFINED}"))
-    record_provenance(root, "refine", {"model": model_key[0], **record})
-    lead = (0,) * (ms.ndim - 3)
-    needs_image = method in ("mae-x", "crf")
-    image = Source(vol.group[ms.levels[vol.level].path],
-                   tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3])) \
-        if needs_image else None
-    if needs_image and "intensity" not in made_with:
-        raise ConfigError(f"--method {method} reads the image normalised as segment did, but the "
-                          "segment record holds no intensity range: run volref segment again")
-    job = RefineJob(Source(initial[0], lead), Source(unc[0], lead), Source(arrays[0], lead),
-                    settings, model_key, manifest, method=method, image=image,
-                    intensity=IntensityRange(**made_with["intensity"]) if needs_image else None,
-                    segment=SegmentSettings(**made_with.get("settings", {}))
-                    if method == "crf" else None)
-    tasks = [BlockTask(b.key, refine_block, (job, b), gpu=True) for b in grid]
-    return job, tasks, arrays
-
-
-def refine(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
-           observer: Observer | None = None, **options: Any) -> StageReport:
-    job, tasks, arrays = plan_refine(vol, root, grid, **options)
-    return finish_stage(executor, job.manifest, "refine", tasks, observer,
-                        [store_pyramid(None, arrays, "nearest")])
+                ) -> tuple[RefineJob, list[BlockTask], StagePlan]:
+    """:meth:`RefineStage.plan` as a function (job, tasks, plan), for scripts."""
+    plan = RefineStage(settings or RefineSettings(), model, method, segmenter).plan(
+        StageContext(vol, root, grid, overwrite))
+    return plan.job, plan.tasks, plan
 
 
 def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
@@ -181,9 +224,7 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         s = job.settings
         dev = device()
         mae = cached_model(load_refiner, *job.model, dev)
-        c = context(s, mae.config.patch)
-        (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
-        lo, hi = (z0, y0 - c, x0 - c), (z1, y1 + c, x1 + c)
+        lo, hi = job.halo.region(block)
         labels = job.initial.read(lo, hi, "constant")
         unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
         image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
@@ -202,11 +243,11 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     """``--method crf`` on one block: the ensemble's probabilities over the block plus the CRF's
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
-    s, seg, m = job.settings, job.segment, CRF_MARGIN
+    s, seg, m = job.settings, job.segment, job.halo.before[1]
     dev = device()
     ens = cached_model(load_segmenter, *job.model, dev)
     (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
-    lo, hi = (z0, y0 - m, x0 - m), (z1, y1 + m, x1 + m)
+    lo, hi = job.halo.region(block)  # the CRF's margin
     labels = job.initial.read(lo, hi, "constant")
     unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
     t, h = seg.tile, seg.halo

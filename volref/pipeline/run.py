@@ -21,32 +21,18 @@ from volref.engine.runner import Executor, Observer, StageReport
 from volref.errors import ConfigError
 from volref.io import Volume, open_image, redact
 from volref.io.store import is_url, local_path
-from volref.pipeline.instances import MIN_VOXELS, instances
-from volref.pipeline.measure import measure
-from volref.pipeline.refine import model_settings, plan_refine, refine, refine_block
-from volref.pipeline.segment import check_model, plan_segment, segment, segment_block
+from volref.layout import META
+from volref.pipeline.instances import InstancesStage
+from volref.pipeline.measure import MeasureStage
+from volref.pipeline.refine import RefineStage
+from volref.pipeline.segment import SegmentStage
+from volref.pipeline.settings import RunSettings  # noqa: F401 - part of the run API
+from volref.pipeline.stage import Stage, StageContext, run_planned
 from volref.pipeline.store import open_target
-from volref.stages.refine import RefineSettings
-from volref.stages.segment import SegmentSettings
 
 log = logging.getLogger(__name__)
 
 STAGES = ("segment", "refine", "instances", "measure")
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What a run computes (the cluster is chosen separately)."""
-
-    segmenter: str | None = None
-    refiner: str | None = None
-    segment: SegmentSettings = field(default_factory=SegmentSettings)
-    refine: RefineSettings = field(default_factory=RefineSettings)
-    method: str = "mae"  # refinement method: mae, or a baseline (mae-x, cnn-ae, crf)
-    block_shape: tuple[int, int, int] | None = None
-    overwrite: bool = False
-    csv: bool = False
-    min_voxels: int = MIN_VOXELS
 
 
 @dataclass
@@ -73,25 +59,31 @@ def gpu_count() -> int:
 
 def lock(root, where: str):
     """The output store's run lock (see :mod:`volref.engine.lock`)."""
-    meta = root.require_group("volref")
-    local = None if is_url(where) else local_path(where) / root.path / "volref"
+    meta = root.require_group(META)
+    local = None if is_url(where) else local_path(where) / root.path / META
     return store_lock(meta, local, redact(where))
+
+
+def stages_of(settings: RunSettings, names: Sequence[str] = STAGES) -> list[Stage]:
+    """The stages ``names`` asks for, in pipeline order, set up from ``settings``."""
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    every: dict[str, Stage] = {
+        "segment": SegmentStage(settings.segment, settings.segmenter),
+        "refine": RefineStage(settings.refine, settings.refiner, settings.method,
+                              settings.segmenter),
+        "instances": InstancesStage(settings.min_voxels),
+        "measure": MeasureStage(settings.csv),
+    }
+    return [every[name] for name in STAGES if name in names]
 
 
 def block_grid(vol: Volume, settings: RunSettings, stages: Sequence[str] = STAGES,
                min_blocks: int = 1) -> BlockGrid:
     """The grid shared by the stages that run (see the module doc): model stages align blocks
     to their tile grids, the others only to the chunks."""
-    from volref.models.registry import DEFAULT_REFINERS, load_refiner
-
-    align = 1
-    if "segment" in stages:
-        align = math.lcm(align, settings.segment.tile)
-    if "refine" in stages:
-        ref = settings.refine if settings.method == "crf" else model_settings(
-            check_model(settings.refiner, DEFAULT_REFINERS.get(settings.method), load_refiner),
-            settings.refine)
-        align = math.lcm(align, ref.tile)
+    align = math.lcm(1, *(stage.align() for stage in stages_of(settings, stages)))
     chunks = vol.multiscale.levels[0].chunks[-3:]
     return plan_blocks(vol.shape, chunks, align, settings.block_shape, min_blocks)
 
@@ -105,10 +97,8 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
 
     ``on_connect(connection)`` is called once the cluster is up (the CLI prints the dashboard).
     """
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     settings = settings or RunSettings()
+    chosen = stages_of(settings, stages)
     cluster = cluster or ClusterSpec(gpus=gpu_count())
     vol = open_image(location, channel=channel, timepoint=timepoint)
     block_grid(vol, settings, stages)  # a bad block shape fails before a cluster starts
@@ -120,25 +110,12 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
             on_connect(conn)
         executor = Executor(conn.client)
         grid = block_grid(vol, settings, stages, min_blocks=2 * executor.workers)
-        common: dict[str, Any] = {"observer": observer, "overwrite": settings.overwrite}
-        for stage in STAGES:
-            if stage not in stages:
-                continue
-            log.info("%s: %d blocks of %s on %s", stage, len(grid), grid.block, conn.description)
-            if stage == "segment":
-                rep = segment(vol, root, grid, executor, model=settings.segmenter,
-                              settings=settings.segment, **common)
-            elif stage == "refine":
-                rep = refine(vol, root, grid, executor, model=settings.refiner,
-                             settings=settings.refine, method=settings.method,
-                             segmenter=settings.segmenter, **common)
-            elif stage == "instances":
-                rep = instances(vol, root, grid, executor, min_voxels=settings.min_voxels,
-                                **common)
-            else:
-                rep = measure(vol, root, grid, executor, csv=settings.csv, **common)
-            reports.append(rep)
-            peaks[stage] = peak_memory(conn.client)
+        ctx = StageContext(vol, root, grid, settings.overwrite)
+        for stage in chosen:
+            log.info("%s: %d blocks of %s on %s", stage.name, len(grid), grid.block,
+                     conn.description)
+            reports.append(stage.run(ctx, executor, observer))
+            peaks[stage.name] = peak_memory(conn.client)
         final = peak_memory(conn.client)
     return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, final, peaks)
 
@@ -161,13 +138,7 @@ def run_block(location: str | os.PathLike, index: Sequence[int], *,
 
 
 def _run_block(vol, root, grid, block, stages, settings, out) -> dict[str, Any]:
-    if "segment" in stages:
-        job, _, _ = plan_segment(vol, root, grid, model=settings.segmenter,
-                                 settings=settings.segment, overwrite=settings.overwrite)
-        out["segment"] = segment_block(job, block)
-    if "refine" in stages:
-        job, _, _ = plan_refine(vol, root, grid, model=settings.refiner,
-                                settings=settings.refine, overwrite=settings.overwrite,
-                                method=settings.method, segmenter=settings.segmenter)
-        out["refine"] = refine_block(job, block)
+    ctx = StageContext(vol, root, grid, settings.overwrite)
+    for stage in stages_of(settings, [s for s in stages if s in ("segment", "refine")]):
+        out[stage.name] = run_planned(stage.plan(ctx), block)  # type: ignore[attr-defined]
     return out

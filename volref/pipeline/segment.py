@@ -1,15 +1,16 @@
 """``segment``: ensemble labels and uncertainty for a whole OME-Zarr image, block by block.
 
-Writes (into the image's archive, or ``output``)::
+Writes (into the image's archive, or ``output``; names from :mod:`volref.layout`)::
 
     labels/volref-initial      ensemble argmax, uint8, as many levels as the image
     volref/uncertainty         normalised entropy as an OME-Zarr image, uint8 (255 = 1.0)
     volref/manifests/segment   finished blocks
 
 A block task reads its block with one slice of z context and ``halo`` pixels of x/y context
-(mirrored past the volume), predicts every tile of the segmentation grid inside it and writes its
-own chunks, then its manifest record. Tiles sit on a global grid, batches have a fixed shape:
-the bytes written do not depend on the block shape or the number of workers.
+(mirrored past the volume), its y and x rounded up to whole tiles, predicts every tile of the
+segmentation grid inside it and writes its own chunks, then its manifest record. Tiles sit on a
+global grid, batches have a fixed shape: the bytes written do not depend on the block shape or
+the number of workers.
 """
 
 from __future__ import annotations
@@ -17,24 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import zarr
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
 from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
-from volref.engine.runner import (
-    BlockTask,
-    Executor,
-    Observer,
-    StageReport,
-    run_blocks,
-    worker_address,
-)
-from volref.errors import ImageDataError, OutputExistsError
+from volref.engine.runner import BlockTask, Executor, Observer, StageReport, worker_address
+from volref.errors import OutputExistsError
 from volref.io import (
     LabelInfo,
     Volume,
@@ -42,20 +35,27 @@ from volref.io import (
     create_multiscale,
     intensity_sample,
     label_levels,
-    read_multiscale,
     store_pyramid,
 )
 from volref.io.store import has_member
-from volref.models.registry import DEFAULT_SEGMENTER, file_hash, load_segmenter
-from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device, open_outputs
+from volref.layout import INITIAL, UNCERTAINTY, UNCERTAINTY_PATH, existing_levels, label_path
+from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
+from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
+from volref.pipeline.stage import (
+    Halo,
+    StageContext,
+    StagePlan,
+    check_finite,
+    check_model,
+    finish_stage,
+    open_outputs,
+    tasks_of,
+)
 from volref.pipeline.store import record_provenance
 from volref.stages.normalise import IntensityRange, normalise, range_of
 from volref.stages.segment import SegmentSettings, segment_slices, uncertainty_to_uint8
 
 log = logging.getLogger(__name__)
-
-INITIAL = "volref-initial"
-UNCERTAINTY = "volref/uncertainty"
 
 
 @dataclass(frozen=True)
@@ -69,104 +69,84 @@ class SegmentJob:
     intensity: IntensityRange
     model: tuple[str, str]  # path, sha256
     manifest: Manifest
+    halo: Halo = Halo()
 
 
-def check_model(model: str | os.PathLike | None, default, loader) -> tuple[str, str]:
-    """Path and hash of a checkpoint, loaded once here so a bad file fails before any block."""
-    path = str(model or default)
-    digest = file_hash(path)
-    cached_model(loader, path, digest, "cpu")
-    return path, digest
+@dataclass(frozen=True)
+class SegmentStage:
+    """The ensemble over every block (see the module doc)."""
 
+    settings: SegmentSettings = field(default_factory=SegmentSettings)
+    model: str | os.PathLike | None = None
+    name: str = "segment"
 
-def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
-                 model: str | os.PathLike | None = None, settings: SegmentSettings | None = None,
-                 overwrite: bool = False) -> tuple[SegmentJob, list[BlockTask], dict[str, Any]]:
-    """Create or reopen the outputs and list the block tasks (nothing is computed)."""
-    settings = settings or SegmentSettings()
-    model_key = check_model(model, DEFAULT_SEGMENTER, load_segmenter)
-    ms = vol.multiscale
-    image = Source(vol.group[ms.levels[vol.level].path],
-                   tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3]))
-    try:
-        sample = intensity_sample(vol)
-    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find and name it
-        image.raise_if_corrupt((0, 0, 0), vol.shape, exc)
-        raise
-    check_finite(sample, "the intensity sample")
-    irange = range_of(sample)
-    record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype), "selection": vol.selection},
-              "model_sha256": model_key[1], "settings": settings.to_dict(),
-              "intensity": irange.to_dict()}
-    meta = root.require_group("volref")
-    manifest = Manifest(meta, "segment")
+    def align(self) -> int:
+        return self.settings.tile
 
-    def create(over: bool) -> list[zarr.Array]:
-        _, labels = create_label_image(root, INITIAL, label_levels(ms, "uint8"), ms.axes,
-                                       version=ms.version,
-                                       info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
-                                       overwrite=over)
-        return [labels, _uncertainty_image(root, ms, over)]
+    def halo(self) -> Halo:
+        """One slice of z context, ``halo`` pixels in y and x, whole tiles."""
+        return Halo.around(1, self.settings.halo, self.settings.tile)
 
-    def reopen() -> list[list[zarr.Array]] | None:
-        found = [existing_levels(root, f"labels/{INITIAL}"), existing_levels(root, UNCERTAINTY)]
-        return found if all(found) else None
+    def plan(self, ctx: StageContext) -> StagePlan:
+        """Create or reopen the outputs and list the block tasks (nothing is computed)."""
+        settings, vol, root = self.settings, ctx.vol, ctx.root
+        model_key = check_model(self.model, DEFAULT_SEGMENTER, load_segmenter)
+        ms = vol.multiscale
+        image = ctx.image()
+        try:
+            sample = intensity_sample(vol)
+        except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find and name it
+            image.raise_if_corrupt((0, 0, 0), vol.shape, exc)
+            raise
+        check_finite(sample, "the intensity sample")
+        irange = range_of(sample)
+        record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype),
+                            "selection": vol.selection},
+                  "model_sha256": model_key[1], "settings": settings.to_dict(),
+                  "intensity": irange.to_dict()}
+        manifest = Manifest(ctx.meta, self.name)
 
-    (labels, unc), resumed = open_outputs(manifest, record, overwrite, create, reopen)
-    record_provenance(root, "segment", {"image": vol.location, "selection": vol.selection,
-                                        "model": model_key[0], **record})
-    nlead = (0,) * (ms.ndim - 3)
-    job = SegmentJob(image=image,
-                     labels=Source(labels[0], nlead), uncertainty=Source(unc[0], nlead),
-                     settings=settings, intensity=irange, model=model_key, manifest=manifest)
-    tasks = [BlockTask(b.key, segment_block, (job, b), gpu=True) for b in grid]
-    return job, tasks, {"resumed": resumed, "arrays": (labels, unc)}
+        def create(over: bool) -> list[list[zarr.Array]]:
+            _, labels = create_label_image(root, INITIAL, label_levels(ms, "uint8"), ms.axes,
+                                           version=ms.version,
+                                           info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
+                                           overwrite=over)
+            return [labels, _uncertainty_image(ctx, over)]
 
+        def reopen() -> list[list[zarr.Array]] | None:
+            found = [existing_levels(root, label_path(INITIAL)),
+                     existing_levels(root, UNCERTAINTY_PATH)]
+            return found if all(found) else None
 
-def segment(vol: Volume, root: zarr.Group, grid: BlockGrid, executor: Executor, *,
-            observer: Observer | None = None, **options: Any) -> StageReport:
-    """Segment every unfinished block, then build the pyramids of both outputs."""
-    job, tasks, info = plan_segment(vol, root, grid, **options)
-    labels, unc = info["arrays"]
-    return finish_stage(executor, job.manifest, "segment", tasks, observer,
-                        [store_pyramid(None, labels, "nearest"),
-                         store_pyramid(None, unc, "mean")])
+        (labels, unc), resumed = open_outputs(manifest, record, ctx.overwrite, create, reopen)
+        record_provenance(root, self.name, {"image": vol.location, "selection": vol.selection,
+                                            "model": model_key[0], **record})
+        halo = self.halo()
+        job = SegmentJob(image=image, labels=ctx.source(labels[0]),
+                         uncertainty=ctx.source(unc[0]), settings=settings, intensity=irange,
+                         model=model_key, manifest=manifest, halo=halo)
+        return StagePlan(job, tasks_of(ctx.grid, segment_block, job, halo, gpu=True), manifest,
+                         [store_pyramid(None, labels, "nearest"),
+                          store_pyramid(None, unc, "mean")], resumed)
 
-
-def finish_stage(executor: Executor, manifest: Manifest, stage: str, tasks: list[BlockTask],
-                 observer: Observer | None, pyramids: list) -> StageReport:
-    """Run the blocks not yet recorded, then the pyramid levels, then mark the stage done."""
-    report = run_blocks(executor, stage, tasks, manifest.finished(), observer)
-    if report.computed or not manifest.done:
-        start = time.perf_counter()
-        executor.compute(pyramids)
-        report.seconds += time.perf_counter() - start
-        manifest.mark_done(report.to_dict())
-    return report
-
-
-def check_finite(data: np.ndarray, where: str) -> None:
-    if data.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise ImageDataError(f"the image has NaN or Inf intensities ({bad} voxels in {where}); "
-                                 "volref needs finite values: fix or mask them first")
+    def run(self, ctx: StageContext, executor: Executor,
+            observer: Observer | None = None) -> StageReport:
+        """Segment every unfinished block, then build the pyramids of both outputs."""
+        return finish_stage(executor, self.name, self.plan(ctx), observer)
 
 
 def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     """Segment one block, write its chunks, then record it. Returns its timings."""
     start = time.perf_counter()
-    s = job.settings
-    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
-    t, h = s.tile, s.halo
-    yp, xp = -(-(y1 - y0) // t) * t, -(-(x1 - x0) // t) * t  # whole tiles (mirrored past the end)
-    raw = job.image.read((z0 - 1, y0 - h, x0 - h), (z1 + 1, y0 + yp + h, x0 + xp + h), "mirror")
+    lo, hi = job.halo.region(block)
+    raw = job.image.read(lo, hi, "mirror")
     check_finite(raw, f"block {block.key}")
     stack = normalise(raw, job.intensity)
     dev = device()
     ensemble = cached_model(load_segmenter, *job.model, dev)
     with MODEL_LOCK:
-        labels, unc = segment_slices(ensemble, stack, s, device=dev)
+        labels, unc = segment_slices(ensemble, stack, job.settings, device=dev)
+    (_z0, y0, x0), (_z1, y1, x1) = block.start, block.stop
     core = (slice(None), slice(0, y1 - y0), slice(0, x1 - x0))
     job.labels.write(block, labels[core])
     job.uncertainty.write(block, uncertainty_to_uint8(unc[core]))
@@ -176,25 +156,21 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     return {"seconds": seconds}
 
 
-def existing_levels(root: zarr.Group, path: str) -> list[zarr.Array] | None:
-    """The level arrays of the image at ``path`` below ``root``, or None if it is not there."""
-    try:
-        return levels_of(root[path])
-    except KeyError:
-        return None
-
-
-def levels_of(group: zarr.Group) -> list[zarr.Array]:
-    ms = read_multiscale(group, where=group.path)
-    return [group[lv.path] for lv in ms.levels]
-
-
-def _uncertainty_image(root: zarr.Group, ms, overwrite: bool) -> list[zarr.Array]:
-    meta = root.require_group("volref")
-    if has_member(meta, "uncertainty"):
+def _uncertainty_image(ctx: StageContext, overwrite: bool) -> list[zarr.Array]:
+    meta, ms = ctx.meta, ctx.vol.multiscale
+    if has_member(meta, UNCERTAINTY):
         if not overwrite:
-            raise OutputExistsError("volref/uncertainty exists; pass --overwrite to replace it")
-        del meta["uncertainty"]
-    group = meta.create_group("uncertainty")
+            raise OutputExistsError(f"{UNCERTAINTY_PATH} exists; pass --overwrite to replace it")
+        del meta[UNCERTAINTY]
+    group = meta.create_group(UNCERTAINTY)
     return create_multiscale(group, label_levels(ms, "uint8"), ms.axes, version=ms.version,
                              name="volref uncertainty (normalised entropy x 255)", method="mean")
+
+
+def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
+                 model: str | os.PathLike | None = None, settings: SegmentSettings | None = None,
+                 overwrite: bool = False) -> tuple[SegmentJob, list[BlockTask], StagePlan]:
+    """:meth:`SegmentStage.plan` as a function (job, tasks, plan), for scripts."""
+    plan = SegmentStage(settings or SegmentSettings(), model).plan(
+        StageContext(vol, root, grid, overwrite))
+    return plan.job, plan.tasks, plan

@@ -19,6 +19,7 @@ from volref.io.store import (
     prepare_new_store,
     write_file,
 )
+from volref.layout import META, PROVENANCE
 
 
 def open_target(image_location: str | os.PathLike, image: Multiscale,
@@ -50,10 +51,10 @@ def open_target(image_location: str | os.PathLike, image: Multiscale,
 
 def record_provenance(root: zarr.Group, stage: str, entry: dict[str, Any]) -> None:
     """Add ``entry`` under ``stage`` in ``volref/provenance.json`` (and the group's attributes)."""
-    meta = root.require_group("volref")
+    meta = root.require_group(META)
     attrs = dict(meta.attrs.get("volref", {}))
     prov = dict(attrs.get("provenance", {}))
     prov[stage] = {"volref": __version__, **entry}
     attrs["provenance"] = prov
     meta.attrs["volref"] = attrs
-    write_file(meta, "provenance.json", json.dumps(prov, indent=2, sort_keys=True).encode())
+    write_file(meta, PROVENANCE, json.dumps(prov, indent=2, sort_keys=True).encode())

@@ -29,6 +29,17 @@ import zarr
 from volref.errors import VolrefError
 from volref.io import open_image
 from volref.io.store import read_file
+from volref.layout import (
+    INITIAL,
+    META,
+    METRICS_TABLE,
+    PROVENANCE,
+    REFINED,
+    UNCERTAINTY_PATH,
+    existing_levels,
+    finest,
+    label_path,
+)
 from volref.metrics import METRICS
 from volref.report.evaluation import TITLES
 from volref.report.panel import _rgb, pyplot, refinement_panel, stretch
@@ -39,9 +50,9 @@ def slices_figure(location, results: zarr.Group, out: Path, n: int = 3) -> Path:
     vol = open_image(location)
     nz = vol.shape[0]
     zs = sorted({int(round(nz * (i + 1) / (n + 1))) for i in range(n)})
-    initial = results["labels/volref-initial/s0"]
-    refined = results["labels/volref-refined/s0"]
-    unc = results["volref/uncertainty/s0"]
+    initial = finest(results, label_path(INITIAL))
+    refined = finest(results, label_path(REFINED))
+    unc = finest(results, UNCERTAINTY_PATH)
     cols = ["image", "initial", "refined", "uncertainty"]
     fig, axes = plt.subplots(len(zs), 4, figsize=(12, 3.1 * len(zs)), squeeze=False)
     for r, z in enumerate(zs):
@@ -69,8 +80,7 @@ def metrics_table(results: zarr.Group):
     """The per-mitochondrion table, or None when ``volref measure`` has not run."""
     import pandas as pd
 
-    raw = read_file(results.require_group("volref"), "metrics.parquet") \
-        if "volref" in results else None
+    raw = read_file(results.require_group(META), METRICS_TABLE) if META in results else None
     return None if raw is None else pd.read_parquet(io.BytesIO(raw))
 
 
@@ -108,11 +118,9 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
         res = zarr.open_group(str(results or location), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise VolrefError(f"no OME-Zarr store at {results or location}") from None
-    for key, command in (("labels/volref-initial/s0", "segment"),
-                         ("labels/volref-refined/s0", "refine")):
-        if key not in res:
-            raise VolrefError(f"{results or location} has no {key.rsplit('/', 1)[0]}: run "
-                              f"volref {command} first")
+    for key, command in ((label_path(INITIAL), "segment"), (label_path(REFINED), "refine")):
+        if existing_levels(res, key) is None:
+            raise VolrefError(f"{results or location} has no {key}: run volref {command} first")
     sections = []
     slices = slices_figure(location, res, out / "slices.png")
     sections.append(("Slices", "Image, initial and refined labels, and the ensemble's "
@@ -136,7 +144,7 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
     else:
         sections.append(("Per-mitochondrion metrics", "No metrics table: run volref measure.",
                          ""))
-    raw = read_file(res["volref"], "provenance.json") if "volref" in res else None
+    raw = read_file(res[META], PROVENANCE) if META in res else None
     provenance = json.loads(raw) if raw else {}
     sections.append(("Provenance", "Models and settings each stage ran with.",
                      f"<pre>{html.escape(json.dumps(provenance, indent=2, sort_keys=True))}</pre>"))

@@ -16,6 +16,7 @@ import zarr
 from volref.classes import CLASS_COLORS
 from volref.errors import VolrefError
 from volref.io import open_image
+from volref.layout import GROUND_TRUTH, INITIAL, REFINED, UNCERTAINTY_PATH, finest, label_path
 from volref.stages.refine import RefineSettings, removal_mask
 
 TILE = 128
@@ -57,13 +58,13 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
     vol = open_image(location)
     res = zarr.open_group(str(results or location), mode="r")
     try:
-        initial = res["labels/volref-initial/s0"]
-        refined = res["labels/volref-refined/s0"]
-        unc = res["volref/uncertainty/s0"]
+        initial = finest(res, label_path(INITIAL))
+        refined = finest(res, label_path(REFINED))
+        unc = finest(res, UNCERTAINTY_PATH)
     except KeyError:
         raise VolrefError("run volref segment and volref refine first") from None
     root = zarr.open_group(str(location), mode="r")
-    truth = root["labels/ground-truth/s0"] if "ground-truth" in _labels(root) else None
+    truth = finest(root, label_path(GROUND_TRUTH)) if GROUND_TRUTH in _labels(root) else None
     nz, ny, nx = vol.shape
     gy, gx = ny // TILE, nx // TILE
     counts = np.zeros((nz, gy, gx), dtype=np.int64)

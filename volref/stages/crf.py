@@ -14,13 +14,16 @@ pydensecrf that installs from PyPI and compiles on Python 3.11; about 30 ms for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from volref.errors import SettingsError
+from volref.settings import Settings
+
 
 @dataclass(frozen=True)
-class CRFSettings:
+class CRFSettings(Settings):
     """Kernel parameters. The weights were chosen on a validation phantom (seed 500, neither a
     training nor a held-out seed) by ``benchmarks.crf_tuning``: mean per-class Dice inside
     degraded regions over a grid of smoothness weight {1, 3} x appearance weight {0, 3, 10} x
@@ -36,13 +39,10 @@ class CRFSettings:
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
-            raise ValueError("the CRF needs at least one mean-field iteration")
+            raise SettingsError("iterations", "the CRF needs at least one mean-field iteration")
         for name in ("smooth_sxy", "appearance_sxy", "appearance_intensity"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+                raise SettingsError(name, f"{name} must be > 0")
 
 
 def image_to_uint8(image: np.ndarray) -> np.ndarray:

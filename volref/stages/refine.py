@@ -49,70 +49,16 @@ from scipy import ndimage
 
 from volref.classes import BACKGROUND
 from volref.models.mae import MaskedAutoencoder
-from volref.models.precision import check_precision, in_precision
+from volref.models.precision import in_precision
+from volref.stages.settings import (  # noqa: F401 - the settings' home is stages.settings
+    BLENDS,
+    METHODS,
+    SMOOTH_TRUNCATE,
+    RefineSettings,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-BLENDS = ("window", "centre")
-SMOOTH_TRUNCATE = 3.0  # the smoothing Gaussian's reach, in sigmas
-#: refinement methods: the MAE and the paper's baselines (volref refine --method)
-METHODS = ("mae", "mae-x", "cnn-ae", "crf")
-
-
-@dataclass(frozen=True)
-class RefineSettings:
-    tile: int = 128
-    stride: int = 64
-    tau: float = 0.4
-    near_px: float = 16.0
-    batch: int = 0  # tiles per forward pass; 0: 1 on the CPU, 32 on a GPU (see refine_region)
-    precision: str = "bf16"  # of the MAE's weights and activations: bf16 or fp32
-    blend: str = "centre"  # how overlapping tiles combine: centre or window (module docstring)
-    max_removed: float = 1.0  # a tile with more of its near patches removed is not rebuilt
-    smooth: float = 1.0  # sigma (px) of a Gaussian over the class probabilities (module doc)
-
-    def __post_init__(self) -> None:
-        if self.tile % self.stride or self.stride % 4:
-            raise ValueError("stride must divide the tile and be a multiple of the patch (4)")
-        if self.blend not in BLENDS:
-            raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
-        check_precision(self.precision)
-        if self.batch < 0:
-            raise ValueError("batch must be >= 0 (0: chosen for the device)")
-        if not 0 < self.max_removed <= 1:
-            raise ValueError("max_removed must be in (0, 1]")
-        if self.smooth < 0:
-            raise ValueError("smooth must be >= 0")
-        if self.smooth > 0 and self.blend != "centre":
-            raise ValueError("smooth needs blend='centre' (set smooth=0 for the window blend)")
-        if self.smooth_reach > (self.tile - self.stride) // 2:
-            raise ValueError(f"smooth {self.smooth:g} reaches {self.smooth_reach} px, past half "
-                             f"the tile overlap ({(self.tile - self.stride) // 2} px); "
-                             "smooth=0 turns it off")
-
-    def batch_for(self, device: str | torch.device) -> int:
-        """Tiles per forward pass. On the CPU one tile at a time with only its visible patches
-        is fastest (benchmarks.mae_throughput: 1.6x the padded batch of 32); a GPU needs
-        batches. Either way a tile's result does not depend on the other tiles."""
-        if self.batch:
-            return self.batch
-        return 1 if torch.device(device).type == "cpu" else 32
-
-    @property
-    def smooth_reach(self) -> int:
-        return int(np.ceil(SMOOTH_TRUNCATE * self.smooth))
-
-    @property
-    def margin(self) -> int:
-        """Pixels of context a slice needs around itself (the tiles' reach past it)."""
-        return self.tile - self.stride
-
-    def to_dict(self) -> dict[str, float]:
-        return {"tile": self.tile, "stride": self.stride, "tau": self.tau,
-                "near_px": self.near_px, "batch": self.batch, "precision": self.precision,
-                "blend": self.blend, "max_removed": self.max_removed, "smooth": self.smooth}
-
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
                  near_px: float) -> np.ndarray:

@@ -17,30 +17,12 @@ input is mirrored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from volref.models.ensemble import Ensemble
-from volref.models.precision import PRECISIONS, check_precision, in_precision
-
-
-@dataclass(frozen=True)
-class SegmentSettings:
-    """``batch`` tiles go through the ensemble at once (bounds memory: K members' activations)."""
-
-    tile: int = 256
-    halo: int = 32
-    batch: int = 4
-    precision: str = "bf16"  # of the ensemble's weights and activations: bf16 or fp32
-
-    def __post_init__(self) -> None:
-        check_precision(self.precision)
-
-    def to_dict(self) -> dict[str, int | str]:
-        return {"tile": self.tile, "halo": self.halo, "batch": self.batch,
-                "precision": self.precision}
+from volref.models.precision import PRECISIONS, in_precision
+from volref.stages.settings import SegmentSettings  # noqa: F401 - its home is stages.settings
 
 
 def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,

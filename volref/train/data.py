@@ -18,6 +18,7 @@ from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.io import intensity_sample, label_names, open_image
 from volref.io.ngff import read_multiscale
+from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH
 from volref.stages.normalise import IntensityRange, normalise, range_of
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class Volume:
     intensity: IntensityRange
 
 
-def load_volume(location: str | os.PathLike, labels: str = "ground-truth",
-                degraded: str | None = "degraded") -> Volume:
+def load_volume(location: str | os.PathLike, labels: str = GROUND_TRUTH,
+                degraded: str | None = DEGRADED) -> Volume:
     """Load an image and its label images fully into memory (training volumes are small)."""
     vol = open_image(location)
     names = label_names(vol.group)
@@ -133,8 +134,8 @@ def load_image(location: str | os.PathLike) -> np.ndarray:
     return normalise(np.asarray(vol.data.compute()), range_of(intensity_sample(vol)))
 
 
-def load_predictions(location: str | os.PathLike, labels: str = "volref-initial",
-                     uncertainty: str = "volref/uncertainty") -> tuple[np.ndarray, np.ndarray]:
+def load_predictions(location: str | os.PathLike, labels: str = INITIAL,
+                     uncertainty: str = UNCERTAINTY_PATH) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble's labels and uncertainty (float32 in [0, 1]) written by ``volref segment``."""
     vol = open_image(location)
     if labels not in label_names(vol.group):

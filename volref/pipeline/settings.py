@@ -1,0 +1,30 @@
+"""What a run computes, as one frozen dataclass (the cluster is chosen separately).
+
+Free of PyTorch and Dask, so the command line takes its option defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from volref.settings import Settings
+from volref.stages.settings import RefineSettings, SegmentSettings
+
+
+@dataclass(frozen=True)
+class RunSettings(Settings):
+    """The settings of every stage of a run.
+
+    ``min_voxels``: connected pieces with fewer voxels are specks, not mitochondria (a 40 px
+    wide tube has ~1000 per slice).
+    """
+
+    segmenter: str | None = None
+    refiner: str | None = None
+    segment: SegmentSettings = field(default_factory=SegmentSettings)
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    method: str = "mae"  # refinement method: mae, or a baseline (mae-x, cnn-ae, crf)
+    block_shape: tuple[int, int, int] | None = None
+    overwrite: bool = False
+    csv: bool = False
+    min_voxels: int = 1000

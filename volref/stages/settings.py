@@ -1,0 +1,92 @@
+"""The settings of the model stages, as frozen dataclasses: the one place their defaults live.
+
+Torch-free, so the command line reads its option defaults from them without loading PyTorch
+(:func:`volref.settings.default_of`). What the fields do: :mod:`volref.stages.segment` and
+:mod:`volref.stages.refine` (tiles, halos, ``tau``, blends, smoothing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from volref.errors import SettingsError
+from volref.settings import PRECISIONS, Settings
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision the models cannot compute in (``bf16``, ``fp32``)."""
+    if precision not in PRECISIONS:
+        raise SettingsError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
+                            f"not {precision!r}")
+
+
+@dataclass(frozen=True)
+class SegmentSettings(Settings):
+    """``batch`` tiles go through the ensemble at once (bounds memory: K members' activations)."""
+
+    tile: int = 256
+    halo: int = 32
+    batch: int = 4
+    precision: str = "bf16"  # of the ensemble's weights and activations: bf16 or fp32
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
+
+
+BLENDS = ("window", "centre")
+SMOOTH_TRUNCATE = 3.0  # the smoothing Gaussian's reach, in sigmas
+#: refinement methods: the MAE and the paper's baselines (volref refine --method)
+METHODS = ("mae", "mae-x", "cnn-ae", "crf")
+
+
+@dataclass(frozen=True)
+class RefineSettings(Settings):
+    tile: int = 128
+    stride: int = 64
+    tau: float = 0.4
+    near_px: float = 16.0
+    batch: int = 0  # tiles per forward pass; 0: 1 on the CPU, 32 on a GPU (see refine_region)
+    precision: str = "bf16"  # of the MAE's weights and activations: bf16 or fp32
+    blend: str = "centre"  # how overlapping tiles combine: centre or window (module docstring)
+    max_removed: float = 1.0  # a tile with more of its near patches removed is not rebuilt
+    smooth: float = 1.0  # sigma (px) of a Gaussian over the class probabilities (module doc)
+
+    def __post_init__(self) -> None:
+        if self.tile % self.stride or self.stride % 4:
+            raise SettingsError("stride", "stride must divide the tile and be a multiple of the "
+                                "patch (4)")
+        if self.blend not in BLENDS:
+            raise SettingsError("blend", f"blend must be one of {', '.join(BLENDS)}, "
+                                f"got {self.blend!r}")
+        check_precision(self.precision)
+        if self.batch < 0:
+            raise SettingsError("batch", "batch must be >= 0 (0: chosen for the device)")
+        if not 0 < self.max_removed <= 1:
+            raise SettingsError("max_removed", "max_removed must be in (0, 1]")
+        if self.smooth < 0:
+            raise SettingsError("smooth", "smooth must be >= 0")
+        if self.smooth > 0 and self.blend != "centre":
+            raise SettingsError("smooth", "smooth needs blend='centre' (set smooth=0 for the "
+                                "window blend)")
+        if self.smooth_reach > (self.tile - self.stride) // 2:
+            raise SettingsError("smooth", f"smooth {self.smooth:g} reaches {self.smooth_reach} "
+                                f"px, past half the tile overlap ({(self.tile - self.stride) // 2}"
+                                " px); smooth=0 turns it off")
+
+    def batch_for(self, device: object) -> int:
+        """Tiles per forward pass. On the CPU one tile at a time with only its visible patches
+        is fastest (benchmarks.mae_throughput: 1.6x the padded batch of 32); a GPU needs
+        batches. Either way a tile's result does not depend on the other tiles."""
+        if self.batch:
+            return self.batch
+        return 1 if str(device).split(":")[0] == "cpu" else 32  # a name or a torch.device
+
+    @property
+    def smooth_reach(self) -> int:
+        return math.ceil(SMOOTH_TRUNCATE * self.smooth)
+
+    @property
+    def margin(self) -> int:
+        """Pixels of context a slice needs around itself (the tiles' reach past it)."""
+        return self.tile - self.stride
