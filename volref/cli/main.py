@@ -141,7 +141,15 @@ def engine_options(stage_options):
                          help="Block Z Y X: multiples of the output chunks and the tile grid "
                               "(default: one chunk deep, ~512 px wide)."),
             click.option("--scheduler", type=str, default=None,
-                         help="Address of a running Dask scheduler to use."),
+                         help="Address of a running Dask scheduler to use (tcp://, or tls:// "
+                              "with the --tls-* files)."),
+            click.option("--tls-ca-file", type=click.Path(dir_okay=False), default=None,
+                         help="For a tls:// --scheduler: the CA certificate (PEM; see "
+                              "cluster/make-certs.sh)."),
+            click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                         help="For a tls:// --scheduler: a certificate the CA signed."),
+            click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+                         help="For a tls:// --scheduler: the certificate's private key."),
             click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False),
                          default=None, help="Cluster file (see cluster/*.yaml) to start."),
             click.option("--overwrite", is_flag=True,
@@ -196,12 +204,13 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
                                  help="Smaller connected pieces are specks, not mitochondria.")
 
 
-def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
-             overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
+def _execute(ctx, stages, image, output, workers, block_shape, scheduler, tls_ca_file, tls_cert,
+             tls_key, cluster_file, overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
              blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000,
              method="mae", max_removed=None, smooth=None):
+    from volref.api import run
     from volref.engine.cluster import ClusterSpec
-    from volref.pipeline.run import RunSettings, gpu_count, run, run_block
+    from volref.pipeline.run import RunSettings, gpu_count, run_block
     from volref.stages.refine import RefineSettings
     from volref.stages.segment import SegmentSettings
 
@@ -226,7 +235,7 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
         click.echo(json.dumps(result, indent=2))
         return
     spec = ClusterSpec(workers=workers, scheduler=scheduler, cluster_file=cluster_file,
-                       gpus=gpu_count())
+                       gpus=gpu_count(), tls=_tls_files(tls_ca_file, tls_cert, tls_key))
     start = time.perf_counter()
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
@@ -245,6 +254,17 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     measured = result.report("measure")
     if measured is not None:
         click.echo(metrics_summary(measured.results["table"]))
+
+
+def _tls_files(ca_file, cert, key):
+    from volref.engine.cluster import TLSFiles
+
+    given = [f for f in (ca_file, cert, key) if f]
+    if not given:
+        return None
+    if len(given) < 3:
+        raise click.UsageError("give --tls-ca-file, --tls-cert and --tls-key together")
+    return TLSFiles(ca_file, cert, key)
 
 
 def metrics_summary(table) -> str:
