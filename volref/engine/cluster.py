@@ -119,9 +119,6 @@ class ClusterSpec:
         if self.tls is not None and not self.scheduler:
             raise ConfigError("TLS files go with --scheduler tls://...; a cluster file has its "
                               "own 'security:' block")
-        if self.scheduler and self.scheduler.startswith("tls://") and self.tls is None:
-            raise ConfigError(f"{self.scheduler} needs TLS files (--tls-ca-file, --tls-cert, "
-                              "--tls-key)")
 
 
 @dataclass
@@ -173,9 +170,14 @@ def connect(spec: ClusterSpec, client: Any | None = None) -> Iterator[Connection
 
 
 def _join(address: str, tls: TLSFiles | None = None) -> Iterator[Connection]:
+    import dask
     from distributed import Client
 
-    security = tls.security() if tls is not None else None
+    if tls is None and address.startswith("tls://") and \
+            not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise ConfigError(f"{address} needs TLS files (--tls-ca-file, --tls-cert, --tls-key, or "
+                          "distributed.comm.tls in the Dask config)")
+    security = tls.security() if tls is not None else None  # None: the Dask config's
     try:
         client = Client(address, timeout="20s", security=security)
     except OSError as exc:
@@ -257,10 +259,26 @@ def _worker_pids(cluster) -> list[int]:
 
 
 def _local(kind: str, config: dict[str, Any]):
+    options = local_options(kind, config)
+    if kind == "local":
+        from distributed import LocalCluster
+
+        return LocalCluster(**options)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ConfigError(f"a local-cuda cluster needs dask-cuda: {exc}") from None
+    return LocalCUDACluster(**options)
+
+
+def local_options(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``LocalCluster`` (``kind: local``) or ``LocalCUDACluster`` (``local-cuda``)
+    arguments of a cluster file's settings."""
+    config = {k: v for k, v in config.items() if k != "kind"}
     workers = int(config.pop("workers", 0) or 0) or None
     threads = int(config.pop("threads_per_worker", 1))
     tls = config.pop("security", None)
-    common = {
+    options = {
         "host": config.pop("host", "127.0.0.1"),
         "dashboard_address": config.pop("dashboard_address", "127.0.0.1:0"),
         "threads_per_worker": threads,
@@ -268,18 +286,12 @@ def _local(kind: str, config: dict[str, Any]):
         **config,
     }
     if tls is not None:
-        common.update(security=tls.security(), protocol="tls://")
+        options.update(security=tls.security(), protocol="tls://")
     if kind == "local":
-        from distributed import LocalCluster
-
-        return LocalCluster(n_workers=workers or max(1, cores() // threads), processes=True,
-                            **common)
-    try:
-        from dask_cuda import LocalCUDACluster
-    except ImportError as exc:
-        raise ConfigError(f"a local-cuda cluster needs dask-cuda: {exc}") from None
-    common["env"] = {}  # GPU workers feed the device; leave their CPU threads alone
-    return LocalCUDACluster(n_workers=workers, resources={"GPU": 1}, **common)
+        return {"n_workers": workers or max(1, cores() // threads), "processes": True,
+                **options}
+    options["env"] = {}  # GPU workers feed the device; leave their CPU threads alone
+    return {"n_workers": workers, "resources": {"GPU": 1}, **options}
 
 
 def slurm_options(config: dict[str, Any]) -> dict[str, Any]:
