@@ -55,7 +55,8 @@ def worker_command(script: str) -> list[str]:
     return shlex.split(script.strip().splitlines()[-1])
 
 
-def test_cpu_job_script_runs_this_python_s_dask_worker():
+def test_cpu_job_script_runs_this_python_s_dask_worker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # jobqueue makes the file's log directory here
     script = render(load_cluster_file(CLUSTER / "slurm-cpu.yaml"))
     cmd = worker_command(script)
     assert cmd[:3] == [sys.executable, "-m", "distributed.cli.dask_worker"]
