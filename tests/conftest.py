@@ -107,6 +107,39 @@ def reference(small_phantom, models, tmp_path_factory):
     return out, result, {k: root[k][:] for k in OUTPUTS}
 
 
+#: a smaller phantom for runs through the command line on clusters (two blocks deep)
+CLUSTER_PHANTOM = SynthConfig(shape=(20, 128, 128), seed=7, chunks=(10, 64, 64), density=8.0,
+                              degraded_fraction=0.5)
+
+
+def cli_tiny(models) -> list[str]:
+    """The command line's options for the tiny models (segment tiles stay at their default)."""
+    seg, mae = models
+    return ["--segmenter", seg, "--refiner", mae, "--stride", "16", "--tau", "0.3"]
+
+
+@pytest.fixture(scope="session")
+def cluster_phantom(tmp_path_factory) -> Path:
+    """:data:`CLUSTER_PHANTOM`, written (read-only use)."""
+    path = tmp_path_factory.mktemp("phantom") / "cluster.ome.zarr"
+    with dask.config.set(scheduler="threads"):
+        dask.compute(write_phantom(CLUSTER_PHANTOM, path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cli_reference(cluster_phantom, models, tmp_path_factory):
+    """``volref run --workers 0`` on :func:`cluster_phantom` with :func:`cli_tiny` (in this
+    process): the bytes every cluster run of the same command must reproduce."""
+    from volref.cli.main import main
+
+    out = tmp_path_factory.mktemp("cliref") / "ref.zarr"
+    assert main(["-q", "run", str(cluster_phantom), "--output", str(out), "--workers", "0",
+                 *cli_tiny(models)]) == 0
+    root = zarr.open_group(out, mode="r")
+    return {k: root[k][:] for k in OUTPUTS}
+
+
 def assert_same(store: Path, expected: dict[str, np.ndarray]) -> None:
     root = zarr.open_group(store, mode="r")
     for key, want in expected.items():

@@ -153,7 +153,15 @@ def engine_options(stage_options):
                          help="Block Z Y X: multiples of the output chunks and the tile grid "
                               "(default: one chunk deep, ~512 px wide)."),
             click.option("--scheduler", type=str, default=None,
-                         help="Address of a running Dask scheduler to use."),
+                         help="Address of a running Dask scheduler to use (tcp://, or tls:// "
+                              "with the --tls-* files)."),
+            click.option("--tls-ca-file", type=click.Path(dir_okay=False), default=None,
+                         help="For a tls:// --scheduler: the CA certificate (PEM; see "
+                              "cluster/make-certs.sh)."),
+            click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                         help="For a tls:// --scheduler: a certificate the CA signed."),
+            click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+                         help="For a tls:// --scheduler: the certificate's private key."),
             click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False),
                          default=None, help="Cluster file (see cluster/*.yaml) to start."),
             click.option("--overwrite", is_flag=True,
@@ -236,11 +244,13 @@ def refine_settings(tau: float, stride: int, precision: str, blend: str, max_rem
 
 def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output: str | None,
              workers: int | None, block_shape: tuple[int, int, int] | None,
-             scheduler: str | None, cluster_file: str | None, overwrite: bool,
+             scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
+             tls_key: str | None, cluster_file: str | None, overwrite: bool,
              channel: int | None, timepoint: int | None, block: tuple[int, int, int] | None = None,
              **stage_options: object) -> None:
+    from volref.api import run
     from volref.engine.cluster import ClusterSpec
-    from volref.pipeline.run import gpu_count, run, run_block
+    from volref.pipeline.run import gpu_count, run_block
 
     try:
         settings = run_settings(stages, block_shape, overwrite, stage_options)
@@ -253,7 +263,7 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
         click.echo(json.dumps(result, indent=2))
         return
     spec = ClusterSpec(workers=workers, scheduler=scheduler, cluster_file=cluster_file,
-                       gpus=gpu_count())
+                       gpus=gpu_count(), tls=_tls_files(tls_ca_file, tls_cert, tls_key))
     start = time.perf_counter()
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
@@ -294,6 +304,17 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
                        block_shape=tuple(block_shape) if block_shape else None,
                        overwrite=overwrite, csv=o.get("csv", d.csv),
                        min_voxels=o.get("min_voxels", d.min_voxels))
+
+
+def _tls_files(ca_file, cert, key):
+    from volref.engine.cluster import TLSFiles
+
+    given = [f for f in (ca_file, cert, key) if f]
+    if not given:
+        return None
+    if len(given) < 3:
+        raise click.UsageError("give --tls-ca-file, --tls-cert and --tls-key together")
+    return TLSFiles(ca_file, cert, key)
 
 
 def metrics_summary(table) -> str:

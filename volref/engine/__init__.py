@@ -3,14 +3,14 @@
 - :mod:`~volref.engine.grid`: the block grid, aligned to output chunks and tile grids;
 - :mod:`~volref.engine.manifest`: finished-block records and settings digests per stage;
 - :mod:`~volref.engine.runner`: submit, retry, route to GPU workers, observe, summarise;
-- :mod:`~volref.engine.cluster`: start or join a Dask cluster;
+- :mod:`~volref.engine.cluster`: start or join a Dask cluster (local, SLURM, Kubernetes, TLS);
 - :mod:`~volref.engine.lock`: one run at a time per output store.
 """
 
-from volref.engine.cluster import ClusterSpec, connect
+from volref.engine.cluster import ClusterSpec, TLSFiles, connect
 from volref.engine.grid import Block, BlockGrid, plan_blocks
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
 
 __all__ = ["Block", "BlockGrid", "BlockTask", "BlocksFailedError", "ClusterSpec", "Executor",
-           "Manifest", "connect", "plan_blocks", "run_blocks"]
+           "Manifest", "TLSFiles", "connect", "plan_blocks", "run_blocks"]

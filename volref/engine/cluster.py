@@ -9,11 +9,16 @@ default, no GPU        ``LocalCluster``: one single-threaded worker process per 
 default, GPUs          dask-cuda ``LocalCUDACluster``: one worker per GPU, ``GPU=1`` resource
 ``scheduler=ADDRESS``  join a running scheduler (``dask scheduler`` / ``dask worker``)
 ``cluster=FILE``       ``kind: local | local-cuda | slurm | kubernetes`` plus its options
+``client=CLIENT``      a ``distributed.Client`` the caller owns (a notebook's); never closed
 =====================  =====================================================================
 
 Local schedulers and dashboards listen on 127.0.0.1 only, unless a cluster file says otherwise.
 Worker processes get ``OMP_NUM_THREADS`` = their thread count, so the model libraries do not
 oversubscribe the cores.
+
+TLS: a cluster file's ``security:`` block (``ca_file``, ``cert``, ``key``; see
+``cluster/make-certs.sh``) or :class:`TLSFiles` on a :class:`ClusterSpec` that joins a
+``tls://`` scheduler. One certificate signed by the CA serves client, scheduler and workers.
 """
 
 from __future__ import annotations
@@ -35,19 +40,85 @@ KINDS = ("local", "local-cuda", "slurm", "kubernetes")
 
 
 @dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for TLS between client, scheduler and workers.
+
+    Parameters
+    ----------
+    ca_file
+        The certificate authority every party trusts.
+    cert, key
+        A certificate signed by ``ca_file`` and its private key; used for every role (client,
+        scheduler, worker), as ``cluster/make-certs.sh`` makes them.
+    """
+
+    ca_file: str
+    cert: str
+    key: str
+
+    @classmethod
+    def from_config(cls, block: Any, base: Path | None = None) -> TLSFiles:
+        """From a cluster file's ``security:`` block; ``~`` and ``$VARS`` are expanded and
+        relative paths are relative to ``base`` (the cluster file's folder)."""
+        if not isinstance(block, dict) or set(block) != {"ca_file", "cert", "key"}:
+            raise ConfigError("a cluster file's 'security:' needs exactly ca_file, cert and key")
+        paths = {}
+        for name, value in block.items():
+            path = Path(os.path.expandvars(os.path.expanduser(str(value))))
+            paths[name] = str(path if path.is_absolute() or base is None else base / path)
+        return cls(**paths)
+
+    def security(self):
+        """The ``distributed.Security`` of these files (encryption required)."""
+        from distributed import Security
+
+        for name in ("ca_file", "cert", "key"):
+            if not Path(getattr(self, name)).is_file():
+                raise ConfigError(f"TLS {name} {getattr(self, name)} does not exist (make a set "
+                                  "with cluster/make-certs.sh)")
+        return Security(tls_ca_file=self.ca_file, require_encryption=True,
+                        tls_client_cert=self.cert, tls_client_key=self.key,
+                        tls_scheduler_cert=self.cert, tls_scheduler_key=self.key,
+                        tls_worker_cert=self.cert, tls_worker_key=self.key)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
-    workers: int | None = None  # None: one per core (per GPU with GPUs); 0: in this process
+    """Where the blocks run (see the module doc).
+
+    Parameters
+    ----------
+    workers
+        Local worker processes: None, one per core (one per GPU with GPUs); 0, none: blocks run
+        one by one in this process.
+    scheduler
+        Address of a running scheduler to join (``tcp://host:8786``, ``tls://host:8786``).
+    cluster_file
+        A cluster file (``cluster/*.yaml``) to start.
+    gpus
+        GPUs on this machine (the caller detects them).
+    threads_per_worker, memory_limit
+        Of each local worker.
+    tls
+        Certificates for a ``tls://`` scheduler.
+    """
+
+    workers: int | None = None
     scheduler: str | None = None
     cluster_file: str | None = None
-    gpus: int = 0  # GPUs on this machine (the caller detects them)
+    gpus: int = 0
     threads_per_worker: int = 1
     memory_limit: str | None = None
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler and self.cluster_file:
             raise ConfigError("give --scheduler or --cluster, not both")
         if self.workers is not None and self.workers < 0:
             raise ConfigError("--workers must be >= 0")
+        if self.tls is not None and not self.scheduler:
+            raise ConfigError("TLS files go with --scheduler tls://...; a cluster file has its "
+                              "own 'security:' block")
 
 
 @dataclass
@@ -65,10 +136,19 @@ def cores() -> int:
 
 
 @contextlib.contextmanager
-def connect(spec: ClusterSpec) -> Iterator[Connection]:
-    """Start or join the cluster ``spec`` describes; closes what it started on exit."""
+def connect(spec: ClusterSpec, client: Any | None = None) -> Iterator[Connection]:
+    """Start or join the cluster ``spec`` describes; closes what it started on exit.
+
+    With ``client`` (a ``distributed.Client`` the caller owns), ``spec`` is ignored and the
+    client is used as it is: volref never closes it.
+    """
+    if client is not None:
+        n = len(client.scheduler_info(n_workers=-1)["workers"])
+        yield Connection(client, f"the given client's scheduler {client.scheduler.address} "
+                                 f"({n} workers)", client.dashboard_link)
+        return
     if spec.scheduler:
-        yield from _join(spec.scheduler)
+        yield from _join(spec.scheduler, spec.tls)
         return
     if spec.cluster_file:
         config = load_cluster_file(spec.cluster_file)
@@ -89,11 +169,17 @@ def connect(spec: ClusterSpec) -> Iterator[Connection]:
         yield conn
 
 
-def _join(address: str) -> Iterator[Connection]:
+def _join(address: str, tls: TLSFiles | None = None) -> Iterator[Connection]:
+    import dask
     from distributed import Client
 
+    if tls is None and address.startswith("tls://") and \
+            not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise ConfigError(f"{address} needs TLS files (--tls-ca-file, --tls-cert, --tls-key, or "
+                          "distributed.comm.tls in the Dask config)")
+    security = tls.security() if tls is not None else None  # None: the Dask config's
     try:
-        client = Client(address, timeout="20s")
+        client = Client(address, timeout="20s", security=security)
     except OSError as exc:
         raise VolrefError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     try:
@@ -115,6 +201,8 @@ def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cluster file {p} is not valid YAML: {exc}") from None
     if not isinstance(config, dict) or config.get("kind") not in KINDS:
         raise ConfigError(f"cluster file {p} needs 'kind: {' | '.join(KINDS)}'")
+    if "security" in config:
+        config["security"] = TLSFiles.from_config(config["security"], p.resolve().parent)
     return config
 
 
@@ -171,43 +259,96 @@ def _worker_pids(cluster) -> list[int]:
 
 
 def _local(kind: str, config: dict[str, Any]):
+    options = local_options(kind, config)
+    if kind == "local":
+        from distributed import LocalCluster
+
+        return LocalCluster(**options)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ConfigError(f"a local-cuda cluster needs dask-cuda: {exc}") from None
+    return LocalCUDACluster(**options)
+
+
+def local_options(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``LocalCluster`` (``kind: local``) or ``LocalCUDACluster`` (``local-cuda``)
+    arguments of a cluster file's settings."""
+    config = {k: v for k, v in config.items() if k != "kind"}
     workers = int(config.pop("workers", 0) or 0) or None
     threads = int(config.pop("threads_per_worker", 1))
-    common = {
+    tls = config.pop("security", None)
+    options = {
         "host": config.pop("host", "127.0.0.1"),
         "dashboard_address": config.pop("dashboard_address", "127.0.0.1:0"),
         "threads_per_worker": threads,
         "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         **config,
     }
+    if tls is not None:
+        options.update(security=tls.security(), protocol="tls://")
     if kind == "local":
-        from distributed import LocalCluster
+        return {"n_workers": workers or max(1, cores() // threads), "processes": True,
+                **options}
+    options["env"] = {}  # GPU workers feed the device; leave their CPU threads alone
+    return {"n_workers": workers, "resources": {"GPU": 1}, **options}
 
-        return LocalCluster(n_workers=workers or max(1, cores() // threads), processes=True,
-                            **common)
-    try:
-        from dask_cuda import LocalCUDACluster
-    except ImportError as exc:
-        raise ConfigError(f"a local-cuda cluster needs dask-cuda: {exc}") from None
-    common["env"] = {}  # GPU workers feed the device; leave their CPU threads alone
-    return LocalCUDACluster(n_workers=workers, resources={"GPU": 1}, **common)
+
+def slurm_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``dask_jobqueue.SLURMCluster`` arguments of a ``kind: slurm`` cluster file: its
+    ``options`` plus, with a ``security:`` block, the ``Security`` and ``protocol: tls://``
+    (jobqueue hands the worker's certificate paths to each job's worker command)."""
+    options = dict(config.get("options") or {})
+    tls = config.get("security")
+    if tls is not None:
+        options.update(security=tls.security(), protocol="tls://")
+    elif str(options.get("protocol", "")).startswith("tls"):
+        raise ConfigError("protocol tls:// needs the cluster file's 'security:' block (ca_file, "
+                          "cert, key)")
+    return options
+
+
+def kubernetes_spec(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``DaskCluster`` resource of a ``kind: kubernetes`` cluster file, as
+    ``dask_kubernetes.operator.make_cluster_spec`` builds it, except that the scheduler and the
+    worker pods get their own ``resources`` (the GPU goes to the workers only) and the workers
+    their own ``command``.
+
+    Keys: ``name``, ``image``, ``env``, ``scale`` (worker replicas), ``scheduler:
+    {resources}``, ``worker: {command, resources}``.
+    """
+    from dask_kubernetes.operator import make_cluster_spec
+
+    if config.get("security") is not None:
+        raise ConfigError("kubernetes: configure TLS in the image's Dask config "
+                          "(distributed.comm.tls), not in the cluster file")
+    scheduler = dict(config.get("scheduler") or {})
+    worker = dict(config.get("worker") or {})
+    spec = make_cluster_spec(name=config.get("name", "volref"),
+                             image=config.get("image", "ghcr.io/dask/dask:latest"),
+                             n_workers=int(config.get("scale", 1)),
+                             env=dict(config.get("env") or {}),
+                             worker_command=worker.get("command", "dask-worker"))
+    spec["spec"]["scheduler"]["spec"]["containers"][0]["resources"] = scheduler.get("resources")
+    spec["spec"]["worker"]["spec"]["containers"][0]["resources"] = worker.get("resources")
+    return spec
 
 
 def _batch(kind: str, config: dict[str, Any]):
-    options = dict(config.get("options", {}))
     if kind == "slurm":
         try:
             from dask_jobqueue import SLURMCluster
         except ImportError:
             raise ConfigError("a slurm cluster needs dask-jobqueue (pip install dask-jobqueue)") \
                 from None
-        return SLURMCluster(**options)
+        return SLURMCluster(**slurm_options(config))
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError:
         raise ConfigError("a kubernetes cluster needs dask-kubernetes "
                           "(pip install dask-kubernetes)") from None
-    return KubeCluster(**options)
+    return KubeCluster(custom_cluster_spec=kubernetes_spec(config),
+                       **dict(config.get("options") or {}))
 
 
 def _max_rss() -> int:

@@ -92,20 +92,23 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
         output: str | os.PathLike | None = None, settings: RunSettings | None = None,
         cluster: ClusterSpec | None = None, channel: int | None = None,
         timepoint: int | None = None, observer: Observer | None = None,
-        on_connect=None) -> RunResult:
+        on_connect=None, client=None) -> RunResult:
     """Run ``stages`` (in pipeline order) on the image at ``location``.
 
     ``on_connect(connection)`` is called once the cluster is up (the CLI prints the dashboard).
+    ``client``: an existing ``distributed.Client`` to run on instead of ``cluster`` (not closed).
     """
+    if client is not None and cluster is not None:
+        raise ConfigError("give a client or a cluster, not both")
     settings = settings or RunSettings()
     chosen = stages_of(settings, stages)
-    cluster = cluster or ClusterSpec(gpus=gpu_count())
+    cluster = cluster or ClusterSpec(gpus=0 if client is not None else gpu_count())
     vol = open_image(location, channel=channel, timepoint=timepoint)
     block_grid(vol, settings, stages)  # a bad block shape fails before a cluster starts
     root, where = open_target(location, vol.multiscale, output)
     reports: list[StageReport] = []
     peaks: dict[str, dict[str, int]] = {}
-    with lock(root, where), connect(cluster) as conn:
+    with lock(root, where), connect(cluster, client) as conn:
         if on_connect is not None:
             on_connect(conn)
         executor = Executor(conn.client)
