@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_models import TINY_MAE
+from tests.helpers import TINY_MAE
 from volref.evaluate.models import (
     clear_tiles,
     reconstruction_dice,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_MAE, TINY_UNET
+from tests.helpers import TINY_MAE, TINY_UNET
 from volref.classes import CRISTAE, MATRIX
 from volref.errors import VolrefError
 from volref.models import mae as mae_module
