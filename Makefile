@@ -36,7 +36,7 @@ test: $(STAMP)
 # (the MAE: 2 x 3,000 steps on 64x64 crops first, then 1,600 + 800 + 1,200 + 1,000 + 1,200 +
 # 1,200 on 128x128 tiles, the size it refines; MAE+X starts from the MAE after its first 1,600
 # 128x128 steps). A stage that is run again resumes from its last checkpoint.
-# Training phantoms use seeds 101-104; evaluation (benchmarks.paper_models) uses 997-999.
+# Training phantoms use seeds 101-104; evaluation (experiments.paper_models) uses 997-999.
 TRAIN := build/train
 TRAIN_DATA := --data train-101.ome.zarr --data train-102.ome.zarr --data train-103.ome.zarr \
 	--data train-104.ome.zarr

@@ -25,12 +25,13 @@ import pytest
 import torch
 import zarr
 
+from volref.classes import BACKGROUND
 from volref.engine.cluster import ClusterSpec
 from volref.io import Axis, create_multiscale, open_group, pyramid_geometry, store_pyramid
 from volref.models.mae import MAEConfig
 from volref.models.unet import UNetConfig
 from volref.pipeline.run import RunSettings
-from volref.stages.refine import RefineSettings
+from volref.stages.refine import Refined, RefineSettings, context, refine_region
 from volref.stages.segment import SegmentSettings
 from volref.synth import SynthConfig
 
@@ -59,7 +60,8 @@ INLINE_JOB = """
 import sys
 from volref.engine.cluster import ClusterSpec
 from volref.pipeline.run import RunSettings, run
-from volref.stages.refine import RefineSettings
+from volref.classes import BACKGROUND
+from volref.stages.refine import Refined, RefineSettings, context, refine_region
 from volref.stages.segment import SegmentSettings
 if __name__ == "__main__":
     run(sys.argv[1], output=sys.argv[2], cluster=ClusterSpec(workers=0),
@@ -75,6 +77,18 @@ def tiny(models: tuple[str, str], **kw: Any) -> RunSettings:
     seg, mae = models
     return RunSettings(segmenter=seg, refiner=mae, segment=SegmentSettings(tile=64, halo=16),
                        refine=RefineSettings(tile=32, stride=16, tau=0.3), **kw)
+
+
+def refine_slice(model: torch.nn.Module, labels: np.ndarray, uncertainty: np.ndarray,
+                 settings: RefineSettings) -> Refined:
+    """Refine one slice given with ``settings.margin`` pixels of context on every side (outside
+    the volume: background, zero uncertainty) with ``refine_region``; results without z."""
+    extra = context(settings, model.config.patch) - settings.margin
+    lab = np.pad(labels, extra, constant_values=BACKGROUND)[None]
+    unc = np.pad(uncertainty, extra, constant_values=0.0)[None]
+    r = refine_region(model, lab, unc, settings)
+    return Refined(labels=r.labels[0], removed=r.removed[0], rebuilt=r.rebuilt[0],
+                   tiles_total=r.tiles_total, tiles_run=r.tiles_run)
 
 
 # ---------------------------------------------------------------- GPU

@@ -308,18 +308,3 @@ class MaskedAutoencoder(nn.Module):
         target = torch.where(pix, labels.long(), torch.full_like(labels.long(), -100))
         return F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-100)
 
-
-def mae_flops(config: MAEConfig, visible: int, total: int | None = None) -> float:
-    """Multiply-adds x 2 of one tile's forward pass with ``visible`` encoder tokens."""
-    c = config
-    total = total or c.grid * c.grid
-
-    def stack(d: int, t: int, depth: int) -> float:
-        per_layer = 4 * t * d * d + 2 * t * d * int(d * c.mlp_ratio) + 2 * t * t * d
-        return 2.0 * depth * per_layer
-
-    token = c.patch * c.patch * c.n_classes
-    return (stack(c.width, visible, c.depth) + stack(c.decoder_width, total, c.decoder_depth)
-            + stack(c.decoder_width, total, c.image_depth)
-            + 2.0 * (visible * token * c.width + visible * c.width * c.decoder_width
-                     + total * c.decoder_width * token))

@@ -22,7 +22,7 @@ import numpy as np
 @dataclass(frozen=True)
 class CRFSettings:
     """Kernel parameters. The weights were chosen on a validation phantom (seed 500, neither a
-    training nor a held-out seed) by ``benchmarks.crf_tuning``: mean per-class Dice inside
+    training nor a held-out seed) by ``experiments.crf_tuning``: mean per-class Dice inside
     degraded regions over a grid of smoothness weight {1, 3} x appearance weight {0, 3, 10} x
     intensity scale {8, 24, 64}; the best setting that still uses the image is kept (0.409;
     without the appearance kernel 0.430; the ensemble's own labels 0.436)."""

@@ -28,7 +28,7 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
   rebuilt areas as ragged combs; at 1 px, with the shipped MAE, skeleton end points of rebuilt
   tiles fall from 10.2 to 5.0 and cycles from 5.3 to 0.43 (control tiles: 3.0, 0.67),
   mitochondrion Dice in the spots 0.720 -> 0.718, cristae 0.073 -> 0.060 (validation phantom,
-  ``benchmarks.smooth_tuning``; table in BENCHMARKS.md).
+  ``experiments.smooth_tuning``; table in BENCHMARKS.md).
   Its reach (3 sigma) stays inside the central block's half, so with ``blend="centre"`` results
   still do not depend on the block cut; ``window`` needs 0.
 * The refined class is the argmax. Pixels of patches that were not removed keep their initial
@@ -319,16 +319,3 @@ def in_order(fn: Callable[[T], R], items: list[T], lanes: int) -> Iterator[R]:
     finally:
         torch.set_num_threads(threads)
 
-
-def refine_slice(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
-                 settings: RefineSettings, device: str | torch.device = "cpu") -> Refined:
-    """Refine one slice given with ``settings.margin`` pixels of context on every side (outside
-    the volume: background, zero uncertainty); results have the slice's shape, without z."""
-    m = settings.margin
-    extra = context(settings, model.config.patch) - m
-    lab = np.pad(labels, extra, constant_values=BACKGROUND)[None]
-    unc = np.pad(uncertainty, extra, constant_values=0.0)[None]
-    r = refine_region(model, lab, unc, settings, device=device)
-    return Refined(labels=r.labels[0], removed=r.removed[0], rebuilt=r.rebuilt[0],
-                   tiles_total=r.tiles_total,
-                   tiles_run=r.tiles_run)
