@@ -1,6 +1,7 @@
 # Two commands for a fresh machine; each installs what it needs into .venv first.
 #   make demo   - make a phantom z-stack, run the whole refinement on it (volref run), draw it
-#   make test   - the test suite (what CI runs)
+#   make check  - the static checks: ruff (lint) and mypy (types)
+#   make test   - the test suite (CI runs check, then test)
 # torch is pinned by constraints.txt to the local CPU wheel; a GPU machine installs without it.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: demo test install clean weights
+.PHONY: demo test check install clean weights
 
 install: $(STAMP)
 
@@ -28,6 +29,10 @@ demo: $(STAMP)
 	@echo "outputs: $(DEMO)/phantom.ome.zarr (labels/volref-initial, labels/volref-refined," \
 		"labels/volref-mitochondria, volref/uncertainty, volref/metrics.parquet, volref/metrics.csv)," \
 		"$(DEMO)/phantom.png, $(DEMO)/refinement.png"
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check volref benchmarks experiments tests
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"

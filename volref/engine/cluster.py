@@ -103,7 +103,7 @@ def _join(address: str) -> Iterator[Connection]:
         client.close()
 
 
-def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_cluster_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
@@ -142,7 +142,7 @@ def _start(config: dict[str, Any]) -> Iterator[Connection]:
         close_cluster(cluster)
 
 
-def close_cluster(cluster) -> None:
+def close_cluster(cluster: Any) -> None:
     """Close a cluster volref started. By now its work is written (or has failed): a worker
     process slow to exit — a loaded or niced machine — must neither turn a finished run into an
     error nor hide the error on its way out, so a timeout while stopping is a warning, and the
@@ -160,7 +160,7 @@ def close_cluster(cluster) -> None:
                     "still running", killed)
 
 
-def _worker_pids(cluster) -> list[int]:
+def _worker_pids(cluster: Any) -> list[int]:
     """Process ids of a local cluster's worker processes (none for batch clusters)."""
     pids = []
     for nanny in getattr(cluster, "workers", {}).values():
@@ -170,7 +170,7 @@ def _worker_pids(cluster) -> list[int]:
     return pids
 
 
-def _local(kind: str, config: dict[str, Any]):
+def _local(kind: str, config: dict[str, Any]) -> Any:
     workers = int(config.pop("workers", 0) or 0) or None
     threads = int(config.pop("threads_per_worker", 1))
     common = {
@@ -193,7 +193,7 @@ def _local(kind: str, config: dict[str, Any]):
     return LocalCUDACluster(n_workers=workers, resources={"GPU": 1}, **common)
 
 
-def _batch(kind: str, config: dict[str, Any]):
+def _batch(kind: str, config: dict[str, Any]) -> Any:
     options = dict(config.get("options", {}))
     if kind == "slurm":
         try:
@@ -216,8 +216,9 @@ def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def peak_memory(client) -> dict[str, int]:
+def peak_memory(client: Any) -> dict[str, int]:
     """Peak resident memory (bytes) of every worker process since it started."""
     if client is None:
         return {"this process": _max_rss()}
-    return client.run(_max_rss)
+    peaks: dict[str, int] = client.run(_max_rss)
+    return peaks

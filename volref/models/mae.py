@@ -159,6 +159,9 @@ class Block(nn.Module):
 
 
 class MaskedAutoencoder(nn.Module):
+    pos: torch.Tensor  # (L, D) fixed sin-cos positions, a buffer
+    decoder_pos: torch.Tensor  # (L, Dd)
+
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -292,7 +295,8 @@ class MaskedAutoencoder(nn.Module):
         if self.needs_image and image is None:
             raise ValueError("MAE+X needs the image tiles (image=)")
         encoded, order, valid = self.forward_encoder(labels, mask, offset, pad_to)
-        image_tokens = self.forward_image(image, offset) if self.needs_image else None
+        image_tokens = (self.forward_image(image, offset)
+                        if self.needs_image and image is not None else None)
         tokens = self.forward_decoder(encoded, order, valid, mask.shape[1], h // p, w // p, offset,
                                       image_tokens)
         return self.unpatchify(tokens, h, w)

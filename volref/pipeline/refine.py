@@ -133,7 +133,7 @@ def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     initial = levels_of(root["labels"][INITIAL])
     unc = levels_of(root["volref"]["uncertainty"])
     ms = vol.multiscale
-    record = {"segment": upstream.settings_digest(), "model_sha256": model_key[1],
+    record: dict[str, Any] = {"segment": upstream.settings_digest(), "model_sha256": model_key[1],
               "settings": settings.to_dict(), "method": method}
     if method == "crf":
         record["crf"] = CRFSettings().to_dict()
@@ -187,7 +187,7 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         labels = job.initial.read(lo, hi, "zero")
         unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "zero"))
         image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
-            if job.image is not None else None
+            if job.image is not None and job.intensity is not None else None
         with MODEL_LOCK:
             out = refine_region(mae, labels, unc, s, device=dev, image=image)
         job.refined.write(block, out.labels)
@@ -203,6 +203,8 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
     s, seg, m = job.settings, job.segment, CRF_MARGIN
+    if seg is None or job.image is None or job.intensity is None:
+        raise ConfigError("internal: the crf method needs the segment settings and the image")
     dev = device()
     ens = cached_model(load_segmenter, *job.model, dev)
     (z0, y0, x0), (z1, y1, x1) = block.start, block.stop

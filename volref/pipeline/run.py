@@ -162,12 +162,12 @@ def run_block(location: str | os.PathLike, index: Sequence[int], *,
 
 def _run_block(vol, root, grid, block, stages, settings, out) -> dict[str, Any]:
     if "segment" in stages:
-        job, _, _ = plan_segment(vol, root, grid, model=settings.segmenter,
-                                 settings=settings.segment, overwrite=settings.overwrite)
-        out["segment"] = segment_block(job, block)
+        seg_job, _, _ = plan_segment(vol, root, grid, model=settings.segmenter,
+                                     settings=settings.segment, overwrite=settings.overwrite)
+        out["segment"] = segment_block(seg_job, block)
     if "refine" in stages:
-        job, _, _ = plan_refine(vol, root, grid, model=settings.refiner,
-                                settings=settings.refine, overwrite=settings.overwrite,
-                                method=settings.method, segmenter=settings.segmenter)
-        out["refine"] = refine_block(job, block)
+        ref_job, _, _ = plan_refine(vol, root, grid, model=settings.refiner,
+                                    settings=settings.refine, overwrite=settings.overwrite,
+                                    method=settings.method, segmenter=settings.segmenter)
+        out["refine"] = refine_block(ref_job, block)
     return out

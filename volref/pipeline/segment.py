@@ -109,8 +109,8 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
         return [labels, _uncertainty_image(root, ms, over)]
 
     def reopen() -> list[list[zarr.Array]] | None:
-        found = [existing_levels(root, f"labels/{INITIAL}"), existing_levels(root, UNCERTAINTY)]
-        return found if all(found) else None
+        labels, unc = existing_levels(root, f"labels/{INITIAL}"), existing_levels(root, UNCERTAINTY)
+        return [labels, unc] if labels and unc else None
 
     (labels, unc), resumed = open_outputs(manifest, record, overwrite, create, reopen)
     record_provenance(root, "segment", {"image": vol.location, "selection": vol.selection,

@@ -47,7 +47,8 @@ class CRFSettings:
 
 def image_to_uint8(image: np.ndarray) -> np.ndarray:
     """A normalised image (``[0, 1]`` between the volume's robust percentiles) as 0..255 grey."""
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    grey: np.ndarray = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return grey
 
 
 def crf_probabilities(probabilities: np.ndarray, image: np.ndarray,
@@ -77,7 +78,8 @@ def crf_probabilities(probabilities: np.ndarray, image: np.ndarray,
 def crf_labels(probabilities: np.ndarray, image: np.ndarray,
                settings: CRFSettings = CRFSettings()) -> np.ndarray:
     """The CRF's labelling ``(H, W)`` uint8 (argmax of its marginals)."""
-    return crf_probabilities(probabilities, image, settings).argmax(axis=0).astype(np.uint8)
+    labels: np.ndarray = crf_probabilities(probabilities, image, settings).argmax(axis=0)
+    return labels.astype(np.uint8)
 
 
 def crf_region(probabilities: np.ndarray, image: np.ndarray, labels: np.ndarray,

@@ -108,7 +108,7 @@ class RefineSettings:
         """Pixels of context a slice needs around itself (the tiles' reach past it)."""
         return self.tile - self.stride
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | str]:
         return {"tile": self.tile, "stride": self.stride, "tau": self.tau,
                 "near_px": self.near_px, "batch": self.batch, "precision": self.precision,
                 "blend": self.blend, "max_removed": self.max_removed, "smooth": self.smooth}
@@ -197,7 +197,8 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     pad = ((0, 0), (0, yp - ny), (0, xp - nx))
     lab = np.pad(labels, pad, constant_values=BACKGROUND)
     unc = np.pad(uncertainty, pad, constant_values=0.0)
-    img = np.pad(image, pad, constant_values=0.0).astype(np.float32) if needs_image else None
+    img = (np.pad(image, pad, constant_values=0.0).astype(np.float32)
+           if image is not None and needs_image else None)
     g = t // p
     masks = [patch_masks(lab[z], unc[z], p, settings.tau, settings.near_px) for z in range(nz)]
     remove = np.stack([m[0] for m in masks])  # (nz, H/p, W/p)
@@ -252,7 +253,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         x_lab = torch.from_numpy(np.stack(tiles + [dummy_tile] * n_pad)).to(device)
         x_mask = torch.from_numpy(np.stack(masks + [dummy_mask] * n_pad)).to(device)
         extra = {}
-        if needs_image:
+        if img is not None:
             crops = [img[z, y:y + t, x:x + t] for z, y, x in chunk]
             crops += [np.zeros((t, t), np.float32)] * n_pad
             extra["image"] = torch.from_numpy(np.stack(crops)).to(device)
@@ -291,7 +292,8 @@ def smoothed(acc: np.ndarray, weight: np.ndarray, labels: np.ndarray, model_set:
     for k in range(n):
         ndimage.gaussian_filter(prob[k], sigma, output=prob[k], mode="nearest",
                                 truncate=SMOOTH_TRUNCATE)
-    return prob
+    out: np.ndarray = prob
+    return out
 
 
 def in_order(fn: Callable[[T], R], items: list[T], lanes: int) -> Iterator[R]:
