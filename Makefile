@@ -1,6 +1,7 @@
 # Two commands for a fresh machine; each installs what it needs into .venv first.
 #   make demo   - make a phantom z-stack, run the whole refinement on it (volref run), draw it
-#   make test   - the test suite (what CI runs)
+#   make check  - the static checks: ruff (lint) and mypy (types)
+#   make test   - the test suite (CI runs check, then test)
 # torch is pinned by constraints.txt to the local CPU wheel; a GPU machine installs without it.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: demo test install clean weights
+.PHONY: demo test check install clean weights
 
 install: $(STAMP)
 
@@ -29,6 +30,10 @@ demo: $(STAMP)
 		"labels/volref-mitochondria, volref/uncertainty, volref/metrics.parquet, volref/metrics.csv)," \
 		"$(DEMO)/phantom.png, $(DEMO)/refinement.png"
 
+check: $(STAMP)
+	$(VENV)/bin/ruff check volref benchmarks experiments tests
+	$(VENV)/bin/mypy
+
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
@@ -36,7 +41,7 @@ test: $(STAMP)
 # (the MAE: 2 x 3,000 steps on 64x64 crops first, then 1,600 + 800 + 1,200 + 1,000 + 1,200 +
 # 1,200 on 128x128 tiles, the size it refines; MAE+X starts from the MAE after its first 1,600
 # 128x128 steps). A stage that is run again resumes from its last checkpoint.
-# Training phantoms use seeds 101-104; evaluation (benchmarks.paper_models) uses 997-999.
+# Training phantoms use seeds 101-104; evaluation (experiments.paper_models) uses 997-999.
 TRAIN := build/train
 TRAIN_DATA := --data train-101.ome.zarr --data train-102.ome.zarr --data train-103.ome.zarr \
 	--data train-104.ome.zarr

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command, machine, parser, write_json
+from benchmarks.common import command, machine, parser, store_arg, write_json
 from volref.engine.runner import run_task
 from volref.io import open_image
 from volref.pipeline import blocks
@@ -52,13 +52,14 @@ def timed_io(seconds: dict[str, float]):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, "1 block per stage")
-    ap.add_argument("--store", default="demo/phantom.ome.zarr")
+    ap.add_argument("--store", default=None, help="a segmented store (default: demo/phantom.ome.zarr; with --quick: a small phantom made here)")
     ap.add_argument("--blocks", type=int, default=3, help="blocks timed per stage")
     ap.add_argument("--block-shape", nargs=3, type=int, default=None)
     args = ap.parse_args(argv)
     count = 1 if args.quick else args.blocks
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="volref-blockio-"))
+    store_arg(args, work, default="demo/phantom.ome.zarr")
     store = work / "copy.ome.zarr"
     shutil.copytree(args.store, store)  # the tasks write: never into the user's store
     seconds: dict[str, float] = defaultdict(float)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         vol = open_image(store)
         shape = tuple(args.block_shape) if args.block_shape else None
+        if args.quick and shape is None:
+            shape = (2, 256, 256)  # two blocks of the quick phantom
         grid = block_grid(vol, RunSettings(block_shape=shape), ("segment", "refine"),
                           min_blocks=count + 1)
         root, _ = open_target(store, vol.multiscale, None)

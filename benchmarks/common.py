@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine facts, child-process peak memory, JSON."""
+"""Helpers shared by the benchmark and experiment scripts: machine facts, child-process peak
+memory, JSON, the options they share, the small store ``--quick`` runs use."""
 
 from __future__ import annotations
 
@@ -70,32 +71,53 @@ def parser(doc: str, quick: str, repeats: int | None = None) -> argparse.Argumen
     return ap
 
 
-def tuning_args(doc: str, values: str, every: int,
-                argv: list[str] | None) -> tuple[argparse.Namespace, list[float]]:
-    """The options of a setting sweep on a validation phantom: ``--store`` (segmented, with ground
-    truth), ``--refiner``, ``--values`` (comma-separated), ``--every`` (N-th slice); ``--quick``
-    keeps the first two values on every second of those slices. Returns the parsed options and
-    the values as floats."""
-    ap = parser(doc, f"two values, every {2 * every}th slice")
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--refiner", default=None)
-    ap.add_argument("--values", default=values)
-    ap.add_argument("--every", type=int, default=every)
-    args = ap.parse_args(argv)
-    swept = [float(v) for v in args.values.split(",")]
-    if args.quick:
-        swept, args.every = swept[:2], 2 * args.every
-    return args, swept
-
-
 def add_device(ap: argparse.ArgumentParser) -> None:
     """``--device``: where a model benchmark runs (default: the GPU when there is one)."""
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 
-def command(module: str, argv: list[str] | None) -> str:
+def command(module: str, argv: list[str] | None, package: str = "benchmarks") -> str:
     """The command line that made a result (``argv`` None: this process's own arguments)."""
-    return f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return f"python -m {package}.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+#: the phantom of a ``--quick`` run given no store: small, dense, every mitochondrion with a
+#: degraded area (seconds to make and run through every stage with the shipped models)
+QUICK_PHANTOM = {"shape": (4, 256, 256), "chunks": (2, 128, 128), "seed": 3, "density": 4.0,
+                 "degraded_fraction": 1.0}
+
+
+def quick_store(workdir: str | Path) -> Path:
+    """A small phantom in ``workdir`` segmented by ``volref run``'s segment stage (shipped
+    models, blocks one by one in this process): what a ``--quick`` smoke run reads when no store
+    is given. Made once per ``workdir``."""
+    import dask
+
+    from volref.engine.cluster import ClusterSpec
+    from volref.pipeline import write_phantom
+    from volref.pipeline.run import RunSettings, run
+    from volref.synth import SynthConfig
+
+    path = Path(workdir) / "quick.ome.zarr"
+    if not (path / "volref" / "uncertainty").exists():
+        with dask.config.set(scheduler="synchronous"):
+            dask.compute(write_phantom(SynthConfig(**QUICK_PHANTOM), path, overwrite=True))
+        run(path, stages=("segment",), cluster=ClusterSpec(workers=0),
+            settings=RunSettings(overwrite=True))
+    return path
+
+
+def store_arg(args: argparse.Namespace, workdir: str | Path, default: str | None = None) -> str:
+    """``args.store`` (a script's option ``--store`` defaults to None for this); without it
+    ``default`` or, for ``--quick``, the quick store made in ``workdir``. Sets ``args.store``."""
+    if args.store is None:
+        if args.quick:
+            args.store = str(quick_store(workdir))
+        elif default is not None:
+            args.store = default
+        else:
+            raise SystemExit("--store is needed (or --quick, which makes a small phantom)")
+    return str(args.store)
 
 
 def default_device() -> str:
@@ -113,14 +135,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matrix_rates(device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+def matrix_rates(device: str = "cpu", repeats: int = 5, n: int | None = None) -> dict[str, float]:
     """Measured matrix-product rate (GFLOP/s) of ``device`` in fp32 and bf16: the ceiling a
-    model's achieved GFLOP/s is compared to (n = 2048 on the CPU, 8192 on a GPU)."""
+    model's achieved GFLOP/s is compared to (``n`` x ``n`` matrices; default 2048 on the CPU,
+    8192 on a GPU)."""
     import statistics
 
     import torch
 
-    n = 8192 if str(device).startswith("cuda") else 2048
+    n = n or (8192 if str(device).startswith("cuda") else 2048)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(n, n, dtype=dtype, device=device)

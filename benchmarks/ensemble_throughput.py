@@ -67,13 +67,13 @@ def timed(fn, repeats: int, device: str = "cpu") -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, quick="2 repeats", repeats=5)
+    ap = parser(__doc__, quick="1 repeat of a batch of 1 (a smoke run)", repeats=5)
     ap.add_argument("--batch", type=int, default=4)
     add_device(ap)
     args = ap.parse_args(argv)
     dev = args.device or default_device()
     if args.quick:
-        args.repeats = 2
+        args.repeats, args.batch = 1, 1
     s = SegmentSettings()
     w = s.tile + 2 * s.halo
     ensemble = load_segmenter(DEFAULT_SEGMENTER, device=dev)
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<26} {row['median_s']:>9.3f} {row['voxels_per_s'] / 1e6:>9.3f} "
               f"{row['gflop_per_s']:>8.1f} {row['vs_batched_ensemble_fp32']:>10.2f}x")
     payload = {"machine": machine(), "device": dev, "torch_threads": torch.get_num_threads(),
-               "matrix_rate_gflop_per_s": matrix_rates(dev),
+               "matrix_rate_gflop_per_s": matrix_rates(
+                   dev, *((1, 512) if args.quick else ())),
                "batch": args.batch, "window": w, "core": s.tile, "members": k,
                "flop_per_voxel_per_member": flops_member / voxels, "repeats": args.repeats,
                **rows}

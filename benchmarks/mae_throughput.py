@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -51,12 +52,13 @@ from benchmarks.common import (
     machine,
     matrix_rates,
     parser,
+    store_arg,
     write_json,
 )
 from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.models import kernels
 from volref.models import mae as mae_module
-from volref.models.mae import mae_flops
+from volref.models.mae import MAEConfig
 from volref.models.precision import in_precision
 from volref.models.registry import DEFAULT_REFINER, load_refiner
 from volref.stages.refine import RefineSettings, in_order, removal_mask
@@ -64,6 +66,22 @@ from volref.stages.segment import uncertainty_from_uint8
 
 MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched_torch_softmax", "batched",
          "batched_skipping", "batched_skipping_centre")
+
+
+def mae_flops(config: MAEConfig, visible: int, total: int | None = None) -> float:
+    """Multiply-adds x 2 of one tile's forward pass with ``visible`` encoder tokens."""
+    c = config
+    total = total or c.grid * c.grid
+
+    def stack(d: int, t: int, depth: int) -> float:
+        per_layer = 4 * t * d * d + 2 * t * d * int(d * c.mlp_ratio) + 2 * t * t * d
+        return 2.0 * depth * per_layer
+
+    token = c.patch * c.patch * c.n_classes
+    return (stack(c.width, visible, c.depth) + stack(c.decoder_width, total, c.decoder_depth)
+            + stack(c.decoder_width, total, c.image_depth)
+            + 2.0 * (visible * token * c.width + visible * c.width * c.decoder_width
+                     + total * c.decoder_width * token))
 
 
 def runs_tile(r: np.ndarray, mode: str) -> bool:
@@ -168,19 +186,22 @@ def removed_pixels(r: np.ndarray, tile: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, quick="1 slice, 1 repeat", repeats=3)
-    ap.add_argument("--store", default="demo/phantom.ome.zarr")
+    ap = parser(__doc__, quick="4 tiles of 1 slice, 1 repeat (a smoke run)", repeats=3)
+    ap.add_argument("--store", default=None, help="a segmented store (default: demo/phantom.ome.zarr; with --quick: a small phantom made here)")
     ap.add_argument("--slices", type=int, default=2)
     add_device(ap)
     args = ap.parse_args(argv)
     dev = args.device or default_device()
     if args.quick:
         args.slices, args.repeats = 1, 1
+    store_arg(args, tempfile.mkdtemp(prefix="volref-quick-"), default="demo/phantom.ome.zarr")
     allocator = steady_allocator()
     kernel_caches = bounded_kernel_caches()  # as in volref's workers
     settings = RefineSettings()
     model = load_refiner(DEFAULT_REFINER, device=dev)
     tiles, uncertain = tiles_of(args.store, args.slices, settings)
+    if args.quick:  # the tiles with the most removed patches
+        tiles = sorted(tiles, key=lambda t: -int(t[1].sum()))[:4]
     print(f"{len(tiles)} tiles, uncertain area {100 * uncertain:.1f} %, on {dev}, "
           f"{torch.get_num_threads()} threads", flush=True)
     rows, reference = {}, None
@@ -217,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                "native_softmax": kernels.native_softmax() is not None, "allocator": allocator,
                "kernel_caches": kernel_caches,
                "store": args.store, "slices": args.slices, "repeats": args.repeats,
-               "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(dev), **rows}
+               "uncertain_area": uncertain, "matrix_rate_gflop_per_s": matrix_rates(
+                   dev, *((1, 512) if args.quick else ())), **rows}
     write_json(args.json, payload)
     return payload
 

@@ -1,7 +1,7 @@
 """Peak memory and time of ``volref synth`` on a large phantom (bounded memory, chunk by chunk).
 
     python -m benchmarks.synth_memory                    # 200 x 2048 x 2048 (the issue's figure)
-    python -m benchmarks.synth_memory --quick            # 64 x 512 x 512
+    python -m benchmarks.synth_memory --quick            # 16 x 256 x 256 (a smoke run)
     python -m benchmarks.synth_memory --json out.json
 
 Each size runs once in a fresh process under ``/usr/bin/time -v``; the peak resident set size of
@@ -21,11 +21,11 @@ from benchmarks.common import machine, run_measured, summary, write_json
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=summary(__doc__))
-    parser.add_argument("--quick", action="store_true", help="64 x 512 x 512 only")
+    parser.add_argument("--quick", action="store_true", help="16 x 256 x 256 only (a smoke run)")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--workdir", default=None, help="where to write the phantoms")
     args = parser.parse_args(argv)
-    sizes = [(64, 512, 512)] if args.quick else [(64, 512, 512), (200, 2048, 2048)]
+    sizes = [(16, 256, 256)] if args.quick else [(64, 512, 512), (200, 2048, 2048)]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="volref-bench-"))
     rows = []
     for shape in sizes:

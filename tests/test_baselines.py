@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_MAE
+from tests.helpers import TINY_MAE
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.evaluate.table2 import (
@@ -238,7 +238,7 @@ def test_refine_method_gives_the_same_bytes_for_any_block_shape(method, referenc
 
     import zarr
 
-    from tests.conftest import INLINE, tiny
+    from tests.helpers import INLINE, tiny
     from volref.pipeline.run import run
 
     out, _, expected = reference
@@ -267,7 +267,7 @@ def test_refine_method_refuses_the_wrong_model(reference, small_phantom, models,
                                               tmp_path):
     import shutil
 
-    from tests.conftest import INLINE, tiny
+    from tests.helpers import INLINE, tiny
     from volref.errors import ConfigError
     from volref.pipeline.run import run
 
@@ -289,7 +289,7 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     issue asks, figures drawn."""
     import json
 
-    from tests.conftest import INLINE, tiny
+    from tests.helpers import INLINE, tiny
     from volref.evaluate.methods import MethodSettings
     from volref.evaluate.table2 import evaluate_table2, write
     from volref.models.registry import load_segmenter

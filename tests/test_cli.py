@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import tree_digest
-from tests.test_io import write_image
+from tests.helpers import tree_digest, write_image
 from volref.cli.main import main
 
 

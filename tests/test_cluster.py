@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import OUTPUTS, cli_tiny
+from tests.helpers import OUTPUTS, cli_tiny
 from volref.engine.cluster import (
     ClusterSpec,
     TLSFiles,

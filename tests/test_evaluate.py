@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_models import TINY_MAE
-from volref.evaluate.models import (
+from experiments.models import (
     clear_tiles,
     reconstruction_dice,
     segmentation_dice,
     uncertainty_under_degradation,
 )
+from tests.helpers import TINY_MAE
 from volref.metrics import confusion, dice, dice_per_class
 from volref.models.mae import MaskedAutoencoder
 

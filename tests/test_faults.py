@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import assert_same, tiny, tree_digest
-from tests.test_pipeline import _records, dask_cluster, stop
+from tests.helpers import (
+    INLINE_JOB,
+    assert_same,
+    dask_cluster,
+    records,
+    stop,
+    tiny,
+    tree_digest,
+)
 from volref.cli.main import main
 from volref.engine.cluster import ClusterSpec
 from volref.pipeline.run import RunSettings, run
@@ -50,13 +57,13 @@ def test_worker_killed_mid_run_output_identical(reference, small_phantom, models
             job = subprocess.Popen([sys.executable, str(script), str(small_phantom), str(out),
                                     *models, address], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
-        while _records(out, "segment") < 3:  # some blocks done, most still to come
+        while records(out, "segment") < 3:  # some blocks done, most still to come
             assert job.poll() is None, (tmp_path / "run.log").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.02)
         os.killpg(workers[1].pid, signal.SIGKILL)
         assert job.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()
-        assert _records(out, "segment") == 12 and _records(out, "refine") == 12
+        assert records(out, "segment") == 12 and records(out, "refine") == 12
         assert_same(out, reference[2])
     finally:
         stop(procs)
@@ -159,7 +166,7 @@ def test_disk_full_is_reported_and_resumable(reference, small_phantom, models,
     with pytest.raises(BlocksFailedError, match="No space left on device") as info:
         run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
     assert 0 < len(info.value.failed) < 12
-    done = _records(out, "refine")
+    done = records(out, "refine")
     monkeypatch.setattr(LocalStore, "set", real_set)
     again = run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
     rep = again.report("refine")
@@ -167,7 +174,7 @@ def test_disk_full_is_reported_and_resumable(reference, small_phantom, models,
     assert_same(out, reference[2])
 
 
-def test_measure_resumes_from_its_records(reference, small_phantom, models, tmp_path):
+def test_measure_resumes_from_itsrecords(reference, small_phantom, models, tmp_path):
     import pandas as pd
 
     out = tmp_path / "m.zarr"
@@ -201,10 +208,8 @@ def test_killed_at_every_stage_resumes_to_identical_output(reference, small_phan
                                                            tmp_path):
     """SIGKILL the run process inside each stage — after a block's chunks are written but
     before its record, or just after the record — then finish with an undisturbed run."""
-    from tests.test_pipeline import SCRIPT as INLINE_SCRIPT
-
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(INLINE_SCRIPT))
+    script.write_text(textwrap.dedent(INLINE_JOB))
     out = tmp_path / "killed.zarr"
     before = tree_digest(small_phantom)
     kills = [("segment", 3, "before", 2), ("refine", 4, "after", 4),
@@ -214,7 +219,7 @@ def test_killed_at_every_stage_resumes_to_identical_output(reference, small_phan
         proc = subprocess.run([sys.executable, str(script), str(small_phantom), str(out), *models],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
-        assert _records(out, stage) == recorded, stage
+        assert records(out, stage) == recorded, stage
         assert (out / "volref" / "run.lock").exists()  # left behind by the kill: stale
     result = run(small_phantom, output=out, cluster=ClusterSpec(workers=0),
                  settings=tiny(models, block_shape=(20, 64, 128)))

@@ -14,7 +14,7 @@ import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
-from tests.conftest import SMALL, tree_digest
+from tests.helpers import SMALL, tree_digest, write_image
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES, N_CLASSES
 from volref.errors import (
     InputNotFoundError,
@@ -26,16 +26,13 @@ from volref.errors import (
     UnsupportedImageError,
 )
 from volref.io import (
-    Axis,
     LabelInfo,
     create_label_image,
-    create_multiscale,
     label_levels,
     label_names,
     open_group,
     open_image,
     open_multiscale,
-    pyramid_geometry,
     store_pyramid,
     validate_image,
     validate_label_image,
@@ -43,29 +40,6 @@ from volref.io import (
 from volref.io.store import check_writable_group
 from volref.pipeline import write_phantom
 from volref.synth import SynthConfig
-
-
-def write_image(path, data: np.ndarray, axes: str, *, version="0.5", chunks=None, levels=1,
-                types=None):
-    """Write an OME-Zarr image of any 2-5-D numpy array with volref's writer."""
-    root = open_group(path, mode="w-", zarr_format=3 if version == "0.5" else 2)
-    kinds = types or {"t": "time", "c": "channel"}
-    ax = tuple(Axis(a, kinds.get(a, "space"), "micrometer" if a in "zyx" else None) for a in axes)
-    chunks = chunks or data.shape
-    levels_ = pyramid_geometry(data.shape[-3:], (1.0,) * 3, levels, chunks[-3:], data.dtype,
-                               version, method="nearest")
-    lead = data.shape[:-3] if data.ndim > 3 else ()
-    if data.ndim < 3:  # 2-D: write by hand
-        arr = root.create_array("s0" if version == "0.5" else "0", data=data)
-        meta = {"axes": [a.to_dict() for a in ax], "datasets": [{"path": arr.basename,
-                "coordinateTransformations": [{"type": "scale", "scale": [1.0] * data.ndim}]}]}
-        root.attrs["ome"] = {"version": "0.5", "multiscales": [meta]}
-        return
-    levels_ = [lv.__class__(path=lv.path, shape=lead + lv.shape, chunks=(1,) * len(lead) + lv.chunks,
-                            dtype=lv.dtype, scale=(1.0,) * len(lead) + lv.scale) for lv in levels_]
-    arrays = create_multiscale(root, levels_, ax, version=version, name="test", method="nearest")
-    dask.compute(store_pyramid(da.from_array(data, chunks=arrays[0].chunks), arrays, "nearest"))
-
 
 # ---------------------------------------------------------------- reading
 

@@ -66,3 +66,15 @@ def test_nothing_loads_through_pickle():
         text = path.read_text()
         for b in banned:
             assert b not in text, f"{path.relative_to(ROOT)} uses {b}"
+
+
+def test_the_package_never_imports_scripts_and_tests_never_import_each_other():
+    """volref does not depend on benchmarks/experiments; tests share code through helpers.py."""
+    bad = [f"{f.relative_to(ROOT.parent)}: {name}" for f in sorted(ROOT.rglob("*.py"))
+           for name in imports(f)
+           if name.split(".")[0] in ("benchmarks", "experiments", "tests")]
+    tests = ROOT.parent / "tests"
+    bad += [f"{f.relative_to(ROOT.parent)}: {name}" for f in sorted(tests.glob("*.py"))
+            for name in imports(f)
+            if name.startswith("tests.") and name not in ("tests.helpers",)]
+    assert not bad, bad

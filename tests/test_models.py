@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_MAE, TINY_UNET
+from tests.helpers import TINY_MAE, TINY_UNET, refine_slice
 from volref.classes import CRISTAE, MATRIX
 from volref.errors import VolrefError
 from volref.models import mae as mae_module
@@ -25,7 +25,7 @@ from volref.models.registry import (
     save_segmenter,
 )
 from volref.models.unet import UNet
-from volref.stages.refine import RefineSettings, refine_region, refine_slice, removal_mask
+from volref.stages.refine import RefineSettings, refine_region, removal_mask
 from volref.stages.segment import SegmentSettings, segment_slices
 
 

@@ -17,7 +17,16 @@ import pandas as pd
 import pytest
 import zarr
 
-from tests.conftest import INLINE, assert_same, tiny, tree_digest
+from tests.helpers import (
+    INLINE,
+    INLINE_JOB,
+    assert_same,
+    dask_cluster,
+    records,
+    stop,
+    tiny,
+    tree_digest,
+)
 from volref.cli.main import main
 from volref.engine.cluster import ClusterSpec
 from volref.errors import ConfigError, OutputExistsError, VolrefError
@@ -188,44 +197,24 @@ def test_ground_truth_mitochondria_keep_one_id_across_blocks(small_phantom, tmp_
 
 # ---------------------------------------------------------------- kill and resume
 
-SCRIPT = """
-import sys
-from volref.engine.cluster import ClusterSpec
-from volref.pipeline.run import RunSettings, run
-from volref.stages.refine import RefineSettings
-from volref.stages.segment import SegmentSettings
-if __name__ == "__main__":
-    run(sys.argv[1], output=sys.argv[2], cluster=ClusterSpec(workers=0),
-        settings=RunSettings(segmenter=sys.argv[3], refiner=sys.argv[4],
-                             segment=SegmentSettings(tile=64, halo=16),
-                             refine=RefineSettings(tile=32, stride=16, tau=0.3),
-                             block_shape=(20, 64, 128)))
-"""
-
-
-def _records(out: Path, stage: str) -> int:
-    d = out / "volref" / "manifests" / stage / "blocks"
-    return len(list(d.glob("*.json"))) if d.exists() else 0
-
-
 def _kill_when(cmd: list[str], out: Path, stage: str, n: int) -> int:
     log = out.parent / f"{stage}.log"
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while _records(out, stage) < n:
+    while records(out, stage) < n:
         if proc.poll() is not None:
             raise AssertionError(f"finished before the kill: {log.read_text()}")
         assert time.monotonic() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return _records(out, stage)
+    return records(out, stage)
 
 
 def test_killed_run_resumes_to_identical_output(reference, small_phantom, models, tmp_path):
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(SCRIPT))
+    script.write_text(textwrap.dedent(INLINE_JOB))
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, str(script), str(small_phantom), str(out), *models]
     seg_done = _kill_when(cmd, out, "segment", 3)  # during segment
@@ -243,50 +232,6 @@ def test_killed_run_resumes_to_identical_output(reference, small_phantom, models
 
 
 # ---------------------------------------------------------------- a real scheduler
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process group, SIGKILL what is still there after 20 s, reap them all."""
-    for p in reversed(procs):
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def _dask(*args: str, log: Path) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "dask"
-    with log.open("w") as f:
-        return subprocess.Popen([str(exe), *args], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def dask_cluster(tmp_path: Path, workers: dict[str, list[str]],
-                 procs: list[subprocess.Popen]) -> str:
-    """Start ``dask scheduler`` and one ``dask worker`` per name (with its extra arguments) as
-    separate processes on loopback, appending them to ``procs``; returns the address once every
-    worker has joined."""
-    from distributed import Client
-
-    sched_file = tmp_path / "scheduler.json"
-    procs.append(_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                       "--scheduler-file", str(sched_file), log=tmp_path / "scheduler.log"))
-    deadline = time.monotonic() + 60
-    while not sched_file.exists():
-        assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
-        time.sleep(0.1)
-    for name, extra in workers.items():
-        procs.append(_dask("worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                           "--no-dashboard", "--name", name, "--host", "127.0.0.1", *extra,
-                           log=tmp_path / f"{name}.log"))
-    address = json.loads(sched_file.read_text())["address"]
-    with Client(address, timeout="30s") as client:
-        client.wait_for_workers(len(workers), timeout=120)
-    return address
 
 
 def test_separate_scheduler_and_workers_with_gpu_routing(reference, small_phantom, models,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from tests.conftest import OUTPUTS, cli_tiny
+from tests.helpers import OUTPUTS, cli_tiny
 from volref.engine.cluster import close_cluster, load_cluster_file, slurm_options
 from volref.errors import ConfigError
 

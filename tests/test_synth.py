@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import ConfigError
 from volref.synth import SynthConfig, build_scene, make_phantom, render_box

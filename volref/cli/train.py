@@ -8,7 +8,7 @@ import time
 
 import click
 from rich.console import Console
-from rich.progress import Progress, TextColumn
+from rich.progress import Progress, TaskID, TextColumn
 
 from volref.cli.progress import progress_bar
 from volref.layout import DEGRADED, GROUND_TRUTH
@@ -25,7 +25,7 @@ class TrainingProgress:
         self.lines = enabled and not self.console.is_terminal
         self.label = label
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self._losses: list[float] = []
         self._since = 0.0
 

@@ -189,7 +189,7 @@ def _join(address: str, tls: TLSFiles | None = None) -> Iterator[Connection]:
         client.close()
 
 
-def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_cluster_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
@@ -230,7 +230,7 @@ def _start(config: dict[str, Any]) -> Iterator[Connection]:
         close_cluster(cluster)
 
 
-def close_cluster(cluster) -> None:
+def close_cluster(cluster: Any) -> None:
     """Close a cluster volref started. By now its work is written (or has failed): a worker
     process slow to exit — a loaded or niced machine — must neither turn a finished run into an
     error nor hide the error on its way out, so a timeout while stopping is a warning, and the
@@ -248,7 +248,7 @@ def close_cluster(cluster) -> None:
                     "still running", killed)
 
 
-def _worker_pids(cluster) -> list[int]:
+def _worker_pids(cluster: Any) -> list[int]:
     """Process ids of a local cluster's worker processes (none for batch clusters)."""
     pids = []
     for nanny in getattr(cluster, "workers", {}).values():
@@ -357,8 +357,9 @@ def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def peak_memory(client) -> dict[str, int]:
+def peak_memory(client: Any) -> dict[str, int]:
     """Peak resident memory (bytes) of every worker process since it started."""
     if client is None:
         return {"this process": _max_rss()}
-    return client.run(_max_rss)
+    peaks: dict[str, int] = client.run(_max_rss)
+    return peaks

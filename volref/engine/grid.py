@@ -16,7 +16,7 @@ size). Blocks at the far edges are cut by the volume::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from volref.errors import ConfigError
@@ -35,11 +35,13 @@ class Block:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.start, self.stop))
+        (z0, y0, x0), (z1, y1, x1) = self.start, self.stop
+        return z1 - z0, y1 - y0, x1 - x0
 
     @property
     def slices(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+        (z0, y0, x0), (z1, y1, x1) = self.start, self.stop
+        return slice(z0, z1), slice(y0, y1), slice(x0, x1)
 
     @property
     def key(self) -> str:
@@ -64,7 +66,7 @@ class BlockGrid:
 
     @property
     def counts(self) -> tuple[int, int, int]:
-        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+        return _triple(-(-n // b) for n, b in zip(self.shape, self.block))
 
     def __len__(self) -> int:
         return math.prod(self.counts)
@@ -77,12 +79,12 @@ class BlockGrid:
                     yield self[(i, j, k)]
 
     def __getitem__(self, index: Sequence[int]) -> Block:
-        index = tuple(int(i) for i in index)
-        if len(index) != 3 or any(not 0 <= i < c for i, c in zip(index, self.counts)):
-            raise ConfigError(f"block {index} is outside the grid {self.counts}")
-        start = tuple(i * b for i, b in zip(index, self.block))
-        stop = tuple(min(s + b, n) for s, b, n in zip(start, self.block, self.shape))
-        return Block(index=index, start=start, stop=stop)
+        ints = tuple(int(i) for i in index)
+        if len(ints) != 3 or any(not 0 <= i < c for i, c in zip(ints, self.counts)):
+            raise ConfigError(f"block {ints} is outside the grid {self.counts}")
+        start = _triple(i * b for i, b in zip(ints, self.block))
+        stop = _triple(min(s + b, n) for s, b, n in zip(start, self.block, self.shape))
+        return Block(index=_triple(ints), start=start, stop=stop)
 
     def linear(self, index: Sequence[int]) -> int:
         """Row-major number of a block (stateless id bases use it)."""
@@ -109,11 +111,11 @@ def plan_blocks(shape: Sequence[int], chunks: Sequence[int], align_xy: int,
     one chunk deep in z and about :data:`DEFAULT_BLOCK_XY` pixels in y and x, smaller (down to
     the alignment unit) until there are ``min_blocks`` blocks to keep every worker busy.
     """
-    shape, chunks = tuple(int(n) for n in shape), tuple(int(c) for c in chunks)
+    shape, chunks = _triple(int(n) for n in shape), _triple(int(c) for c in chunks)
     unit = (chunks[0], math.lcm(chunks[1], align_xy), math.lcm(chunks[2], align_xy))
     if block is None:
         xy = [u * max(1, -(-min(DEFAULT_BLOCK_XY, n) // u)) for u, n in zip(unit[1:], shape[1:])]
-        while len(BlockGrid(shape, (unit[0], *xy))) < min_blocks:
+        while len(BlockGrid(shape, (unit[0], xy[0], xy[1]))) < min_blocks:
             axis = 0 if xy[0] >= xy[1] else 1
             smaller = unit[axis + 1] * max(1, (xy[axis] // 2) // unit[axis + 1])
             if smaller == xy[axis]:
@@ -124,16 +126,23 @@ def plan_blocks(shape: Sequence[int], chunks: Sequence[int], align_xy: int,
                 xy[other] = smaller_other
             else:
                 xy[axis] = smaller
-        block = (unit[0], *xy)
-    block = tuple(int(b) for b in block)
-    for axis, b, u, n in zip("zyx", block, unit, shape):
+        block = (unit[0], xy[0], xy[1])
+    wanted = _triple(int(b) for b in block)
+    for name, b, u, n in zip("zyx", wanted, unit, shape):
         if b < 1:
-            raise ConfigError(f"block shape must be positive, got {block}")
+            raise ConfigError(f"block shape must be positive, got {wanted}")
         if b % u and b < n:  # a block covering the whole axis may be anything
-            why = f"the output chunks ({chunks})" if axis == "z" or u == chunks["zyx".index(axis)] \
+            why = f"the output chunks ({chunks})" if name == "z" or u == chunks["zyx".index(name)] \
                 else f"the output chunks ({chunks}) and the {align_xy}-pixel tile grid"
-            raise ConfigError(f"block shape {block}: {axis} = {b} is not a multiple of {u}, "
+            raise ConfigError(f"block shape {wanted}: {name} = {b} is not a multiple of {u}, "
                               f"required by {why}")
     # a block past the volume's end is the whole axis
-    block = tuple(min(b, u * -(-n // u)) for b, u, n in zip(block, unit, shape))
-    return BlockGrid(shape, block)
+    return BlockGrid(shape, _triple(min(b, u * -(-n // u)) for b, u, n in zip(wanted, unit, shape)))
+
+
+def _triple(values: Iterable[int]) -> tuple[int, int, int]:
+    """Three integers (z, y, x) as a typed triple; another count is a :class:`ConfigError`."""
+    t = tuple(values)
+    if len(t) != 3:
+        raise ConfigError(f"a block grid is 3-D (z, y, x), got {t}")
+    return t[0], t[1], t[2]

@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import zarr
 
@@ -34,7 +35,7 @@ class StoreLockedError(VolrefError, RuntimeError):
     """Another volref run is writing into the same store."""
 
 
-def _owner() -> dict:
+def _owner() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
 
@@ -48,7 +49,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stale(owner: dict) -> bool:
+def _stale(owner: dict[str, Any]) -> bool:
     return owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1)))
 
 

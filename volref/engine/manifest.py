@@ -47,7 +47,8 @@ class Manifest:
         if raw is None:
             return None
         try:
-            return json.loads(raw)["digest"]
+            digest: str = json.loads(raw)["digest"]
+            return digest
         except (ValueError, KeyError, TypeError):
             return None
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 
 from volref.engine.allocator import release_free_memory
 from volref.errors import VolrefError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class BlocksFailedError(VolrefError, RuntimeError):
 class BlockTask:
     key: str  # the block's region name (manifest key)
     fn: Callable[..., Any]
-    args: tuple = ()
+    args: tuple[Any, ...] = ()
     gpu: bool = False  # runs a model: goes to GPU workers when there are any
     #: the box ``(start, stop)`` the task reads (may reach past the volume) and the one it writes
     #: (its block), declared by the stage when it plans
@@ -83,7 +86,7 @@ class _Done:
 class Executor:
     """Submit functions to a distributed client, or run them here when ``client`` is None."""
 
-    def __init__(self, client=None, retries: int = 2) -> None:
+    def __init__(self, client: Client | None = None, retries: int = 2) -> None:
         self.client = client
         self.retries = retries
         # keys are unique per run: a shared scheduler must never hand back another run's result
@@ -108,7 +111,7 @@ class Executor:
             return {"CPU": 1}
         return None
 
-    def submit(self, fn: Callable[..., Any], *args: Any, key: str, gpu: bool = False):
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str, gpu: bool = False) -> Any:
         """A future of ``fn(*args)``; ``args`` may hold futures of this executor."""
         if self.client is None:
             try:
@@ -122,7 +125,8 @@ class Executor:
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         if self.client is None:
             return [f.result() for f in futures]
-        return self.client.gather(list(futures))
+        gathered: list[Any] = self.client.gather(list(futures))
+        return gathered
 
     def compute(self, work: Any) -> Any:
         """Compute a Dask collection (the pyramid levels) on the same workers."""
@@ -132,7 +136,8 @@ class Executor:
                                      resources=self._resources(False))
         return future.result()
 
-    def as_completed(self, futures: dict[Any, str]):
+    def as_completed(self, futures: dict[Any, str]
+                     ) -> Iterator[tuple[str, Any, BaseException | None]]:
         """``(key, value, error)`` as tasks finish."""
         if self.client is None:
             for fut, key in futures.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -60,7 +61,7 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
                           margin=m, tau=rs.tau, near_px=rs.near_px, settings=settings.crf)[0]
     if method not in models:
         raise KeyError(f"no model for method {method!r}")
-    model = models[method]
+    model: Any = models[method]  # a tile refiner (MAE, MAE+X, CNN-AE)
     rs = settings.refine
     c = context(rs, model.config.patch)
     box = (y - c, x - c, y + tile + c, x + tile + c)

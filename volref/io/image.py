@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -11,7 +12,7 @@ import zarr
 
 from volref.errors import UnsupportedImageError
 from volref.io.ngff import Multiscale, ome_attributes, read_multiscale
-from volref.io.store import open_group, redact
+from volref.io.store import array_at, open_group, redact
 
 #: dtypes volref processes; images of other integer and float types are refused with a reason.
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -47,23 +48,26 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """``(z, y, x)`` voxels."""
         return tuple(self.data.shape)
 
     @property
-    def dtype(self) -> np.dtype:
-        return self.data.dtype
+    def dtype(self) -> np.dtype[Any]:
+        """The pixel type as stored."""
+        dtype: np.dtype[Any] = np.dtype(self.data.dtype)
+        return dtype
 
 
-def open_multiscale(location: str | os.PathLike,
-                    storage_options: dict | None = None) -> tuple[zarr.Group, Multiscale]:
+def open_multiscale(location: str | os.PathLike[str],
+                    storage_options: dict[str, Any] | None = None) -> tuple[zarr.Group, Multiscale]:
     """Open an image group read-only and parse its multiscale metadata."""
     group = open_group(location, mode="r", storage_options=storage_options)
     return group, read_multiscale(group, where=redact(location))
 
 
-def open_image(location: str | os.PathLike, *, channel: int | None = None,
+def open_image(location: str | os.PathLike[str], *, channel: int | None = None,
                timepoint: int | None = None, level: int = 0,
-               storage_options: dict | None = None) -> Volume:
+               storage_options: dict[str, Any] | None = None) -> Volume:
     """Open ``location`` (path or URL) read-only as a ``(z, y, x)`` volume.
 
     Channel and time axes of size 1 are dropped; larger ones need ``channel``/``timepoint``.
@@ -95,7 +99,7 @@ def select_volume(group: zarr.Group, ms: Multiscale, label: str, *, channel: int
     if spatial != list(range(ms.ndim - 3, ms.ndim)):
         raise InvalidAxisOrder(label, ms)
 
-    array = group[lv.path]
+    array = array_at(group, lv.path)
     index: list[int | slice] = []
     selection: dict[str, int] = {}
     wanted = {"channel": channel, "time": timepoint}
@@ -135,6 +139,7 @@ def select_volume(group: zarr.Group, ms: Multiscale, label: str, *, channel: int
             f"(volref reads {', '.join(SUPPORTED_DTYPES)})")
     data = da.from_zarr(array, chunks=array.chunks)[tuple(index)]
     axes3 = [ms.axes[i] for i in spatial]
+    z, y, x = spatial
     translation = lv.translation or (0.0,) * ms.ndim
     return Volume(
         location=label,
@@ -142,9 +147,9 @@ def select_volume(group: zarr.Group, ms: Multiscale, label: str, *, channel: int
         multiscale=ms,
         level=level,
         data=data,
-        scale=tuple(lv.scale[i] for i in spatial),
-        translation=tuple(translation[i] for i in spatial),
-        units=tuple(a.unit for a in axes3),
+        scale=(lv.scale[z], lv.scale[y], lv.scale[x]),
+        translation=(translation[z], translation[y], translation[x]),
+        units=(axes3[0].unit, axes3[1].unit, axes3[2].unit),
         selection=selection,
     )
 
@@ -162,6 +167,8 @@ def intensity_sample(volume: Volume, max_voxels: int = 4_000_000) -> np.ndarray:
 
 
 class InvalidAxisOrder(UnsupportedImageError):
+    """The spatial axes of an image are not the last three, in z, y, x order."""
+
     def __init__(self, label: str, ms: Multiscale) -> None:
         super().__init__(f"{label}: spatial axes must come last, got ({', '.join(ms.axis_names)})")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import zarr
 
@@ -20,11 +20,14 @@ VERSIONS = ("0.4", "0.5")
 
 @dataclass(frozen=True)
 class Axis:
+    """One axis of a multiscale image: its name, NGFF type and unit."""
+
     name: str
     type: str | None = None
     unit: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The axis as NGFF metadata (``type`` and ``unit`` only when set)."""
         out: dict[str, Any] = {"name": self.name}
         if self.type is not None:
             out["type"] = self.type
@@ -47,18 +50,22 @@ class Level:
 
 @dataclass(frozen=True)
 class Multiscale:
+    """A parsed ``multiscales`` entry: NGFF version, zarr format, axes and levels."""
+
     version: str
-    zarr_format: int
+    zarr_format: Literal[2, 3]
     axes: tuple[Axis, ...]
     levels: tuple[Level, ...]
     name: str | None = None
 
     @property
     def ndim(self) -> int:
+        """Number of axes (3 to 5)."""
         return len(self.axes)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
+        """Axis names in storage order (``("z", "y", "x")`` for a z-stack)."""
         return tuple(a.name for a in self.axes)
 
 
@@ -67,7 +74,7 @@ def ome_attributes(group: zarr.Group) -> tuple[str | None, dict[str, Any]]:
 
     NGFF 0.5 nests everything under ``"ome"``; 0.4 keeps it at the top with a version per entry.
     """
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     if isinstance(attrs.get("ome"), dict):
         ome = attrs["ome"]
         return str(ome.get("version", "0.5")), ome
@@ -114,6 +121,8 @@ def read_multiscale(group: zarr.Group, where: str = "") -> Multiscale:
             check_name(part)
         scale, translation = _parse_transforms(
             ds.get("coordinateTransformations"), len(axes), f"{label}/{path}", required=True)
+        if scale is None:  # required=True has refused it already
+            raise InvalidMetadataError(f"{label}/{path}: no 'scale' transformation")
         if global_scale is not None:
             scale = tuple(a * b for a, b in zip(scale, global_scale))
         if global_translation is not None:
@@ -140,7 +149,7 @@ def read_multiscale(group: zarr.Group, where: str = "") -> Multiscale:
                       levels=tuple(levels), name=name if isinstance(name, str) else None)
 
 
-def _parse_axes(raw, label) -> tuple[Axis, ...]:
+def _parse_axes(raw: Any, label: str) -> tuple[Axis, ...]:
     if not isinstance(raw, list) or not raw:
         raise InvalidMetadataError(f"{label}: multiscales has no 'axes' list")
     axes = []
@@ -163,14 +172,16 @@ def _parse_axes(raw, label) -> tuple[Axis, ...]:
     return tuple(axes)
 
 
-def _parse_transforms(raw, ndim, label, required):
+def _parse_transforms(raw: Any, ndim: int, label: str, required: bool
+                      ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     if raw is None:
         if required:
             raise InvalidMetadataError(f"{label}: no coordinateTransformations")
         return None, None
     if not isinstance(raw, list):
         raise InvalidMetadataError(f"{label}: coordinateTransformations must be a list")
-    scale = translation = None
+    scale: tuple[float, ...] | None = None
+    translation: tuple[float, ...] | None = None
     for t in raw:
         if not isinstance(t, dict):
             raise InvalidMetadataError(f"{label}: a coordinate transformation is not an object")
@@ -224,7 +235,7 @@ def multiscales_entry(version: str, axes: tuple[Axis, ...], levels: list[Level],
 
 def set_ome(group: zarr.Group, version: str, key: str, value: Any) -> None:
     """Write one OME key (``multiscales``, ``labels``, ``image-label``) in the version's layout."""
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     if version == "0.5":
         ome = dict(attrs.get("ome", {}))
         ome["version"] = "0.5"

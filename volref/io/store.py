@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any, Literal
 
 import zarr
 import zarr.errors
@@ -22,21 +23,25 @@ from volref.errors import (
 log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+#: how a store is opened (zarr's modes)
+AccessMode = Literal["r", "r+", "a", "w", "w-"]
+
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-def is_url(location: str | os.PathLike) -> bool:
+def is_url(location: str | os.PathLike[str]) -> bool:
     """True for ``s3://…``, ``https://…`` and other fsspec URLs; ``file://`` counts as local."""
     text = str(location)
     return bool(_URL.match(text)) and not text.startswith("file://")
 
 
-def local_path(location: str | os.PathLike) -> Path:
+def local_path(location: str | os.PathLike[str]) -> Path:
+    """The filesystem path of a local location (``file://`` dropped)."""
     text = str(location)
     return Path(text[len("file://"):] if text.startswith("file://") else text)
 
 
-def redact(location: str | os.PathLike) -> str:
+def redact(location: str | os.PathLike[str]) -> str:
     """A location fit for messages and provenance: credentials in URLs (user:password@, and query
     strings, which carry signatures and tokens) are dropped."""
     text = str(location)
@@ -55,8 +60,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def open_group(location: str | os.PathLike, mode: str = "r",
-               storage_options: dict | None = None, zarr_format: int = 3) -> zarr.Group:
+def open_group(location: str | os.PathLike[str], mode: AccessMode = "r",
+               storage_options: dict[str, Any] | None = None,
+               zarr_format: Literal[2, 3] = 3) -> zarr.Group:
     """Open the zarr group at a path or URL (zarr v2 or v3, detected when reading).
 
     ``mode="r"`` never writes; ``"r+"`` writes into an existing group; ``"w-"`` creates a new one
@@ -64,7 +70,7 @@ def open_group(location: str | os.PathLike, mode: str = "r",
     """
     read_only = mode == "r"
     if is_url(location):
-        store = FsspecStore.from_url(str(location), read_only=read_only,
+        store: FsspecStore | LocalStore = FsspecStore.from_url(str(location), read_only=read_only,
                                      storage_options=storage_options or {})
     else:
         path = local_path(location)
@@ -93,6 +99,22 @@ def open_group(location: str | os.PathLike, mode: str = "r",
     return node
 
 
+def array_at(group: zarr.Group, path: str) -> zarr.Array[Any]:
+    """The array at ``path`` below ``group`` (a ``KeyError`` if it is missing or a group)."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise KeyError(f"{path} is a group, not an array")
+    return node
+
+
+def group_at(group: zarr.Group, path: str) -> zarr.Group:
+    """The group at ``path`` below ``group`` (a ``KeyError`` if it is missing or an array)."""
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise KeyError(f"{path} is an array, not a group")
+    return node
+
+
 def has_member(group: zarr.Group, name: str) -> bool:
     """Whether ``group`` holds ``name`` (looked up, not listed)."""
     try:
@@ -112,7 +134,7 @@ def members(group: zarr.Group) -> list[str]:
         return sorted(group.keys())
 
 
-def prepare_new_store(location: str | os.PathLike, overwrite: bool = False) -> None:
+def prepare_new_store(location: str | os.PathLike[str], overwrite: bool = False) -> None:
     """Refuse to create a store where one exists (unless ``overwrite``) or cannot be written."""
     if is_url(location):
         return  # remote permissions show at the first write
@@ -132,7 +154,7 @@ def prepare_new_store(location: str | os.PathLike, overwrite: bool = False) -> N
         raise OutputError(f"cannot create {path}: {parent} is read-only")
 
 
-def check_writable_group(group: zarr.Group, location: str | os.PathLike) -> None:
+def check_writable_group(group: zarr.Group, location: str | os.PathLike[str]) -> None:
     """Refuse early when the group's store is read-only (a read-only mount, no permission)."""
     if group.store.read_only:
         raise OutputError(f"{redact(location)} is opened read-only")

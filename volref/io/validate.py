@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
 import zarr
 from pydantic import ValidationError
 
 from volref.errors import InvalidMetadataError
 from volref.io.ngff import ome_attributes
+from volref.io.store import group_at
 
 
 def validate_image(group: zarr.Group) -> None:
@@ -15,31 +20,34 @@ def validate_image(group: zarr.Group) -> None:
     models = _models(version)
     _check(models.Image.from_zarr, group, "image")
     try:
-        labels = group["labels"]
+        labels = group_at(group, "labels")
     except KeyError:
         return
     _check(models.Labels.from_zarr, labels, "labels")
     _, ome = ome_attributes(labels)
     for name in ome.get("labels", []):
-        validate_label_image(labels[name])
+        validate_label_image(group_at(labels, name))
 
 
 def validate_label_image(group: zarr.Group) -> None:
+    """Validate a label image group with ome-zarr-models; raise ``InvalidMetadataError``."""
     version, _ = ome_attributes(group)
     _check(_models(version).ImageLabel.from_zarr, group, f"label image {group.name}")
 
 
-def _models(version: str | None):
+def _models(version: str | None) -> ModuleType:
     if version == "0.5":
-        import ome_zarr_models.v05 as models
-    elif version == "0.4":
-        import ome_zarr_models.v04 as models
-    else:
-        raise InvalidMetadataError(f"no OME-Zarr metadata to validate (version {version!r})")
-    return models
+        import ome_zarr_models.v05 as v05
+
+        return v05
+    if version == "0.4":
+        import ome_zarr_models.v04 as v04
+
+        return v04
+    raise InvalidMetadataError(f"no OME-Zarr metadata to validate (version {version!r})")
 
 
-def _check(fn, group: zarr.Group, what: str) -> None:
+def _check(fn: Callable[[zarr.Group], Any], group: zarr.Group, what: str) -> None:
     try:
         fn(group)
     except ValidationError as exc:

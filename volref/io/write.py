@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import dask
 import dask.array as da
 import numcodecs
 import numpy as np
+import numpy.typing as npt
 import zarr
 from dask.delayed import Delayed
 from dask.graph_manipulation import bind
@@ -51,6 +52,7 @@ class LabelInfo:
     properties: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``image-label`` metadata: source, colours, properties."""
         out: dict[str, Any] = {"source": {"image": "../../"}}
         if self.colors:
             out["colors"] = [{"label-value": v, "rgba": list(c)} for v, c in self.colors]
@@ -67,8 +69,8 @@ def default_levels(shape: Sequence[int], min_size: int = 256) -> int:
     return n
 
 
-def pyramid_geometry(shape: Sequence[int], scale: Sequence[float], n_levels: int, chunks,
-                     dtype, version: str, translation: Sequence[float] | None = None,
+def pyramid_geometry(shape: Sequence[int], scale: Sequence[float], n_levels: int,
+                     chunks: Sequence[int], dtype: npt.DTypeLike, version: str, translation: Sequence[float] | None = None,
                      method: str = "mean") -> list[Level]:
     """Shapes and transforms of a 3-D pyramid built by :func:`store_pyramid`."""
     paths = level_paths(version, n_levels)
@@ -89,7 +91,7 @@ def pyramid_geometry(shape: Sequence[int], scale: Sequence[float], n_levels: int
 
 
 def create_multiscale(group: zarr.Group, levels: Sequence[Level], axes: Sequence[Axis], *,
-                      version: str, name: str | None, method: str) -> list[zarr.Array]:
+                      version: str, name: str | None, method: str) -> list[zarr.Array[Any]]:
     """Create (empty) level arrays and write the ``multiscales`` metadata of an image group."""
     arrays = []
     for lv in levels:
@@ -111,11 +113,11 @@ def blosc_settings(dtype: np.dtype, method: str) -> tuple[str, int, str]:
 
 
 def _create_array(group: zarr.Group, lv: Level, axes: Sequence[Axis], version: str,
-                  method: str) -> zarr.Array:
+                  method: str) -> zarr.Array[Any]:
     dtype = np.dtype(lv.dtype)
     cname, level, shuffle = blosc_settings(dtype, method)
     if version == "0.5":
-        compressor = BloscCodec(cname=cname, clevel=level, shuffle=shuffle)
+        compressor = BloscCodec(cname=cast(Any, cname), clevel=level, shuffle=cast(Any, shuffle))
         return group.create_array(lv.path, shape=lv.shape, chunks=lv.chunks, dtype=dtype,
                                   compressors=compressor, fill_value=0,
                                   dimension_names=[a.name for a in axes])
@@ -127,7 +129,7 @@ def _create_array(group: zarr.Group, lv: Level, axes: Sequence[Axis], version: s
                               chunk_key_encoding={"name": "v2", "separator": "/"})
 
 
-def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array], method: str) -> Delayed:
+def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array[Any]], method: str) -> Delayed:
     """Lazy work that writes ``data`` to ``arrays[0]`` and each level from the one before.
 
     ``data`` has the shape of ``arrays[0]`` (any leading non-spatial axes of size 1 included),
@@ -137,7 +139,7 @@ def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array], method: s
     if method not in ("mean", "nearest"):
         raise ValueError(f"unknown downsampling method {method!r}")
     stores: list[Delayed] = []
-    src = data
+    src: da.Array | None = data
     for k, target in enumerate(arrays):
         if k == 0 and data is None:
             continue
@@ -149,18 +151,21 @@ def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array], method: s
             if stores:
                 src = bind(src, stores[-1])
             src = _downsample(src, target.shape, method)
+        if src is None:
+            raise VolrefError(f"internal: no source for level {k}")
         if tuple(src.shape) != tuple(target.shape):
             raise VolrefError(f"internal: level {k} shape {src.shape} != target {target.shape}")
         src = src.astype(target.dtype).rechunk(target.chunks)
-        stores.append(da.store(src, target, lock=False, compute=False))
-    return dask.delayed(_done)(stores)
+        stores.append(da.store(src, cast(Any, target), lock=False, compute=False))
+    done: Delayed = dask.delayed(_done)(stores)
+    return done
 
 
 def _done(_: Any) -> None:
     return None
 
 
-def _downsample(x: da.Array, target_shape, method: str) -> da.Array:
+def _downsample(x: da.Array, target_shape: Sequence[int], method: str) -> da.Array:
     f = (1,) * (x.ndim - 3) + FACTORS
 
     def block(b: np.ndarray) -> np.ndarray:
@@ -171,21 +176,24 @@ def _downsample(x: da.Array, target_shape, method: str) -> da.Array:
         for n, fi in zip(trimmed.shape, f):
             shape += [n // fi, fi]
         mean = trimmed.reshape(shape).mean(axis=tuple(range(1, 2 * len(f), 2)), dtype=np.float64)
-        return np.rint(mean) if np.issubdtype(b.dtype, np.integer) else mean
+        out: np.ndarray = np.rint(mean) if np.issubdtype(b.dtype, np.integer) else mean
+        return out
 
     if method == "nearest":
         out_chunks = tuple(tuple(-(-c // fi) for c in cs) for cs, fi in zip(x.chunks, f))
     else:
         out_chunks = tuple(tuple(c // fi for c in cs) for cs, fi in zip(x.chunks, f))
     dtype = x.dtype if method == "nearest" else np.float64
-    y = x.map_blocks(block, chunks=out_chunks, dtype=dtype)
-    return y[tuple(slice(0, n) for n in target_shape)]
+    y = da.map_blocks(block, x, chunks=out_chunks, dtype=dtype)
+    cut: da.Array = y[tuple(slice(0, n) for n in target_shape)]
+    return cut
 
 
 # ---------------------------------------------------------------- label images
 
 
-def label_levels(image: Multiscale, dtype, chunks: Sequence[int] | None = None) -> list[Level]:
+def label_levels(image: Multiscale, dtype: npt.DTypeLike,
+                 chunks: Sequence[int] | None = None) -> list[Level]:
     """Levels of a label image for ``image``: same paths, spatial shapes and transforms.
 
     Non-spatial axes (``t``, ``c``) get size 1; ``chunks`` (z, y, x) defaults to the image's.
@@ -203,7 +211,7 @@ def label_levels(image: Multiscale, dtype, chunks: Sequence[int] | None = None) 
 
 def create_label_image(root: zarr.Group, name: str, levels: Sequence[Level],
                        axes: Sequence[Axis], *, version: str, info: LabelInfo | None = None,
-                       overwrite: bool = False) -> tuple[zarr.Group, list[zarr.Array]]:
+                       overwrite: bool = False) -> tuple[zarr.Group, list[zarr.Array[Any]]]:
     """Add ``labels/<name>`` (empty arrays + metadata) to an image group or an output store.
 
     Only groups are added; no existing array is touched. The labels group's list gains ``name``.

@@ -80,10 +80,10 @@ def edges(a: np.ndarray, b: np.ndarray) -> int:
     """Number of 4-neighbour pixel pairs with one pixel in ``a`` and the other in ``b``."""
     n = 0
     for axis in range(a.ndim):
-        lo = [slice(None)] * a.ndim
-        hi = [slice(None)] * a.ndim
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        lo, hi = tuple(lo), tuple(hi)
+        low = [slice(None)] * a.ndim
+        high = [slice(None)] * a.ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        lo, hi = tuple(low), tuple(high)
         n += int(np.count_nonzero(a[lo] & b[hi]) + np.count_nonzero(b[lo] & a[hi]))
     return n
 

@@ -56,7 +56,8 @@ class CNNAutoencoder(nn.Module):
         super().__init__()
         self.config = c = config
         chans = [min(c.width * 2 ** i, 4 * c.width) for i in range(c.levels)]
-        enc, cin = [], c.n_classes + 1
+        enc: list[nn.Module] = []
+        cin = c.n_classes + 1
         for ch in chans:
             enc += [_conv(cin, ch, stride=2), _conv(ch, ch)]
             cin = ch

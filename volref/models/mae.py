@@ -159,6 +159,9 @@ class Block(nn.Module):
 
 
 class MaskedAutoencoder(nn.Module):
+    pos: torch.Tensor  # (L, D) fixed sin-cos positions, a buffer
+    decoder_pos: torch.Tensor  # (L, Dd)
+
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -292,7 +295,8 @@ class MaskedAutoencoder(nn.Module):
         if self.needs_image and image is None:
             raise ValueError("MAE+X needs the image tiles (image=)")
         encoded, order, valid = self.forward_encoder(labels, mask, offset, pad_to)
-        image_tokens = self.forward_image(image, offset) if self.needs_image else None
+        image_tokens = (self.forward_image(image, offset)
+                        if self.needs_image and image is not None else None)
         tokens = self.forward_decoder(encoded, order, valid, mask.shape[1], h // p, w // p, offset,
                                       image_tokens)
         return self.unpatchify(tokens, h, w)
@@ -308,18 +312,3 @@ class MaskedAutoencoder(nn.Module):
         target = torch.where(pix, labels.long(), torch.full_like(labels.long(), -100))
         return F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-100)
 
-
-def mae_flops(config: MAEConfig, visible: int, total: int | None = None) -> float:
-    """Multiply-adds x 2 of one tile's forward pass with ``visible`` encoder tokens."""
-    c = config
-    total = total or c.grid * c.grid
-
-    def stack(d: int, t: int, depth: int) -> float:
-        per_layer = 4 * t * d * d + 2 * t * d * int(d * c.mlp_ratio) + 2 * t * t * d
-        return 2.0 * depth * per_layer
-
-    token = c.patch * c.patch * c.n_classes
-    return (stack(c.width, visible, c.depth) + stack(c.decoder_width, total, c.decoder_depth)
-            + stack(c.decoder_width, total, c.image_depth)
-            + 2.0 * (visible * token * c.width + visible * c.width * c.decoder_width
-                     + total * c.decoder_width * token))

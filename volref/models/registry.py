@@ -96,7 +96,7 @@ def load_refiner(path: str | os.PathLike | None = None, device: str | torch.devi
     except TypeError as exc:
         raise CheckpointError(f"{path}: config does not describe a {cls.__name__} ({exc})") \
             from exc
-    model = cls(config)
+    model = cls(config)  # type: ignore[arg-type]  # cls and config_cls are chosen together
     load_into(model, state, path)
     return model.to(device).eval()
 

@@ -144,7 +144,7 @@ def measure(ctx: StageContext, executor: Executor, *, observer: Observer | None 
               "segment": Manifest(meta, "segment").settings_digest(), "group": GROUP}
     manifest.begin(record, ctx.overwrite)
     record_provenance(root, "measure", record)
-    job = MeasureJob(ids, initial, refined, tuple(vol.scale), ids[0].array.chunks[-3], manifest)
+    job = MeasureJob(ids, initial, refined, vol.scale, ids[0].array.chunks[-3], manifest)
     start = time.perf_counter()
     finished = manifest.finished()
     stat_tasks = [BlockTask(f"stats-{b.key}", stats_task, (job, b)) for b in grid]

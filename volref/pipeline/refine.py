@@ -228,7 +228,7 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         labels = job.initial.read(lo, hi, "constant")
         unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
         image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
-            if job.image is not None else None
+            if job.image is not None and job.intensity is not None else None
         with MODEL_LOCK:
             out = refine_region(mae, labels, unc, s, device=dev, image=image)
         job.refined.write(block, out.labels)

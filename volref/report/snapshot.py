@@ -48,7 +48,7 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     if unknown:
         raise VolrefError(f"no label image named {', '.join(unknown)} in {vol.location}")
 
-    panels = [("image", stretch(image), "gray")]
+    panels: list[tuple[str, np.ndarray, str | None]] = [("image", stretch(image), "gray")]
     for name in names:
         group = vol.group["labels"][name]
         ms = read_multiscale(group, where=f"labels/{name}")

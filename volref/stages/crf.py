@@ -25,7 +25,7 @@ from volref.settings import Settings
 @dataclass(frozen=True)
 class CRFSettings(Settings):
     """Kernel parameters. The weights were chosen on a validation phantom (seed 500, neither a
-    training nor a held-out seed) by ``benchmarks.crf_tuning``: mean per-class Dice inside
+    training nor a held-out seed) by ``experiments.crf_tuning``: mean per-class Dice inside
     degraded regions over a grid of smoothness weight {1, 3} x appearance weight {0, 3, 10} x
     intensity scale {8, 24, 64}; the best setting that still uses the image is kept (0.409;
     without the appearance kernel 0.430; the ensemble's own labels 0.436)."""
@@ -47,7 +47,8 @@ class CRFSettings(Settings):
 
 def image_to_uint8(image: np.ndarray) -> np.ndarray:
     """A normalised image (``[0, 1]`` between the volume's robust percentiles) as 0..255 grey."""
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    grey: np.ndarray = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return grey
 
 
 def crf_probabilities(probabilities: np.ndarray, image: np.ndarray,
@@ -77,7 +78,8 @@ def crf_probabilities(probabilities: np.ndarray, image: np.ndarray,
 def crf_labels(probabilities: np.ndarray, image: np.ndarray,
                settings: CRFSettings = CRFSettings()) -> np.ndarray:
     """The CRF's labelling ``(H, W)`` uint8 (argmax of its marginals)."""
-    return crf_probabilities(probabilities, image, settings).argmax(axis=0).astype(np.uint8)
+    labels: np.ndarray = crf_probabilities(probabilities, image, settings).argmax(axis=0)
+    return labels.astype(np.uint8)
 
 
 def crf_region(probabilities: np.ndarray, image: np.ndarray, labels: np.ndarray,

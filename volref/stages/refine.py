@@ -28,7 +28,7 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
   rebuilt areas as ragged combs; at 1 px, with the shipped MAE, skeleton end points of rebuilt
   tiles fall from 10.2 to 5.0 and cycles from 5.3 to 0.43 (control tiles: 3.0, 0.67),
   mitochondrion Dice in the spots 0.720 -> 0.718, cristae 0.073 -> 0.060 (validation phantom,
-  ``benchmarks.smooth_tuning``; table in BENCHMARKS.md).
+  ``experiments.smooth_tuning``; table in BENCHMARKS.md).
   Its reach (3 sigma) stays inside the central block's half, so with ``blend="centre"`` results
   still do not depend on the block cut; ``window`` needs 0.
 * The refined class is the argmax. Pixels of patches that were not removed keep their initial
@@ -143,7 +143,8 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     pad = ((0, 0), (0, yp - ny), (0, xp - nx))
     lab = np.pad(labels, pad, constant_values=BACKGROUND)
     unc = np.pad(uncertainty, pad, constant_values=0.0)
-    img = np.pad(image, pad, constant_values=0.0).astype(np.float32) if needs_image else None
+    img = (np.pad(image, pad, constant_values=0.0).astype(np.float32)
+           if image is not None and needs_image else None)
     g = t // p
     masks = [patch_masks(lab[z], unc[z], p, settings.tau, settings.near_px) for z in range(nz)]
     remove = np.stack([m[0] for m in masks])  # (nz, H/p, W/p)
@@ -198,7 +199,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         x_lab = torch.from_numpy(np.stack(tiles + [dummy_tile] * n_pad)).to(device)
         x_mask = torch.from_numpy(np.stack(masks + [dummy_mask] * n_pad)).to(device)
         extra = {}
-        if needs_image:
+        if img is not None:
             crops = [img[z, y:y + t, x:x + t] for z, y, x in chunk]
             crops += [np.zeros((t, t), np.float32)] * n_pad
             extra["image"] = torch.from_numpy(np.stack(crops)).to(device)
@@ -237,7 +238,8 @@ def smoothed(acc: np.ndarray, weight: np.ndarray, labels: np.ndarray, model_set:
     for k in range(n):
         ndimage.gaussian_filter(prob[k], sigma, output=prob[k], mode="nearest",
                                 truncate=SMOOTH_TRUNCATE)
-    return prob
+    out: np.ndarray = prob
+    return out
 
 
 def in_order(fn: Callable[[T], R], items: list[T], lanes: int) -> Iterator[R]:
@@ -265,16 +267,3 @@ def in_order(fn: Callable[[T], R], items: list[T], lanes: int) -> Iterator[R]:
     finally:
         torch.set_num_threads(threads)
 
-
-def refine_slice(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
-                 settings: RefineSettings, device: str | torch.device = "cpu") -> Refined:
-    """Refine one slice given with ``settings.margin`` pixels of context on every side (outside
-    the volume: background, zero uncertainty); results have the slice's shape, without z."""
-    m = settings.margin
-    extra = context(settings, model.config.patch) - m
-    lab = np.pad(labels, extra, constant_values=BACKGROUND)[None]
-    unc = np.pad(uncertainty, extra, constant_values=0.0)[None]
-    r = refine_region(model, lab, unc, settings, device=device)
-    return Refined(labels=r.labels[0], removed=r.removed[0], rebuilt=r.rebuilt[0],
-                   tiles_total=r.tiles_total,
-                   tiles_run=r.tiles_run)

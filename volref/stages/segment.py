@@ -17,6 +17,9 @@ input is mirrored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -62,7 +65,9 @@ def segment_probabilities(ensemble: Ensemble, stack: np.ndarray, settings: Segme
 
 
 def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
-           device: str | torch.device, predict, *outputs: tuple[tuple[int, ...], type]
+           device: str | torch.device,
+           predict: Callable[[Any, torch.Tensor], tuple[torch.Tensor, ...]],
+           *outputs: tuple[tuple[int, ...], type]
            ) -> list[np.ndarray]:
     """Run ``predict(net, windows) -> tensors (N, *lead, w, w)`` over the global tile grid of
     the middle slices of ``stack``; ``outputs`` gives each result's leading shape and dtype."""
@@ -104,7 +109,8 @@ def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
 
 def uncertainty_to_uint8(u: np.ndarray) -> np.ndarray:
     """Stored form of the normalised entropy: round(255 u) (resolution 0.004)."""
-    return np.rint(np.clip(u, 0.0, 1.0) * 255.0).astype(np.uint8)
+    q: np.ndarray = np.rint(np.clip(u, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return q
 
 
 def uncertainty_from_uint8(q: np.ndarray) -> np.ndarray:

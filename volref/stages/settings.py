@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 from volref.errors import SettingsError
 from volref.settings import PRECISIONS, Settings
 

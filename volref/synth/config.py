@@ -102,7 +102,7 @@ class SynthConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown phantom settings: {', '.join(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
 
 

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
         unc = np.rot90(pool.uncertainty[j], k)
         if flip:
             lab, unc = lab[:, ::-1], unc[:, ::-1]
-        if with_image:
+        if image is not None and pool.image is not None:
             img = np.rot90(pool.image[j], k)
             image[i] = img[:, ::-1] if flip else img
         dist, pdist = patch_distance(lab, c.patch)
@@ -223,7 +223,8 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         start_from = load_refiner(recipe.init)
         want = recipe.model_config
         if recipe.method == "mae-x":  # MAE+X starts from a plain MAE (or from a MAE+X)
-            ok = start_from.config in (want, dataclasses.replace(want, image_depth=0))
+            ok = start_from.config in (want, dataclasses.replace(cast(MAEConfig, want),
+                                                                 image_depth=0))
         else:
             ok = start_from.config == want
         if not ok:

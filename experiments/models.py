@@ -1,4 +1,5 @@
-"""The paper's model experiments on phantoms (METHOD.md, "Evaluation facts").
+"""The measures of the paper's model experiments on phantoms (METHOD.md, "Evaluation facts"),
+used by ``experiments.paper_models`` and the setting sweeps.
 
 * :func:`uncertainty_under_degradation` — §4.3: the same phantom with and without a degraded area
   along every mitochondrion's skeleton (one seed, so geometry and noise are identical outside the
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from volref.train.refiner import patch_distance
 
 
 def uncertainty_under_degradation(before: np.ndarray, after: np.ndarray, instances: np.ndarray,
-                                  degraded: np.ndarray) -> dict:
+                                  degraded: np.ndarray) -> dict[str, Any]:
     """Per-mitochondrion mean uncertainty in its degraded area, before and after degradation.
 
     ``before``/``after``: uncertainty volumes (float) of the clean and the degraded phantom;

@@ -2,7 +2,7 @@
 a grid over the smoothness and appearance kernels, scored by the mean per-class Dice against
 ground truth inside degraded regions of the tiles the CRF relabels.
 
-    python -m benchmarks.crf_tuning --store /tmp/val-500.ome.zarr [--every 8] [--json OUT]
+    python -m experiments.crf_tuning --store /tmp/val-500.ome.zarr [--every 8] [--json OUT]
 
 The store must be segmented (``volref segment``) and carry ``ground-truth`` and ``degraded``
 label images (``volref synth`` makes them). The winner becomes ``CRFSettings``' defaults, so the
@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import command, machine, parser, write_json
+from benchmarks.common import machine, parser, write_json
+from experiments.common import command, store_of, store_option
 from volref.evaluate.methods import MethodSettings, refine_tile
 from volref.evaluate.table2 import SliceData, Table2Settings, load_slices
 from volref.metrics import dice_per_class
@@ -41,15 +42,18 @@ def tiles_with_degraded(slices: list[SliceData], tile: int, limit: int) -> list[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, "fewer tiles and a smaller grid")
-    ap.add_argument("--store", required=True)
+    ap = parser(__doc__, "every 4th slice, two tiles, one point of the grid (a smoke run)")
+    store_option(ap, "a segmented validation phantom with ground truth")
     ap.add_argument("--every", type=int, default=8)
     ap.add_argument("--tiles", type=int, default=60)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.every = 4
+    store = store_of(args)
     ensemble = load_segmenter()
-    slices = load_slices(args.store, Table2Settings(every=args.every), ensemble)
-    tiles = tiles_with_degraded(slices, 128, 12 if args.quick else args.tiles)
-    grid = {k: v[:2] for k, v in GRID.items()} if args.quick else GRID
+    slices = load_slices(store, Table2Settings(every=args.every), ensemble)
+    tiles = tiles_with_degraded(slices, 128, 2 if args.quick else args.tiles)
+    grid = {k: v[:1] for k, v in GRID.items()} if args.quick else GRID
     rows = []
     base = CRFSettings()
     for values in itertools.product(*grid.values()):

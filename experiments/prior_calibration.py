@@ -1,7 +1,7 @@
 """Is the MAE's loss inside low-SNR spots a class-prior bias? Calibrate its class prior on a
 *validation* phantom and see whether the gain carries over to held-out ones.
 
-    python -m benchmarks.prior_calibration --store /tmp/val-500.ome.zarr [--refiner F]
+    python -m experiments.prior_calibration --store /tmp/val-500.ome.zarr [--refiner F]
         [--every 4] [--heldout STORE ...] [--heldout-every 8] [--json OUT]
 
 The MAE rebuilds the removed patches from their context alone. Compare the class shares of the
@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import command, machine, parser, write_json
+from benchmarks.common import machine, parser, write_json
+from experiments.common import command, refine_slice, store_of, store_option
+from experiments.models import segmentation_dice
 from volref.classes import CLASS_NAMES, N_CLASSES
-from volref.evaluate.models import segmentation_dice
 from volref.evaluate.table2 import Table2Settings, load_slices
 from volref.models.precision import in_precision
 from volref.models.registry import load_refiner
-from volref.stages.refine import RefineSettings, refine_slice
+from volref.stages.refine import RefineSettings
 
 
 class PriorShifted(nn.Module):
@@ -134,8 +135,8 @@ def table(title: str, rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, "every 16th validation slice, 20 iterations at most")
-    ap.add_argument("--store", required=True, help="the validation phantom (the fit)")
+    ap = parser(__doc__, "every 4th validation slice, 2 iterations at most (a smoke run)")
+    store_option(ap, "the validation phantom (the fit)")
     ap.add_argument("--refiner", default=None)
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=80)
@@ -143,11 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--heldout-every", type=int, default=8)
     args = ap.parse_args(argv)
     if args.quick:
-        args.every, args.iterations = 16, 20
+        args.every, args.iterations = 4, 2
+    store = store_of(args)
     # in the refinement's precision already, so that refine uses the wrappers as they are (a
     # cast copy would copy the cache too)
     mae = in_precision(load_refiner(args.refiner), RefineSettings().precision)
-    val = load_slices(args.store, Table2Settings(every=args.every))
+    val = load_slices(store, Table2Settings(every=args.every))
     fitted = fit(mae, val, args.iterations)
     models = {"MAE": mae, "MAE, calibrated": PriorShifted(mae, np.asarray(fitted["offsets"]))}
     payload = {"machine": machine(), "store": args.store, "every": args.every, "fit": fitted,

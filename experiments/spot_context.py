@@ -1,6 +1,6 @@
 """Why refined Dice inside low-SNR spots falls below the initial: the context or the holes' size?
 
-    python -m benchmarks.spot_context --store STORE [--refiner F] [--every 8] [--json OUT]
+    python -m experiments.spot_context --store STORE [--refiner F] [--every 8] [--json OUT]
 
 Refines every N-th slice of a segmented phantom twice with the same removed patches (they follow
 the ensemble's uncertainty): once from the ensemble's labels, as ``volref refine`` does, and once
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.common import command, machine, parser, write_json
+from benchmarks.common import machine, parser, write_json
+from experiments.common import command, refine_slice, store_of, store_option
 from volref.classes import CLASS_NAMES, N_CLASSES
 from volref.evaluate.table2 import Table2Settings, load_slices
 from volref.metrics import confusion
 from volref.models.registry import load_refiner
-from volref.stages.refine import RefineSettings, refine_slice
+from volref.stages.refine import RefineSettings
 
 
 def scores(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -38,15 +39,16 @@ def scores(pred: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, "every 32nd slice")
-    ap.add_argument("--store", required=True)
+    ap = parser(__doc__, "every 4th slice (a smoke run)")
+    store_option(ap, "a segmented phantom with ground truth")
     ap.add_argument("--refiner", default=None)
     ap.add_argument("--every", type=int, default=8)
     args = ap.parse_args(argv)
     if args.quick:
-        args.every = 32
+        args.every = 4
+    store = store_of(args)
     mae = load_refiner(args.refiner)
-    slices = load_slices(args.store, Table2Settings(every=args.every))
+    slices = load_slices(store, Table2Settings(every=args.every))
     settings = RefineSettings()
     m = settings.margin
     truth = np.stack([s.truth for s in slices])

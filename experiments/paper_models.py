@@ -2,8 +2,8 @@
 degradation (§4.3), Table 1 (reconstruction Dice vs masking ratio), and Dice inside degraded
 regions before and after refinement (against ground truth, which the paper did not have).
 
-    python -m benchmarks.paper_models --workdir /tmp/heldout --out docs/results
-    python -m benchmarks.paper_models --quick ...          # one small phantom, fewer tiles
+    python -m experiments.paper_models --workdir /tmp/heldout --out docs/results
+    python -m experiments.paper_models --quick --workdir /tmp/q --out /tmp/q  # a smoke run
 
 Held-out phantoms use seeds never used in training (training uses 101-104): for each seed S a
 clean phantom and the same phantom with a degraded area along every mitochondrion. Results that
@@ -25,18 +25,19 @@ import numpy as np
 import zarr
 
 from benchmarks.common import machine, summary
-from volref.classes import CLASS_NAMES
-from volref.engine.cluster import ClusterSpec
-from volref.evaluate.models import (
+from experiments.common import refine_slice
+from experiments.models import (
     clear_tiles,
     reconstruction_dice,
     segmentation_dice,
     uncertainty_under_degradation,
 )
+from volref.classes import CLASS_NAMES
+from volref.engine.cluster import ClusterSpec
 from volref.models.registry import DEFAULT_REFINER, DEFAULT_SEGMENTER, file_hash, load_refiner
 from volref.pipeline import write_phantom
 from volref.pipeline.run import RunSettings, run
-from volref.stages.refine import RefineSettings, refine_slice
+from volref.stages.refine import RefineSettings
 from volref.stages.segment import SegmentSettings
 from volref.synth import SynthConfig
 
@@ -54,10 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiles", type=int, default=160, help="tiles per masking ratio (Table 1)")
     ap.add_argument("--every", type=int, default=4,
                     help="refine every N-th slice of the first degraded phantom (CPU budget)")
-    ap.add_argument("--quick", action="store_true", help="one 32x512x512 phantom, 32 tiles")
+    ap.add_argument("--quick", action="store_true",
+                    help="one 4x256x256 phantom, 8 tiles, every 2nd slice (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.shape, args.tiles = args.seeds[:1], [32, 512, 512], 32
+        args.seeds, args.shape, args.tiles, args.every = args.seeds[:1], [4, 256, 256], 8, 2
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     seg_hash, ref_hash = file_hash(args.segmenter), file_hash(args.refiner)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {
         "benchmark": "paper_models",
-        "command": "python -m benchmarks.paper_models " + " ".join(shlex.quote(a) for a in
+        "command": "python -m experiments.paper_models " + " ".join(shlex.quote(a) for a in
                                                                   (argv or sys.argv[1:])),
         "machine": machine(),
         "segmenter": {"path": args.segmenter, "sha256": seg_hash},

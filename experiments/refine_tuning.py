@@ -2,7 +2,7 @@
 every N-th slice with each candidate value and score Dice against ground truth inside the
 degraded regions, per class and for the mitochondrion as a whole.
 
-    python -m benchmarks.refine_tuning --store /tmp/val-500.ome.zarr [--refiner F]
+    python -m experiments.refine_tuning --store /tmp/val-500.ome.zarr [--refiner F]
         [--values 1,0.9,0.75,0.6,0.5] [--every 8] [--json OUT]
 
 A tile whose near-mitochondrion patches are nearly all removed leaves the MAE nothing to rebuild
@@ -17,11 +17,12 @@ import time
 
 import numpy as np
 
-from benchmarks.common import command, machine, tuning_args, write_json
-from volref.evaluate.models import segmentation_dice
+from benchmarks.common import machine, write_json
+from experiments.common import command, refine_slice, tuning_args
+from experiments.models import segmentation_dice
 from volref.evaluate.table2 import Table2Settings, load_slices
 from volref.models.registry import load_refiner
-from volref.stages.refine import RefineSettings, refine_slice
+from volref.stages.refine import RefineSettings
 
 
 def main(argv: list[str] | None = None) -> dict:

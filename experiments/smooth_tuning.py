@@ -2,7 +2,7 @@
 consistency metrics of the MAE-refined implausible tiles and its Dice inside degraded regions,
 for each sigma, next to the initial labels and the control tiles.
 
-    python -m benchmarks.smooth_tuning --store /tmp/val-500.ome.zarr [--refiner F]
+    python -m experiments.smooth_tuning --store /tmp/val-500.ome.zarr [--refiner F]
         [--values 0,0.5,0.75,1,1.25,1.5,2] [--every 4] [--json OUT]
 
 The store must be segmented and carry ``ground-truth`` and ``degraded`` label images (a phantom
@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from benchmarks.common import command, machine, tuning_args, write_json
+from benchmarks.common import machine, write_json
+from experiments.common import command, tuning_args
 from volref.evaluate.methods import MethodSettings
 from volref.evaluate.table2 import Table2Settings, evaluate_table2
 from volref.metrics import METRICS
