@@ -23,6 +23,7 @@ from volref.io import Volume, open_image, redact
 from volref.io.store import is_url, local_path
 from volref.pipeline.instances import MIN_VOXELS, instances
 from volref.pipeline.measure import measure
+from volref.pipeline.publish import publish
 from volref.pipeline.refine import model_settings, plan_refine, refine, refine_block
 from volref.pipeline.segment import check_model, plan_segment, segment, segment_block
 from volref.pipeline.store import open_target
@@ -139,6 +140,7 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
                 rep = measure(vol, root, grid, executor, csv=settings.csv, **common)
             reports.append(rep)
             peaks[stage] = peak_memory(conn.client)
+        publish(vol, root, executor, own_image=output is None or str(output) == str(location))
         final = peak_memory(conn.client)
     return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, final, peaks)
 
