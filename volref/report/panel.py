@@ -51,19 +51,22 @@ def pick_tiles(removed_count: np.ndarray, n: int,
 
 def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
                      results: str | os.PathLike | None = None, n_tiles: int = 4,
-                     settings: RefineSettings | None = None) -> Path:
+                     settings: RefineSettings | None = None, channel: int | None = None,
+                     timepoint: int | None = None) -> Path:
     """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
+    from volref.report.gallery import level0
+
     settings = settings or RefineSettings()
-    vol = open_image(location)
+    vol = open_image(location, channel=channel, timepoint=timepoint)
     res = zarr.open_group(str(results or location), mode="r")
     try:
-        initial = res["labels/volref-initial/s0"]
-        refined = res["labels/volref-refined/s0"]
-        unc = res["volref/uncertainty/s0"]
+        initial, refined, unc = (_Planes(level0(res, p)) for p in (
+            "labels/volref-initial", "labels/volref-refined", "volref/uncertainty"))
     except KeyError:
         raise VolrefError("run volref segment and volref refine first") from None
     root = zarr.open_group(str(location), mode="r")
-    truth = root["labels/ground-truth/s0"] if "ground-truth" in _labels(root) else None
+    truth = (_Planes(level0(root, "labels/ground-truth")) if "ground-truth" in _labels(root)
+             else None)
     nz, ny, nx = vol.shape
     gy, gx = ny // TILE, nx // TILE
     counts = np.zeros((nz, gy, gx), dtype=np.int64)
@@ -91,6 +94,16 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
         rows.append(panels)
         names.append(f"z {z}, y {y}, x {x}")
     return draw_tiles(rows, cols, names, out, size=2.4)
+
+
+class _Planes:
+    """``planes[z]``: the (y, x) slice z of a stored (t, c,) z, y, x array."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return np.asarray(self.array[(0,) * (self.array.ndim - 3) + (z,)])
 
 
 def pyplot():
