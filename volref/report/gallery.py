@@ -54,12 +54,13 @@ def scale_bar(ax, vol: Volume, width_px: int) -> None:
     ax.text(width_px * 0.05, h * 0.88, f"{length:g} {unit(vol)}", color="white", fontsize=7)
 
 
-def class_legend(fig, **kw) -> None:
-    """Patches for the classes as label images colour them (background left out)."""
+def class_legend(fig, extra=(), **kw) -> None:
+    """Patches for the classes as label images colour them (background left out), and
+    ``extra`` handles."""
     from matplotlib.patches import Patch
 
     handles = [Patch(color=np.array(rgba[:3]) / 255, label=CLASS_NAMES[v])
-               for v, rgba in CLASS_COLORS if rgba[3]]
+               for v, rgba in CLASS_COLORS if rgba[3]] + list(extra)
     fig.legend(handles=handles, ncol=len(handles), frameon=False, fontsize=9, **kw)
 
 

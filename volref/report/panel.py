@@ -93,7 +93,7 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
             panels.append(_rgb(truth[z][win]))
         rows.append(panels)
         names.append(f"z {z}, y {y}, x {x}")
-    return draw_tiles(rows, cols, names, out, size=2.4)
+    return draw_tiles(rows, cols, names, out, size=2.4, legend=True)
 
 
 class _Planes:
@@ -130,8 +130,9 @@ def removed_rgb(labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
 
 
 def draw_tiles(rows: list[list[np.ndarray]], cols: list[str], names: list[str],
-               out: str | os.PathLike, size: float = 2.0) -> Path:
-    """A grid of tiles (first column grey, the others RGB), titled by column, named by row."""
+               out: str | os.PathLike, size: float = 2.0, legend: bool = False) -> Path:
+    """A grid of tiles (first column grey, the others RGB), titled by column, named by row;
+    ``legend``: the class colours below (removed patches dark grey)."""
     plt = pyplot()
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(size * len(cols), size * len(rows)),
                              squeeze=False)
@@ -143,7 +144,16 @@ def draw_tiles(rows: list[list[np.ndarray]], cols: list[str], names: list[str],
             if r == 0:
                 ax.set_title(cols[c], fontsize=9)
         axes[r][0].set_ylabel(names[r], fontsize=7 if size > 2 else 6)
-    fig.tight_layout()
+    if legend:
+        from matplotlib.patches import Patch
+
+        from volref.report.gallery import class_legend
+
+        class_legend(fig, loc="lower center",
+                     extra=[Patch(color=(0.15, 0.15, 0.15), label="removed patches")])
+        fig.tight_layout(rect=(0, 0.35 / (size * len(rows)), 1, 1))
+    else:
+        fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)
