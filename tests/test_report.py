@@ -37,7 +37,7 @@ def test_report_of_one_channel_with_legend_gallery_and_table_link(two_channel, t
     for png in ("slices.png", "metrics.png", "gallery.png"):
         assert (folder / png).stat().st_size > 10_000
     assert "<a href='metrics.csv'>metrics.csv</a>" in page
-    assert "Mitochondria that changed most" in page and "µm" in page
+    assert "Mitochondria that changed most" in page and "Depth below the first slice" in page
     table = pd.read_csv(folder / "metrics.csv")
     ids = zarr.open_group(out, mode="r")["labels/volref-mitochondria/s0"][:]
     assert len(table) == int(ids.max()) > 0

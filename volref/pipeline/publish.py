@@ -62,7 +62,7 @@ UNCERTAINTY_PROPERTIES = ({"label-value": 0, "uncertainty": "0"},) + tuple(
     {"label-value": i, "uncertainty": f"{(i - 1) / STEPS:.1f}-{i / STEPS:.1f}"}
     for i in range(1, STEPS + 1))
 UNCERTAINTY_OMERO = {
-    "channels": [{"label": "volref uncertainty", "color": "FFFF00", "active": True,
+    "channels": [{"label": "entropy", "color": "FFFF00", "active": True,
                   "coefficient": 1.0, "family": "linear", "inverted": False,
                   "window": {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}}],
     "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
