@@ -134,9 +134,9 @@ def test_report_of_a_refined_volume(reference, small_phantom, tmp_path, capsys):
     page = (tmp_path / "r" / "index.html").read_text()
     for section in ("Slices", "Before and after", "Per-mitochondrion metrics", "Provenance"):
         assert f"<h2>{section}</h2>" in page
-    # self-contained: slices and histograms always; before/after tiles where patches were removed
-    # with the default tau (none in this tiny run: the page says so)
-    assert page.count("data:image/png;base64,") == 2 + (tmp_path / "r" / "tiles.png").exists()
+    # self-contained: slices, histograms and the gallery always; before/after tiles where
+    # patches were removed with the default tau (none in this tiny run: the page says so)
+    assert page.count("data:image/png;base64,") == 3 + (tmp_path / "r" / "tiles.png").exists()
     assert (tmp_path / "r" / "metrics.png").exists()
     # without refinement there is nothing to report
     assert main(["report", str(small_phantom), "--out", str(tmp_path / "x")]) == 2

@@ -17,7 +17,7 @@ from volref import layout
 ROOT = Path(__file__).resolve().parents[1] / "volref"
 NAMES = ("volref-initial", "volref-refined", "volref-mitochondria", "volref/uncertainty",
          "metrics.parquet", "metrics.csv", "manifests", "provenance.json", "ground-truth",
-         "/s0", "/0/")
+         "volref-uncertainty", "tables/", "table.parquet", "/s0", "/0/")
 LEVELS = {"s0", "s1", "0"}  # a whole string that is a level path: levels come from metadata
 
 

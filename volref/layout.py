@@ -4,11 +4,15 @@ Every other module asks here for a group, label image, level, table or record pa
 (``tests/test_layout.py``) finds no output name anywhere else in the code. Level paths are never
 spelled out: they come from each image's multiscales metadata (``s0 s1 …`` or ``0 1 …``)::
 
-    <store>/
+    <store>/                       an --output store: a copy of the processed image at its root
       labels/                      ome.labels lists every label image below
         volref-initial/            LABEL_IMAGES: ensemble argmax, refined classes, instance ids
         volref-refined/
         volref-mitochondria/
+        volref-uncertainty/        UNCERTAINTY_LABELS: the uncertainty in ten steps, for viewers
+      tables/                      TABLES: the ngio/Fractal tables, listed in its attributes
+        volref-mitochondria/       MITOCHONDRIA_TABLE: the metrics, tied to its label image
+          table.parquet            TABLE_FILE
       volref/                      META: readers ignore it
         uncertainty/               UNCERTAINTY: normalised entropy as an OME-Zarr image
         metrics.parquet            METRICS_TABLE (+ METRICS_CSV on request)
@@ -36,6 +40,16 @@ MITOCHONDRIA = "volref-mitochondria"
 #: the label images volref writes, in the order the stages write them
 LABEL_IMAGES = (INITIAL, REFINED, MITOCHONDRIA)
 
+#: the uncertainty as a label image (viewers show label images beside the image; see
+#: :mod:`volref.pipeline.publish`)
+UNCERTAINTY_LABELS = "volref-uncertainty"
+
+#: the ngio/Fractal tables group (:mod:`volref.io.tables`), its table's file, and volref's table
+#: (named as the label image its rows describe)
+TABLES = "tables"
+TABLE_FILE = "table.parquet"
+MITOCHONDRIA_TABLE = MITOCHONDRIA
+
 #: what ``volref synth`` adds to a phantom: classes, instances and low-SNR areas
 GROUND_TRUTH = "ground-truth"
 GROUND_TRUTH_INSTANCES = "ground-truth-instances"
@@ -52,6 +66,11 @@ PROVENANCE = "provenance.json"
 def label_path(name: str) -> str:
     """A label image's group, from the store's root."""
     return f"{LABELS}/{name}"
+
+
+def table_path(name: str) -> str:
+    """A table's group, from the store's root."""
+    return f"{TABLES}/{name}"
 
 
 def meta_path(name: str) -> str:

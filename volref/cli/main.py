@@ -54,7 +54,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
               default=default_of(SynthConfig, "shape"),
               show_default=True, help="Volume shape Z Y X in voxels.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=default_of(SynthConfig, "seed"),
-              show_default=True)
+              show_default=True,
+              help="Random seed: the same seed and settings give the same voxels.")
 @click.option("--chunks", nargs=3, type=click.IntRange(min=1),
               default=default_of(SynthConfig, "chunks"),
               show_default=True, help="Chunk shape Z Y X of every stored array.")
@@ -121,8 +122,10 @@ def info(path, channel, timepoint):
 @click.option("--label", "labels", multiple=True, help="Label image to draw (repeatable; default all).")
 @click.option("--crop", nargs=4, type=click.IntRange(min=0), default=None,
               help="Y0 Y1 X0 X1 window to draw.")
-@click.option("--channel", type=click.IntRange(min=0), default=None)
-@click.option("--timepoint", type=click.IntRange(min=0), default=None)
+@click.option("--channel", type=click.IntRange(min=0), default=None,
+              help="Channel to draw for images with a channel axis.")
+@click.option("--timepoint", type=click.IntRange(min=0), default=None,
+              help="Time point to draw for images with a time axis.")
 def snapshot(path, out, z, labels, crop, channel, timepoint):
     """Draw one z-slice of PATH and its label images side by side into OUT (PNG)."""
     from volref.report import snapshot as draw
@@ -166,8 +169,12 @@ def engine_options(stage_options):
                          default=None, help="Cluster file (see cluster/*.yaml) to start."),
             click.option("--overwrite", is_flag=True,
                          help="Recompute results made with other settings."),
-            click.option("--channel", type=click.IntRange(min=0), default=None),
-            click.option("--timepoint", type=click.IntRange(min=0), default=None),
+            click.option("--channel", type=click.IntRange(min=0), default=None,
+                         help="Channel to process for images with a channel axis (0-based; "
+                              "needed when there is more than one)."),
+            click.option("--timepoint", type=click.IntRange(min=0), default=None,
+                         help="Time point to process for images with a time axis (0-based; "
+                              "needed when there is more than one)."),
             *stage_options,
             click.pass_context,
         ]
@@ -379,12 +386,18 @@ def measure(ctx, **options):
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--output", type=str, default=None,
               help="Store holding the volref results (default: IMAGE's archive).")
-@click.option("--tiles", type=click.IntRange(min=1), default=4, show_default=True)
-def panel(image, out, output, tiles):
+@click.option("--tiles", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Rows to draw: the tiles with the most refinement, one per z-slice.")
+@click.option("--channel", type=click.IntRange(min=0), default=None,
+              help="Channel the results were made from, for images with a channel axis.")
+@click.option("--timepoint", type=click.IntRange(min=0), default=None,
+              help="Time point the results were made from, for images with a time axis.")
+def panel(image, out, output, tiles, channel, timepoint):
     """Draw tiles as in the paper's Fig. 6: image, initial, removed patches, refined, truth."""
     from volref.report import refinement_panel
 
-    refinement_panel(image, out, results=output, n_tiles=tiles)
+    refinement_panel(image, out, results=output, n_tiles=tiles, channel=channel,
+                     timepoint=timepoint)
     click.echo(f"wrote {out}")
 
 
@@ -396,19 +409,29 @@ def panel(image, out, output, tiles):
               help="Store holding the volref results (default: IMAGE's archive).")
 @click.option("--tiles", type=click.IntRange(min=1), default=4, show_default=True,
               help="Before/after tiles to show.")
-def report(image, out, output, tiles):
+@click.option("--gallery", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Single mitochondria to show, most changed by refinement first.")
+@click.option("--channel", type=click.IntRange(min=0), default=None,
+              help="Channel the results were made from, for images with a channel axis.")
+@click.option("--timepoint", type=click.IntRange(min=0), default=None,
+              help="Time point the results were made from, for images with a time axis.")
+def report(image, out, output, tiles, gallery, channel, timepoint):
     """A self-contained HTML report of a refined volume: slices, uncertainty, before/after
-    tiles, per-mitochondrion metric histograms, provenance."""
+    tiles, single mitochondria, per-mitochondrion metric histograms, provenance."""
     from volref.report.html import write_report
 
-    index = write_report(image, out, results=output, tiles=tiles)
+    index = write_report(image, out, results=output, tiles=tiles, channel=channel,
+                         timepoint=timepoint, gallery=gallery)
     click.echo(f"wrote {index}")
 
 
 @cli.command()
 @click.argument("stores", nargs=-1, required=True)
-@click.option("--output", "out", type=click.Path(file_okay=False), required=True,
-              help="Folder for table2.json, table2.md, table2.png and fig6.png.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Folder for table2.json, table2.md, table2.png and fig6.png (required).")
+@click.option("--output", "out_deprecated", type=click.Path(file_okay=False), default=None,
+              hidden=True, help="Deprecated name of --out (--output names a results store in "
+                                "the other commands).")
 @click.option("--methods", default="crf,cnn-ae,mae-x,mae", show_default=True,
               help="Comma-separated refinement methods to compare with the initial labels.")
 @click.option("--every", type=click.IntRange(min=1), default=4, show_default=True,
@@ -417,11 +440,15 @@ def report(image, out, output, tiles):
               help="At most this many implausible and control tiles (a seeded draw).")
 @click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Ensemble whose probabilities the CRF refines (default: shipped).")
-@click.option("--mae", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--mae-x", "mae_x", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--cnn-ae", "cnn_ae", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--mae", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="MAE checkpoint (default: the shipped weights).")
+@click.option("--mae-x", "mae_x", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="MAE+X checkpoint (default: the shipped weights).")
+@click.option("--cnn-ae", "cnn_ae", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CNN denoising-autoencoder checkpoint (default: the shipped weights).")
 @click.pass_context
-def evaluate(ctx, stores, out, methods, every, max_tiles, segmenter, mae, mae_x, cnn_ae):
+def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmenter, mae, mae_x,
+             cnn_ae):
     """The paper's Table 2 on held-out phantoms (STORES, segmented by volref segment).
 
     Selects implausible tiles (in degraded areas, initial labels outside the control group's
@@ -437,6 +464,11 @@ def evaluate(ctx, stores, out, methods, every, max_tiles, segmenter, mae, mae_x,
     from volref.models.registry import load_refiner, load_segmenter
     from volref.report.evaluation import table2_bars, table2_panel
 
+    if out is None and out_deprecated is not None:
+        log.warning("volref evaluate --output is deprecated: use --out (the folder to write)")
+        out = out_deprecated
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the folder to write).")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in chosen if m not in REFINERS]
     if bad:
@@ -487,6 +519,12 @@ def _register() -> None:
     from volref.cli.train import train
 
     cli.add_command(train)
+    for group in (cli, train):
+        for command in group.commands.values():
+            if command.short_help is None and command.help:
+                # the whole first paragraph: click's default cuts it at 45 characters or at
+                # the first period ("... the paper's Fig.")
+                command.short_help = " ".join(command.help.split("\n\n")[0].split())
 
 
 _register()

@@ -84,12 +84,16 @@ def train() -> None:
               help="Label image marking low-SNR areas (annotator ambiguity is simulated there).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Folder for checkpoints and the finished ensemble.")
-@click.option("--members", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--members", type=click.IntRange(min=1), default=5, show_default=True,
+              help="U-Nets in the ensemble.")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Epochs per ensemble member.")
 @click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True,
               help="Optimizer steps per epoch.")
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Crops per training step.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Random seed of the weights and the drawn crops.")
 @click.pass_context
 def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, seed):
     """Train K 2.5-D U-Nets on different subsets, seeds and simulated annotators.
@@ -113,16 +117,19 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
               help="OME-Zarr image segmented by volref segment (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Folder for checkpoints and the finished model.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Training epochs.")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="Optimizer steps per epoch.")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tiles per training step.")
 @click.option("--crop", type=click.Choice(["64", "128"]), default="64", show_default=True,
               help="Training tile size (64 on CPU; the paper's 128 on a GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-4,
               show_default=True, help="Peak learning rate (AdamW, cosine schedule).")
 @click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Random seed of the weights and the drawn crops.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this refiner's weights (e.g. train on 64x64 crops first, then "
                    "continue on 128x128 tiles).")

@@ -34,6 +34,13 @@ def digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: the command that runs each stage, and each stage's output as a user sees it
+USER_COMMANDS = {"segment": "volref segment", "refine": "volref refine",
+                 "instances": "volref measure", "measure": "volref measure"}
+UPSTREAM_OUTPUTS = {"segment": "labels/volref-initial", "refine": "labels/volref-refined",
+                    "instances": "labels/volref-mitochondria"}
+
+
 class Manifest:
     def __init__(self, group: zarr.Group, stage: str) -> None:
         self.group = group  # the store's ``volref`` group
@@ -69,9 +76,7 @@ class Manifest:
         new = digest(settings)
         old = self.settings_digest()
         if old is not None and old != new and not overwrite:
-            raise ConfigError(
-                f"the {self.stage} results in this store were made with other inputs or settings "
-                f"(digest {old}, now {new}); pass --overwrite to recompute them")
+            raise ConfigError(self._changed_message(settings, old, new))
         if overwrite or old != new:
             self.clear()
         if old != new or overwrite:
@@ -79,6 +84,20 @@ class Manifest:
                               default=str)
             write_file(self.group, f"{self.prefix}/settings.json", body.encode())
         return new
+
+    def _changed_message(self, settings: dict[str, Any], old: str, new: str) -> str:
+        """Why the recorded results do not match, in terms of the commands a user runs."""
+        command = USER_COMMANDS.get(self.stage, f"volref {self.stage}")
+        before = self.settings()
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        upstream = [k for k in changed if k in UPSTREAM_OUTPUTS]
+        if changed and upstream == changed:
+            names = " and ".join(f"{UPSTREAM_OUTPUTS[k]} ({USER_COMMANDS[k]})" for k in upstream)
+            return (f"{command}: the results in this store were made from earlier {names}, "
+                    f"which have been recomputed since; run {command} --overwrite to remake "
+                    "them from the new ones")
+        return (f"{command}: the results in this store were made with other inputs or settings "
+                f"(digest {old}, now {new}); pass --overwrite to recompute them")
 
     def clear(self) -> None:
         delete_files(self.group, self.prefix)

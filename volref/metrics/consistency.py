@@ -26,12 +26,13 @@ Ratios with an empty denominator are NaN (nothing to measure), not 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
+
+from volref.metrics.skeleton import skeleton_length  # noqa: F401 - the 3-D length, from a graph
 
 BACKGROUND, IMS, CRISTAE, MATRIX = 0, 1, 2, 3
 METRICS = ("skeleton_end_points", "skeleton_cycles", "boundary_area_ratio",
@@ -122,26 +123,3 @@ def slice_counts(labels: np.ndarray, pad: bool = True) -> SliceCounts:
 def tile_metrics(labels: np.ndarray, pad: bool = False) -> dict[str, float]:
     """The five metrics of a 2-D tile (the paper's per-tile numbers)."""
     return slice_counts(labels, pad=pad).metrics()
-
-
-# 13 of the 26 neighbour offsets: each neighbour pair counted once
-_OFFSETS = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-            if (dz, dy, dx) > (0, 0, 0)]
-
-
-def skeleton_length(mask: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
-    """Length of the 3-D skeleton of ``mask (z, y, x)``: the sum of the physical distances
-    between 26-neighbouring skeleton voxels (``spacing`` per axis)."""
-    if not mask.any():
-        return 0.0
-    skel = skeletonize(np.pad(mask, 1), method="lee").astype(bool)
-    total = 0.0
-    shape = np.array(skel.shape)
-    for off in _OFFSETS:
-        o = np.array(off)
-        a = tuple(slice(max(0, -d), n - max(0, d)) for d, n in zip(o, shape))
-        b = tuple(slice(max(0, d), n - max(0, -d)) for d, n in zip(o, shape))
-        pairs = np.count_nonzero(skel[a] & skel[b])
-        if pairs:
-            total += pairs * float(np.sqrt(np.sum((o * np.asarray(spacing)) ** 2)))
-    return total

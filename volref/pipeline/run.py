@@ -24,6 +24,7 @@ from volref.io.store import is_url, local_path
 from volref.layout import META
 from volref.pipeline.instances import InstancesStage
 from volref.pipeline.measure import MeasureStage
+from volref.pipeline.publish import publish
 from volref.pipeline.refine import RefineStage
 from volref.pipeline.segment import SegmentStage
 from volref.pipeline.settings import RunSettings  # noqa: F401 - part of the run API
@@ -119,6 +120,7 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
                      conn.description)
             reports.append(stage.run(ctx, executor, observer))
             peaks[stage.name] = peak_memory(conn.client)
+        publish(vol, root, executor, own_image=output is None or str(output) == str(location))
         final = peak_memory(conn.client)
     return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, final, peaks)
 

@@ -52,19 +52,20 @@ def pick_tiles(removed_count: np.ndarray, n: int,
 
 def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
                      results: str | os.PathLike | None = None, n_tiles: int = 4,
-                     settings: RefineSettings | None = None) -> Path:
+                     settings: RefineSettings | None = None, channel: int | None = None,
+                     timepoint: int | None = None) -> Path:
     """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
     settings = settings or RefineSettings()
-    vol = open_image(location)
+    vol = open_image(location, channel=channel, timepoint=timepoint)
     res = zarr.open_group(str(results or location), mode="r")
     try:
-        initial = finest(res, label_path(INITIAL))
-        refined = finest(res, label_path(REFINED))
-        unc = finest(res, UNCERTAINTY_PATH)
+        initial, refined, unc = (_Planes(finest(res, p)) for p in (
+            label_path(INITIAL), label_path(REFINED), UNCERTAINTY_PATH))
     except KeyError:
         raise VolrefError("run volref segment and volref refine first") from None
     root = zarr.open_group(str(location), mode="r")
-    truth = finest(root, label_path(GROUND_TRUTH)) if GROUND_TRUTH in _labels(root) else None
+    truth = (_Planes(finest(root, label_path(GROUND_TRUTH))) if GROUND_TRUTH in _labels(root)
+             else None)
     nz, ny, nx = vol.shape
     gy, gx = ny // TILE, nx // TILE
     counts = np.zeros((nz, gy, gx), dtype=np.int64)
@@ -91,7 +92,17 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
             panels.append(_rgb(truth[z][win]))
         rows.append(panels)
         names.append(f"z {z}, y {y}, x {x}")
-    return draw_tiles(rows, cols, names, out, size=2.4)
+    return draw_tiles(rows, cols, names, out, size=2.4, legend=True)
+
+
+class _Planes:
+    """``planes[z]``: the (y, x) slice z of a stored (t, c,) z, y, x array."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return np.asarray(self.array[(0,) * (self.array.ndim - 3) + (z,)])
 
 
 def pyplot():
@@ -118,8 +129,9 @@ def removed_rgb(labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
 
 
 def draw_tiles(rows: list[list[np.ndarray]], cols: list[str], names: list[str],
-               out: str | os.PathLike, size: float = 2.0) -> Path:
-    """A grid of tiles (first column grey, the others RGB), titled by column, named by row."""
+               out: str | os.PathLike, size: float = 2.0, legend: bool = False) -> Path:
+    """A grid of tiles (first column grey, the others RGB), titled by column, named by row;
+    ``legend``: the class colours below (removed patches dark grey)."""
     plt = pyplot()
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(size * len(cols), size * len(rows)),
                              squeeze=False)
@@ -131,7 +143,16 @@ def draw_tiles(rows: list[list[np.ndarray]], cols: list[str], names: list[str],
             if r == 0:
                 ax.set_title(cols[c], fontsize=9)
         axes[r][0].set_ylabel(names[r], fontsize=7 if size > 2 else 6)
-    fig.tight_layout()
+    if legend:
+        from matplotlib.patches import Patch
+
+        from volref.report.gallery import class_legend
+
+        class_legend(fig, loc="lower center",
+                     extra=[Patch(color=(0.15, 0.15, 0.15), label="removed patches")])
+        fig.tight_layout(rect=(0, 0.35 / (size * len(rows)), 1, 1))
+    else:
+        fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -17,6 +17,15 @@ import zarr
 from volref.errors import VolrefError
 from volref.io import label_names, open_image, read_multiscale
 from volref.io.ngff import ome_attributes
+from volref.layout import (
+    DEGRADED,
+    GROUND_TRUTH,
+    GROUND_TRUTH_INSTANCES,
+    INITIAL,
+    MITOCHONDRIA,
+    REFINED,
+    UNCERTAINTY_LABELS,
+)
 from volref.report.panel import stretch
 
 log = logging.getLogger(__name__)
@@ -48,26 +57,45 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     if unknown:
         raise VolrefError(f"no label image named {', '.join(unknown)} in {vol.location}")
 
+    from volref.report.gallery import class_legend, depth, scale_bar
+
     panels: list[tuple[str, np.ndarray, str | None]] = [("image", stretch(image), "gray")]
     for name in names:
         group = vol.group["labels"][name]
         ms = read_multiscale(group, where=f"labels/{name}")
         lead = (0,) * (ms.ndim - 3)
         data = np.asarray(group[ms.levels[0].path][lead + (z, slice(y0, y1), slice(x0, x1))])
-        panels.append((name, _colour(data, group), None))
+        panels.append((TITLES.get(name, name), _colour(data, group), None))
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.9), squeeze=False)
     for ax, (title, rgb, cmap) in zip(axes[0], panels):
         ax.imshow(rgb, cmap=cmap, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
-    fig.suptitle(f"{Path(str(vol.location)).name}  z = {z}", fontsize=10)
-    fig.tight_layout()
+    scale_bar(axes[0][0], vol, x1 - x0)
+    fig.suptitle(f"{Path(str(vol.location)).name}, {depth(vol, z)}", fontsize=10)
+    if any(_is_class_image(vol.group["labels"][n]) for n in names):
+        class_legend(fig, loc="lower center")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     out = Path(out)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     log.info("wrote %s", out)
     return out
+
+
+#: plain titles for the label images volref and its phantoms write
+TITLES = {INITIAL: "initial (ensemble)", REFINED: "refined",
+          MITOCHONDRIA: "mitochondria (one colour each)",
+          UNCERTAINTY_LABELS: "uncertainty (steps of 0.1)", GROUND_TRUTH: "ground truth",
+          GROUND_TRUTH_INSTANCES: "true mitochondria", DEGRADED: "low-SNR areas"}
+
+
+def _is_class_image(group: zarr.Group) -> bool:
+    """Whether a label image holds volref's four classes (its properties name them)."""
+    _, ome = ome_attributes(group)
+    meta = ome.get("image-label", {}) if isinstance(ome.get("image-label"), dict) else {}
+    return any("class" in p for p in meta.get("properties", []) if isinstance(p, dict))
 
 
 def _colour(data: np.ndarray, group: zarr.Group) -> np.ndarray:
