@@ -25,7 +25,7 @@ import zarr
 
 from volref.errors import ConfigError
 from volref.io.store import delete_files, list_files, read_file, write_file
-from volref.layout import manifest_prefix
+from volref.layout import INITIAL, MITOCHONDRIA, REFINED, label_path, manifest_prefix
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -37,8 +37,8 @@ def digest(settings: dict[str, Any]) -> str:
 #: the command that runs each stage, and each stage's output as a user sees it
 USER_COMMANDS = {"segment": "volref segment", "refine": "volref refine",
                  "instances": "volref measure", "measure": "volref measure"}
-UPSTREAM_OUTPUTS = {"segment": "labels/volref-initial", "refine": "labels/volref-refined",
-                    "instances": "labels/volref-mitochondria"}
+UPSTREAM_OUTPUTS = {"segment": label_path(INITIAL), "refine": label_path(REFINED),
+                    "instances": label_path(MITOCHONDRIA)}
 
 
 class Manifest:
