@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dask.callbacks import Callback
 from rich.console import Console
@@ -133,6 +134,16 @@ class DaskProgress(Callback):
             print(f"{self.description}: {self._ntasks} tasks in {elapsed:.1f} s", file=sys.stderr)
 
 
+@dataclass
+class _Running:
+    """A running stage: blocks done and in all, when it started, blocks done before then."""
+
+    done: int
+    total: int
+    started: float
+    first: int
+
+
 class EngineProgress:
     """Blocks done / total, rate and ETA per stage, fed by the engine's observer events."""
 
@@ -143,7 +154,7 @@ class EngineProgress:
         self._tasks: dict[str, TaskID] = {}
         self._lines: PeriodicLines | None = None
         self._lock = threading.Lock()
-        self._state: dict[str, list[float]] = {}  # stage -> [done, total, started, done at start]
+        self._state: dict[str, _Running] = {}
 
     def __enter__(self) -> EngineProgress:
         if self.enabled and self.console.is_terminal:
@@ -156,18 +167,17 @@ class EngineProgress:
     def describe(self) -> str | None:
         """One line per running stage: blocks done / total, rate, ETA (None when idle)."""
         with self._lock:
-            return "\n".join(status_line(stage, "blocks", done, total, started, first)
-                             for stage, (done, total, started, first) in self._state.items()
-                             ) or None
+            return "\n".join(status_line(stage, "blocks", r.done, r.total, r.started, r.first)
+                             for stage, r in self._state.items()) or None
 
     def __call__(self, event: dict) -> None:
         stage = event["stage"]
         with self._lock:
             if event["event"] == "start":
-                self._state[stage] = [event["done"], event["total"], time.perf_counter(),
-                                      event["done"]]
+                self._state[stage] = _Running(event["done"], event["total"],
+                                              time.perf_counter(), event["done"])
             elif event["event"] == "block" and stage in self._state:
-                self._state[stage][0] = event["done"]
+                self._state[stage].done = event["done"]
             elif event["event"] == "end":
                 self._state.pop(stage, None)
         if self._progress is not None:
