@@ -20,8 +20,8 @@ from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
 from volref.layout import METRICS_CSV_PATH
 from volref.pipeline.settings import RunSettings
-from volref.settings import default_of
-from volref.stages.settings import BLENDS, METHODS, PRECISIONS, RefineSettings, SegmentSettings
+from volref.settings import PRECISIONS, default_of
+from volref.stages.settings import BLENDS, METHODS, RefineSettings, SegmentSettings
 from volref.synth.config import SynthConfig
 
 log = logging.getLogger(__name__)

@@ -66,8 +66,9 @@ from volref.pipeline.stage import (
 from volref.pipeline.store import record_provenance
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
-from volref.stages.refine import METHODS, RefineSettings, context, refine_region
-from volref.stages.segment import SegmentSettings, segment_probabilities, uncertainty_from_uint8
+from volref.stages.refine import context, refine_region
+from volref.stages.segment import segment_probabilities, uncertainty_from_uint8
+from volref.stages.settings import METHODS, RefineSettings, SegmentSettings
 
 log = logging.getLogger(__name__)
 

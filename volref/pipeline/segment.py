@@ -53,7 +53,8 @@ from volref.pipeline.stage import (
 )
 from volref.pipeline.store import record_provenance
 from volref.stages.normalise import IntensityRange, normalise, range_of
-from volref.stages.segment import SegmentSettings, segment_slices, uncertainty_to_uint8
+from volref.stages.segment import segment_slices, uncertainty_to_uint8
+from volref.stages.settings import SegmentSettings
 
 log = logging.getLogger(__name__)
 
