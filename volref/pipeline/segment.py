@@ -115,9 +115,9 @@ class SegmentStage:
             return [labels, _uncertainty_image(ctx, over)]
 
         def reopen() -> list[list[zarr.Array]] | None:
-            found = [existing_levels(root, label_path(INITIAL)),
-                     existing_levels(root, UNCERTAINTY_PATH)]
-            return found if all(found) else None
+            labels = existing_levels(root, label_path(INITIAL))
+            unc = existing_levels(root, UNCERTAINTY_PATH)
+            return [labels, unc] if labels and unc else None
 
         (labels, unc), resumed = open_outputs(manifest, record, ctx.overwrite, create, reopen)
         record_provenance(root, self.name, {"image": vol.location, "selection": vol.selection,
