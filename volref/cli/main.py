@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import click
 import dask
@@ -20,8 +22,8 @@ from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
 from volref.layout import METRICS_CSV_PATH
 from volref.pipeline.settings import RunSettings
-from volref.settings import default_of
-from volref.stages.settings import BLENDS, METHODS, PRECISIONS, RefineSettings, SegmentSettings
+from volref.settings import PRECISIONS, default_of
+from volref.stages.settings import BLENDS, METHODS, RefineSettings, SegmentSettings
 from volref.synth.config import SynthConfig
 
 log = logging.getLogger(__name__)
@@ -244,9 +246,10 @@ def refine_settings(tau: float, stride: int, precision: str, blend: str, max_rem
     default with the centre blend, none with the window blend)."""
     if smooth is None and blend != "centre":
         smooth = 0.0
-    extra = {} if smooth is None else {"smooth": smooth}
+    if smooth is None:
+        smooth = default_of(RefineSettings, "smooth")
     return RefineSettings(tau=tau, stride=stride, precision=precision, blend=blend,
-                          max_removed=max_removed, **extra)
+                          max_removed=max_removed, smooth=smooth)
 
 
 def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output: str | None,
@@ -254,7 +257,7 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
              scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
              tls_key: str | None, cluster_file: str | None, overwrite: bool,
              channel: int | None, timepoint: int | None, block: tuple[int, int, int] | None = None,
-             **stage_options: object) -> None:
+             **stage_options: Any) -> None:
     from volref.api import run
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import gpu_count, run_block
@@ -264,10 +267,10 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
     except SettingsError as exc:
         raise click.BadParameter(str(exc), param_hint=flag_of(exc.field)) from None
     if block is not None:
-        result = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
-                           output=output, settings=settings, channel=channel,
-                           timepoint=timepoint)
-        click.echo(json.dumps(result, indent=2))
+        stats = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
+                          output=output, settings=settings, channel=channel,
+                          timepoint=timepoint)
+        click.echo(json.dumps(stats, indent=2))
         return
     spec = ClusterSpec(workers=workers, scheduler=scheduler, cluster_file=cluster_file,
                        gpus=gpu_count(), tls=_tls_files(tls_ca_file, tls_cert, tls_key))
@@ -292,9 +295,10 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
 
 
 def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | None,
-                 overwrite: bool, options: dict[str, object]) -> RunSettings:
+                 overwrite: bool, options: Mapping[str, Any]) -> RunSettings:
     """The typed :class:`~volref.pipeline.settings.RunSettings` of a command's stage options; an
-    option a command does not have keeps the settings' default."""
+    option a command does not have keeps the settings' default. The values are as click's
+    option types made them (``--tau`` a float, ``--precision`` one of PRECISIONS, ...)."""
     o = dict(options)
     d = RunSettings()
     precision = o.get("precision", d.segment.precision)
@@ -308,7 +312,7 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
     return RunSettings(segmenter=o.get("segmenter"), refiner=o.get("refiner"),
                        segment=SegmentSettings(precision=precision), refine=refine,
                        method=o.get("method", d.method),
-                       block_shape=tuple(block_shape) if block_shape else None,
+                       block_shape=block_shape or None,
                        overwrite=overwrite, csv=o.get("csv", d.csv),
                        min_voxels=o.get("min_voxels", d.min_voxels))
 

@@ -30,9 +30,13 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from volref.errors import ConfigError, VolrefError
+
+if TYPE_CHECKING:
+    from distributed import Security
+    from distributed.deploy import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ class TLSFiles:
             paths[name] = str(path if path.is_absolute() or base is None else base / path)
         return cls(**paths)
 
-    def security(self):
+    def security(self) -> Security:
         """The ``distributed.Security`` of these files (encryption required)."""
         from distributed import Security
 
@@ -258,7 +262,7 @@ def _worker_pids(cluster: Any) -> list[int]:
     return pids
 
 
-def _local(kind: str, config: dict[str, Any]):
+def _local(kind: str, config: dict[str, Any]) -> Cluster:
     options = local_options(kind, config)
     if kind == "local":
         from distributed import LocalCluster
@@ -268,7 +272,8 @@ def _local(kind: str, config: dict[str, Any]):
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
         raise ConfigError(f"a local-cuda cluster needs dask-cuda: {exc}") from None
-    return LocalCUDACluster(**options)
+    # dask-cuda ships no types; LocalCUDACluster is a distributed LocalCluster
+    return cast("Cluster", LocalCUDACluster(**options))
 
 
 def local_options(kind: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +329,7 @@ def kubernetes_spec(config: dict[str, Any]) -> dict[str, Any]:
                           "(distributed.comm.tls), not in the cluster file")
     scheduler = dict(config.get("scheduler") or {})
     worker = dict(config.get("worker") or {})
-    spec = make_cluster_spec(name=config.get("name", "volref"),
+    spec: dict[str, Any] = make_cluster_spec(name=config.get("name", "volref"),
                              image=config.get("image", "ghcr.io/dask/dask:latest"),
                              n_workers=int(config.get("scale", 1)),
                              env=dict(config.get("env") or {}),
@@ -334,7 +339,7 @@ def kubernetes_spec(config: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _batch(kind: str, config: dict[str, Any]):
+def _batch(kind: str, config: dict[str, Any]) -> Cluster:
     if kind == "slurm":
         try:
             from dask_jobqueue import SLURMCluster
@@ -347,8 +352,9 @@ def _batch(kind: str, config: dict[str, Any]):
     except ImportError:
         raise ConfigError("a kubernetes cluster needs dask-kubernetes "
                           "(pip install dask-kubernetes)") from None
-    return KubeCluster(custom_cluster_spec=kubernetes_spec(config),
-                       **dict(config.get("options") or {}))
+    # dask-kubernetes ships no types; KubeCluster is a distributed Cluster
+    return cast("Cluster", KubeCluster(custom_cluster_spec=kubernetes_spec(config),
+                                      **dict(config.get("options") or {})))
 
 
 def _max_rss() -> int:

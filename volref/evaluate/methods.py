@@ -21,7 +21,8 @@ from torch import nn
 from volref.classes import BACKGROUND
 from volref.io.region import read_padded
 from volref.stages.crf import CRFSettings, crf_region
-from volref.stages.refine import RefineSettings, context, refine_region
+from volref.stages.refine import context, refine_region
+from volref.stages.settings import RefineSettings
 
 
 @dataclass(frozen=True)

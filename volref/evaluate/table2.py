@@ -45,7 +45,8 @@ from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH, fin
 from volref.metrics import METRICS, dice, tile_metrics
 from volref.stages.normalise import normalise, range_of
 from volref.stages.refine import removal_mask
-from volref.stages.segment import SegmentSettings, segment_probabilities
+from volref.stages.segment import segment_probabilities
+from volref.stages.settings import SegmentSettings
 
 METHODS = ("initial", "crf", "cnn-ae", "mae-x", "mae", "control")
 REFINERS = ("crf", "cnn-ae", "mae-x", "mae")

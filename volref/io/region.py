@@ -29,7 +29,8 @@ Index = int | slice
 def reflect(index: np.ndarray, n: int) -> np.ndarray:
     """Mirror indices into ``[0, n)`` like ``np.pad(mode="symmetric")``, for any distance."""
     m = np.mod(index, 2 * n)
-    return np.where(m >= n, 2 * n - 1 - m, m)
+    out: np.ndarray = np.where(m >= n, 2 * n - 1 - m, m)
+    return out
 
 
 def read_padded(array: Any, start: Sequence[int], stop: Sequence[int], mode: str = "constant",

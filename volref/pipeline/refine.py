@@ -66,8 +66,9 @@ from volref.pipeline.stage import (
 from volref.pipeline.store import record_provenance
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
-from volref.stages.refine import METHODS, RefineSettings, context, refine_region
-from volref.stages.segment import SegmentSettings, segment_probabilities, uncertainty_from_uint8
+from volref.stages.refine import context, refine_region
+from volref.stages.segment import segment_probabilities, uncertainty_from_uint8
+from volref.stages.settings import METHODS, RefineSettings, SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
     s, seg, m = job.settings, job.segment, job.halo.before[1]
+    if seg is None or job.image is None or job.intensity is None:  # RefineStage.plan sets them
+        raise RuntimeError("a crf job needs the segment settings, the image and its intensity")
     dev = device()
     ens = cached_model(load_segmenter, *job.model, dev)
     (z0, y0, x0), (z1, y1, x1) = block.start, block.stop

@@ -53,7 +53,8 @@ from volref.pipeline.stage import (
 )
 from volref.pipeline.store import record_provenance
 from volref.stages.normalise import IntensityRange, normalise, range_of
-from volref.stages.segment import SegmentSettings, segment_slices, uncertainty_to_uint8
+from volref.stages.segment import segment_slices, uncertainty_to_uint8
+from volref.stages.settings import SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,9 @@ class SegmentStage:
             return [labels, _uncertainty_image(ctx, over)]
 
         def reopen() -> list[list[zarr.Array]] | None:
-            found = [existing_levels(root, label_path(INITIAL)),
-                     existing_levels(root, UNCERTAINTY_PATH)]
-            return found if all(found) else None
+            labels = existing_levels(root, label_path(INITIAL))
+            unc = existing_levels(root, UNCERTAINTY_PATH)
+            return [labels, unc] if labels and unc else None
 
         (labels, unc), resumed = open_outputs(manifest, record, ctx.overwrite, create, reopen)
         record_provenance(root, self.name, {"image": vol.location, "selection": vol.selection,

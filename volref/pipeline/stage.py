@@ -109,7 +109,10 @@ class StagePlan:
 class Stage(Protocol):
     """One stage of a run."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The stage's name (its manifest, its report); read-only, as on the frozen stages."""
+        ...
 
     def align(self) -> int:
         """Pixels in y and x a block of this stage must be a multiple of (1: any)."""

@@ -17,7 +17,8 @@ from volref.classes import CLASS_COLORS
 from volref.errors import VolrefError
 from volref.io import open_image
 from volref.layout import GROUND_TRUTH, INITIAL, REFINED, UNCERTAINTY_PATH, finest, label_path
-from volref.stages.refine import RefineSettings, removal_mask
+from volref.stages.refine import removal_mask
+from volref.stages.settings import RefineSettings
 
 TILE = 128
 

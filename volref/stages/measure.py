@@ -41,7 +41,7 @@ def block_stats(lab: np.ndarray, start: Sequence[int]) -> dict[str, Any]:
 
 def merge_stats(parts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per id (``STATS_COLUMNS``), in id order, from the blocks' statistics."""
-    acc: dict[int, list] = {}
+    acc: dict[int, list[Any]] = {}  # count, coordinate sum, min, max
     for part in parts:
         for i, n, s, lo, hi in zip(part["ids"], part["count"], part["sum"], part["min"],
                                    part["max"]):
