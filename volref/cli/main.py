@@ -32,6 +32,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Refine mitochondria segmentations in OME-Zarr z-stacks."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Scrub) for f in handler.filters):
+            handler.addFilter(_Scrub())
     # Dask's loggers keep their own INFO level; show their chatter only with -vv. distributed
     # sets its levels from the Dask config when it is first imported (in this process and in
     # every worker it spawns), so the level goes into the config as well as onto the loggers.
@@ -422,23 +425,67 @@ def _register() -> None:
 _register()
 
 
+def one_line(text: str) -> str:
+    """A message on one line with every URL's credentials dropped (what stderr may show)."""
+    from volref.io.store import scrub
+
+    return scrub(" ".join(str(text).split()))
+
+
+class _Scrub(logging.Filter):
+    """Log records pass through :func:`~volref.io.store.scrub`: no library's log line shows a
+    password or a signed query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from volref.io.store import scrub
+
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return one_line(exc.format_message()) + where
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (callable from tests)."""
+    """Run the command line; returns the exit status (callable from tests).
+
+    User mistakes, usage errors included, print one line (``volref: error: ...``) and return 2.
+    """
     try:
         cli.main(args=argv, prog_name="volref", standalone_mode=False)
     except VolrefError as exc:
-        click.echo(f"volref: error: {exc}", err=True)
+        click.echo(f"volref: error: {one_line(str(exc))}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("volref: aborted", err=True)
         return 130
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"volref: error: {_usage_line(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     return 0
 
 
+def entry() -> int:
+    """The ``volref`` script: :func:`main`, and a bug's traceback with credentials scrubbed."""
+    import traceback
+
+    try:
+        return main()
+    except Exception as exc:  # noqa: BLE001 - a bug: show it all, minus secrets
+        text = "".join(traceback.format_exception(exc))
+        from volref.io.store import scrub
+
+        sys.stderr.write(scrub(text))
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -36,14 +36,39 @@ def local_path(location: str | os.PathLike) -> Path:
     return Path(text[len("file://"):] if text.startswith("file://") else text)
 
 
+_AUTHORITY = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"<>]*)")
+
+
+def _redact_url(scheme: str, rest: str) -> str:
+    # the authority runs to the first '/', '?' or '#'; user info is what precedes its last '@'
+    # (a password may itself hold '@' or ':'); queries and fragments carry tokens and signatures
+    cut = re.search(r"[?#]", rest)
+    head = rest[:cut.start()] if cut else rest
+    slash = head.find("/")
+    authority, path = (head, "") if slash < 0 else (head[:slash], head[slash:])
+    if "@" in authority:
+        authority = authority.rsplit("@", 1)[1]
+    elif "@" in path and ":" in authority and not authority.rsplit(":", 1)[1].isdigit():
+        # a password holding '/' ends the authority early: drop through the last '@'
+        authority, path = "", path.rsplit("@", 1)[1]
+    return f"{scheme}{authority}{path}"
+
+
 def redact(location: str | os.PathLike) -> str:
     """A location fit for messages and provenance: credentials in URLs (user:password@, and query
-    strings, which carry signatures and tokens) are dropped."""
+    strings and fragments, which carry signatures and tokens) are dropped."""
     text = str(location)
     if "://" not in text:
         return text
-    text = re.sub(r"(://)[^/@]*@", r"\1", text)
-    return re.sub(r"\?.*$", "", text)
+    return scrub(text)
+
+
+def scrub(text: str) -> str:
+    """``text`` (a message, a repr, a log line) with every URL in it passed through
+    :func:`redact`: the last line of defence where a library prints a store's URL."""
+    if "://" not in text:
+        return text
+    return _AUTHORITY.sub(lambda m: _redact_url(m["scheme"], m["rest"]), text)
 
 
 def check_name(name: str) -> str:
