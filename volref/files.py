@@ -96,3 +96,24 @@ def read_head(path: str | os.PathLike, n: int) -> bytes:
         return os.read(fd, n)
     finally:
         os.close(fd)
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """``path`` as a :class:`Path` when a file can be written there: its folder exists and is
+    writable, and ``path`` is not a directory or anything but a regular file. Checked before
+    the work, so a typo in a folder name costs one line, not the work and a traceback."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserFileError(f"cannot write {what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserFileError(f"cannot write {what} {path}: folder {parent} is read-only")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise UserFileError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserFileError(f"cannot write {what} {path}: it is {_kind(st.st_mode)}")
+    return path

@@ -149,6 +149,10 @@ def engine_options(stage_options):
                          default=None, help="Cluster file (see cluster/*.yaml) to start."),
             click.option("--overwrite", is_flag=True,
                          help="Recompute results made with other settings."),
+            click.option("--break-lock", "break_lock", is_flag=True,
+                         help="Remove the store's run lock first: one held from another host "
+                              "or not written by volref (a live run on this host is still "
+                              "refused)."),
             click.option("--channel", type=click.IntRange(min=0), default=None),
             click.option("--timepoint", type=click.IntRange(min=0), default=None),
             *stage_options,
@@ -202,7 +206,7 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
              blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000,
-             method="mae", max_removed=None, smooth=None):
+             method="mae", max_removed=None, smooth=None, break_lock=False):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
@@ -222,6 +226,10 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
                            segment=SegmentSettings(precision=precision),
                            block_shape=tuple(block_shape) if block_shape else None,
                            overwrite=overwrite, csv=csv, min_voxels=min_voxels)
+    if break_lock:
+        from volref.engine.lock import break_store_lock
+
+        break_store_lock(output if output is not None else image)
     if block is not None:
         result = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
                            output=output, settings=settings, channel=channel,
@@ -462,7 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     except VolrefError as exc:
         click.echo(f"volref: error: {one_line(str(exc))}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        from volref.engine.lock import Terminated
+
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("volref: terminated (SIGTERM); finished blocks are recorded, run the same "
+                       "command again to resume", err=True)
+            return 128 + 15
         click.echo("volref: aborted", err=True)
         return 130
     except click.ClickException as exc:

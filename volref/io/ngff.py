@@ -226,7 +226,12 @@ def set_ome(group: zarr.Group, version: str, key: str, value: Any) -> None:
     """Write one OME key (``multiscales``, ``labels``, ``image-label``) in the version's layout."""
     attrs = dict(group.attrs)
     if version == "0.5":
-        ome = dict(attrs.get("ome", {}))
+        current = attrs.get("ome", {})
+        if not isinstance(current, dict):
+            raise InvalidMetadataError(
+                f"the 'ome' attribute of {group.path or 'the root group'} is not an object; "
+                "volref does not replace it")
+        ome = dict(current)
         ome["version"] = "0.5"
         ome[key] = value
         group.attrs["ome"] = ome

@@ -157,6 +157,39 @@ def prepare_new_store(location: str | os.PathLike, overwrite: bool = False) -> N
         raise OutputError(f"cannot create {path}: {parent} is read-only")
 
 
+def create_store(location: str | os.PathLike, zarr_format: int,
+                 attrs: dict | None = None) -> zarr.Group | None:
+    """Create a new, empty store with root ``attrs``, atomically on a local disk: it is built
+    under a temporary name beside ``location`` and renamed into place, so a second run racing to
+    create the same store never sees it half made. Returns None when another process created
+    ``location`` first (open it instead); remote stores are created in place."""
+    import shutil
+    import uuid
+
+    if is_url(location):
+        root = open_group(location, mode="w-", zarr_format=zarr_format)
+        mine = dict((attrs or {}).get("volref") or {})
+        root.attrs.update({**(attrs or {}), "volref": {**mine, "created_by": "volref"}})
+        return root
+    mine = dict((attrs or {}).get("volref") or {})
+    attrs = {**(attrs or {}), "volref": {**mine, "created_by": "volref"}}
+    path = local_path(location).absolute()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        root = open_group(tmp, mode="w-", zarr_format=zarr_format)
+        root.attrs.update(attrs)
+        try:
+            os.rename(tmp, path)  # fails when path is a non-empty directory or a file
+        except OSError as exc:
+            if path.exists():
+                return None
+            raise OutputError(f"cannot create {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open_group(path, mode="r+")
+
+
 def check_writable_group(group: zarr.Group, location: str | os.PathLike) -> None:
     """Refuse early when the group's store is read-only (a read-only mount, no permission)."""
     if group.store.read_only:
@@ -189,13 +222,35 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a store that ``--overwrite`` replaces; refuses anything that is not a zarr store."""
+    """Remove a store that ``--overwrite`` replaces; refuses anything volref did not create
+    (a zarr store another tool wrote is the user's data, whatever its name)."""
     import shutil
 
     markers = ("zarr.json", ".zgroup", ".zarray")
     if not any((path / m).exists() for m in markers):
         raise OutputError(f"refusing to overwrite {path}: it is not a zarr store")
+    if not store_owned(path):
+        raise OutputExistsError(f"refusing to overwrite {path}: volref did not create it "
+                                "(--overwrite replaces only volref's own stores)")
     shutil.rmtree(path)
+
+
+def store_owned(location: str | os.PathLike) -> bool:
+    """Whether volref created the store at ``location``: its root carries volref's mark, or
+    (stores made before the mark) it is a phantom or an output store of an earlier volref."""
+    try:
+        root = open_group(location, mode="r")
+    except Exception:  # noqa: BLE001 - whatever cannot be opened is not provably volref's
+        return False
+    mine = root.attrs.get("volref")
+    if isinstance(mine, dict) and (mine.get("created_by") == "volref" or "source" in mine):
+        return True
+    try:
+        meta = root["volref"]
+    except KeyError:
+        return False
+    legacy = meta.attrs.get("volref") if isinstance(meta, zarr.Group) else None
+    return isinstance(legacy, dict) and "phantom" in legacy
 
 
 # ---------------------------------------------------------------- plain files inside a store

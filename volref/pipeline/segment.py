@@ -102,6 +102,8 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     manifest = Manifest(meta, "segment")
 
     def create(over: bool) -> list[zarr.Array]:
+        if not over and has_member(meta, "uncertainty"):  # refuse before creating anything
+            raise OutputExistsError("volref/uncertainty exists; pass --overwrite to replace it")
         _, labels = create_label_image(root, INITIAL, label_levels(ms, "uint8"), ms.axes,
                                        version=ms.version,
                                        info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),

@@ -15,7 +15,8 @@ import zarr
 
 from volref.classes import CLASS_COLORS
 from volref.errors import VolrefError
-from volref.io import open_image
+from volref.files import check_output_file
+from volref.io import open_group, open_image
 from volref.stages.refine import RefineSettings, removal_mask
 
 TILE = 128
@@ -54,8 +55,9 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
                      settings: RefineSettings | None = None) -> Path:
     """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
     settings = settings or RefineSettings()
+    check_output_file(out, "panel")
     vol = open_image(location)
-    res = zarr.open_group(str(results or location), mode="r")
+    res = open_group(results or location, mode="r")
     try:
         initial = res["labels/volref-initial/s0"]
         refined = res["labels/volref-refined/s0"]

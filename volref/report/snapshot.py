@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from volref.errors import VolrefError
+from volref.files import check_output_file
 from volref.io import label_names, open_image, read_multiscale
 from volref.io.ngff import ome_attributes
 from volref.report.panel import stretch
@@ -34,6 +35,7 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_output_file(out, "snapshot")
     vol = open_image(location, channel=channel, timepoint=timepoint)
     nz, ny, nx = vol.shape
     z = nz // 2 if z is None else z
