@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import tree_digest
+from tests.conftest import INLINE, tiny, tree_digest
 from volref.cli.main import main
 from volref.io import Axis, create_label_image, create_multiscale, label_levels, store_pyramid
 from volref.io.ngff import Level, read_multiscale
+from volref.pipeline.run import run
 
 
 def _one_line(capsys, code, *needles):
@@ -44,7 +45,12 @@ def _foreign_label_image(path, name):
 
 def _segment(phantom, models, *extra):
     return main(["-q", "segment", str(phantom), "--workers", "0", "--segmenter", models[0],
-                 "--block-shape", "20", "64", "128", *extra])
+                 *extra])
+
+
+def _run_segment(phantom, models, overwrite=False):
+    return run(phantom, settings=tiny(models, overwrite=overwrite), stages=("segment",),
+               cluster=INLINE)
 
 
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
@@ -72,7 +78,7 @@ def test_a_labels_attribute_that_is_not_a_list_of_names_is_refused_not_replaced(
 def test_the_labels_list_is_merged_and_keeps_the_users_entries(phantom_copy, models, capsys):
     _foreign_label_image(phantom_copy, "mine")
     listed = _labels_attr(phantom_copy)
-    assert _segment(phantom_copy, models) == 0
+    _run_segment(phantom_copy, models)
     assert _labels_attr(phantom_copy) == [*listed, "volref-initial"]
     mine = zarr.open_group(phantom_copy / "labels" / "mine", mode="r")
     assert (mine["0"][:] == 7).all()
@@ -81,7 +87,7 @@ def test_the_labels_list_is_merged_and_keeps_the_users_entries(phantom_copy, mod
     assert made.attrs["volref"]["created_by"] == "volref"
     assert "volref" not in mine.attrs
     # rerunning with --overwrite replaces volref's own label image, lists it once
-    assert _segment(phantom_copy, models, "--overwrite") == 0
+    _run_segment(phantom_copy, models, overwrite=True)
     assert _labels_attr(phantom_copy) == [*listed, "volref-initial"]
 
 

@@ -242,7 +242,7 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
                      channel=channel, timepoint=timepoint, observer=progress,
-                     on_connect=lambda c: click.echo(
+                     on_connect=lambda c: ctx.obj["progress"] and click.echo(
                          f"cluster: {c.description}" +
                          (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True))
     click.echo(f"{result.target}: {len(result.grid)} blocks of {' x '.join(map(str, result.grid.block))}"

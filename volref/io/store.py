@@ -89,8 +89,16 @@ def open_group(location: str | os.PathLike, mode: str = "r",
     """
     read_only = mode == "r"
     if is_url(location):
-        store = FsspecStore.from_url(str(location), read_only=read_only,
-                                     storage_options=storage_options or {})
+        if not read_only and str(location).split("://", 1)[0].lower() in ("http", "https"):
+            raise OutputError(f"cannot write into {redact(location)}: HTTP stores are read-only "
+                              "(write the results to a local path or an object store with "
+                              "--output)")
+        try:
+            store = FsspecStore.from_url(str(location), read_only=read_only,
+                                         storage_options=storage_options or {})
+        except (ValueError, ImportError, TypeError) as exc:
+            raise InputNotFoundError(f"cannot open {redact(location)}: "
+                                     f"{scrub(str(exc))}") from None
     else:
         path = local_path(location)
         if mode in ("r", "r+") and not path.exists():
@@ -111,11 +119,30 @@ def open_group(location: str | os.PathLike, mode: str = "r",
     except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError) as exc:
         raise OutputExistsError(f"{redact(location)} already holds zarr data") from exc
     except (ValueError, KeyError) as exc:
-        raise NotOmeZarrError(f"{redact(location)} is not a zarr store ({exc})") from exc
+        raise NotOmeZarrError(f"{redact(location)} is not a zarr store ({scrub(str(exc))})") \
+            from None
+    except Exception as exc:
+        if is_url(location) and connection_error(exc):
+            raise StoreUnreachableError(f"cannot reach {redact(location)}: "
+                                        f"{scrub(str(exc)) or type(exc).__name__}") from None
+        raise
     if isinstance(node, zarr.Array):
         raise NotOmeZarrError(
             f"{redact(location)} is a plain zarr array, not an OME-Zarr image group")
     return node
+
+
+class StoreUnreachableError(InputNotFoundError, ConnectionError):
+    """A remote store that does not answer (refused, unresolvable, timed out)."""
+
+
+def connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure to talk to a remote store (not a bug in volref): socket
+    errors, timeouts, and the HTTP client's own errors."""
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    return any(t.__module__.split(".")[0] in ("aiohttp", "botocore", "s3fs", "gcsfs")
+               for t in type(exc).__mro__)
 
 
 def has_member(group: zarr.Group, name: str) -> bool:
@@ -198,6 +225,22 @@ def check_writable_group(group: zarr.Group, location: str | os.PathLike) -> None
         raise OutputError(
             f"cannot write into {local_path(location)}: it is read-only "
             "(use --output for a separate store)")
+    if consolidated(group):
+        raise OutputError(
+            f"{redact(location)} has consolidated metadata (.zmetadata or consolidated_metadata "
+            "in zarr.json): groups volref added would stay invisible to readers that use it, "
+            "and volref does not rewrite it; use --output for a separate store")
+
+
+def consolidated(group: zarr.Group) -> bool:
+    """Whether the store of ``group`` keeps consolidated metadata (zarr v2 ``.zmetadata`` at its
+    root or beside the group, zarr v3 ``consolidated_metadata`` in ``zarr.json``)."""
+    if getattr(group.metadata, "consolidated_metadata", None) is not None:
+        return True
+    from zarr.core.sync import sync
+
+    keys = {".zmetadata", f"{group.path}/.zmetadata".lstrip("/")}
+    return any(sync(group.store.exists(k)) for k in keys)
 
 
 def writable(path: Path) -> bool:
