@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
 import zarr
 
-from volref.errors import UnsupportedImageError
+from volref.errors import ImageDataError, UnsupportedImageError, VolrefError
 from volref.io.ngff import Multiscale, ome_attributes, read_multiscale
 from volref.io.store import open_group, redact
 
@@ -177,3 +179,18 @@ def label_names(group: zarr.Group) -> list[str]:
     _, ome = ome_attributes(labels)
     names = ome.get("labels", [])
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Turn a chunk that cannot be read or decoded while reading ``what`` (a truncated or
+    overwritten file, a codec error) into one :class:`ImageDataError` naming it. Wrap only the
+    reads: errors of volref's own code around them must stay tracebacks."""
+    try:
+        yield
+    except VolrefError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OSError, KeyError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ImageDataError(f"cannot read {what}: a chunk is damaged or unreadable "
+                             f"({type(exc).__name__}: {detail})") from None

@@ -17,6 +17,7 @@ from volref.errors import (
     NotOmeZarrError,
     OutputError,
     OutputExistsError,
+    VolrefError,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def open_group(location: str | os.PathLike, mode: str = "r",
         path = local_path(location)
         if mode in ("r", "r+") and not path.exists():
             raise InputNotFoundError(f"no such file or directory: {path}")
-        store = LocalStore(path, read_only=read_only)
+        store = RegularFileStore(path, read_only=read_only)
     try:
         node = zarr.open(store=store, mode=mode) if mode in ("r", "r+") else zarr.open_group(
             store=store, mode=mode, zarr_format=zarr_format)
@@ -143,6 +144,37 @@ def connection_error(exc: BaseException) -> bool:
         return True
     return any(t.__module__.split(".")[0] in ("aiohttp", "botocore", "s3fs", "gcsfs")
                for t in type(exc).__mro__)
+
+
+class NotAFileError(VolrefError, OSError):
+    """A key of a local store is a FIFO, a device or a socket where a file should be."""
+
+
+class RegularFileStore(LocalStore):
+    """A :class:`LocalStore` that reads only regular files: a FIFO (or a device) put where a
+    chunk or a metadata document should be would block the reader forever (or stream without
+    end); it is refused with one line instead. A directory there reads as missing, as in zarr."""
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        self._check(key)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._check(key)
+        return await super().get_partial_values(prototype, key_ranges)
+
+    def _check(self, key: str) -> None:
+        import stat
+
+        try:
+            mode = os.stat(self.root / key).st_mode
+        except OSError:
+            return  # missing (or unreadable): zarr's own handling applies
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise NotAFileError(f"{self.root / key} is {kind}; a store holds regular files")
 
 
 def has_member(group: zarr.Group, name: str) -> bool:

@@ -14,9 +14,9 @@ from volref.errors import OutputError
 from volref.io import Multiscale, open_group, redact
 from volref.io.store import (
     check_writable_group,
+    create_store,
     is_url,
     local_path,
-    create_store,
     prepare_new_store,
     write_file,
 )

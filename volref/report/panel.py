@@ -64,7 +64,7 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
         unc = res["volref/uncertainty/s0"]
     except KeyError:
         raise VolrefError("run volref segment and volref refine first") from None
-    root = zarr.open_group(str(location), mode="r")
+    root = open_group(location, mode="r")
     truth = root["labels/ground-truth/s0"] if "ground-truth" in _labels(root) else None
     nz, ny, nx = vol.shape
     gy, gx = ny // TILE, nx // TILE
