@@ -200,6 +200,8 @@ def argv(draw, w):
     for name in draw(st.lists(st.sampled_from(sorted(options)), max_size=5, unique=True)
                      if options else st.just([])):
         args += [name, *draw(options[name])]
+    if kind == "synth" and "--shape" not in args:
+        args += ["--shape", "4", "32", "32"]  # the default shape is minutes of honest work
     if kind in ("segment", "refine", "measure", "run") and "--workers" not in args:
         args += ["--workers", "0"]  # no local cluster: ~5 s to start one per case
     if draw(st.integers(0, 19)) == 0:

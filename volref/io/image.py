@@ -13,7 +13,7 @@ import zarr
 
 from volref.errors import ImageDataError, UnsupportedImageError, VolrefError
 from volref.io.ngff import Multiscale, ome_attributes, read_multiscale
-from volref.io.store import open_group, redact
+from volref.io.store import member, open_group, redact
 
 #: dtypes volref processes; images of other integer and float types are refused with a reason.
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -171,7 +171,7 @@ class InvalidAxisOrder(UnsupportedImageError):
 def label_names(group: zarr.Group) -> list[str]:
     """Names listed in the image's ``labels`` group (empty when there is none)."""
     try:
-        labels = group["labels"]
+        labels = member(group, "labels")
     except KeyError:
         return []
     if not isinstance(labels, zarr.Group):

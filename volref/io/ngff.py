@@ -13,7 +13,7 @@ from typing import Any
 import zarr
 
 from volref.errors import InvalidMetadataError, NotOmeZarrError
-from volref.io.store import check_name
+from volref.io.store import check_name, member
 
 VERSIONS = ("0.4", "0.5")
 
@@ -120,7 +120,7 @@ def read_multiscale(group: zarr.Group, where: str = "") -> Multiscale:
             translation = tuple(a + b for a, b in zip(translation or (0.0,) * len(axes),
                                                       global_translation))
         try:
-            array = group[path]
+            array = member(group, path, label)
         except KeyError:
             raise InvalidMetadataError(f"{label}: level {path!r} is listed but missing") from None
         if not isinstance(array, zarr.Array):

@@ -13,6 +13,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from volref.errors import (
     InputNotFoundError,
+    InvalidMetadataError,
     InvalidNameError,
     NotOmeZarrError,
     OutputError,
@@ -146,6 +147,23 @@ def connection_error(exc: BaseException) -> bool:
                for t in type(exc).__mro__)
 
 
+_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def member(group: zarr.Group, name: str, where: str = ""):
+    """``group[name]``, with metadata that zarr cannot parse (a truncated or rewritten
+    ``zarr.json``) as one :class:`InvalidMetadataError`; a missing member stays a KeyError."""
+    try:
+        return group[name]
+    except (KeyError, VolrefError):
+        raise
+    except (ValueError, TypeError) as exc:
+        label = f"{where or group.path or 'the store'}/{name}"
+        raise InvalidMetadataError(f"{label}: its metadata cannot be read "
+                                   f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                                   ) from None
+
+
 class NotAFileError(VolrefError, OSError):
     """A key of a local store is a FIFO, a device or a socket where a file should be."""
 
@@ -157,7 +175,16 @@ class RegularFileStore(LocalStore):
 
     async def get(self, key: str, prototype=None, byte_range=None):
         self._check(key)
-        return await super().get(key, prototype, byte_range)
+        buf = await super().get(key, prototype, byte_range)
+        if buf is not None and byte_range is None and key.rsplit("/", 1)[-1] in _METADATA:
+            import json
+
+            try:
+                json.loads(buf.to_bytes())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidMetadataError(f"{self.root / key} is not valid JSON ({exc}); "
+                                           "is it truncated?") from None
+        return buf
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
