@@ -105,6 +105,9 @@ def open_group(location: str | os.PathLike, mode: str = "r",
         path = local_path(location)
         if mode in ("r", "r+") and not path.exists():
             raise InputNotFoundError(f"no such file or directory: {path}")
+        if mode in ("r", "r+") and not path.is_dir():
+            raise NotOmeZarrError(f"{path} is not a zarr store (a store is a folder; this is "
+                                  "a file, a FIFO or a device)")
         store = RegularFileStore(path, read_only=read_only)
     try:
         node = zarr.open(store=store, mode=mode) if mode in ("r", "r+") else zarr.open_group(
