@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from volref.errors import VolrefError
-from volref.io import open_image
+from volref.io import open_group, open_image
 from volref.io.store import read_file
 from volref.layout import (
     INITIAL,
@@ -113,11 +113,11 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
     """Write ``OUT/index.html`` with its PNGs for the refined volume at ``location`` (results in
     ``results`` when they were written to a separate store)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        res = zarr.open_group(str(results or location), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise VolrefError(f"no OME-Zarr store at {results or location}") from None
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolrefError(f"cannot make the report folder {out}: {exc.strerror or exc}") from None
+    res = open_group(results or location, mode="r")
     for key, command in ((label_path(INITIAL), "segment"), (label_path(REFINED), "refine")):
         if existing_levels(res, key) is None:
             raise VolrefError(f"{results or location} has no {key}: run volref {command} first")
