@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import INLINE, tiny, tree_digest
+from tests.helpers import INLINE, tiny, tree_digest
 from volref.cli.main import main
 from volref.io import Axis, create_label_image, create_multiscale, label_levels, store_pyramid
 from volref.io.ngff import Level, read_multiscale

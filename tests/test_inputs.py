@@ -18,8 +18,7 @@ import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import TINY_MAE, tree_digest
-from tests.test_io import write_image
+from tests.helpers import TINY_MAE, tree_digest, write_image
 from volref.cli.main import main, one_line
 from volref.io.store import redact, scrub
 from volref.models.checkpoint import CheckpointError, save_model

@@ -15,8 +15,7 @@ import threading
 import pytest
 import zarr
 
-from tests.conftest import INLINE, tiny, tree_digest
-from tests.test_pipeline import SCRIPT, _records
+from tests.helpers import INLINE, INLINE_JOB, records, tiny, tree_digest
 from volref.cli.main import main
 from volref.engine.lock import (
     LockFileError,
@@ -139,7 +138,7 @@ def test_sigterm_releases_the_lock_after_the_current_record(reference, small_pha
     """A batch scheduler's time limit: SIGTERM during a block's record lets that block finish
     and record, releases the lock, and the next run resumes to the same bytes."""
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(SCRIPT))
+    script.write_text(textwrap.dedent(INLINE_JOB))
     out = tmp_path / "term.zarr"
     before = tree_digest(small_phantom)
     env = {**os.environ, "VOLREF_FAULT_KILL": "segment:3:before:TERM"}
@@ -147,7 +146,7 @@ def test_sigterm_releases_the_lock_after_the_current_record(reference, small_pha
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode in (-signal.SIGINT, 130, 1), proc.stderr
     assert "Terminated" in proc.stderr or "KeyboardInterrupt" in proc.stderr
-    assert _records(out, "segment") == 3  # the block being recorded finished first
+    assert records(out, "segment") == 3  # the block being recorded finished first
     assert not (out / "volref" / "run.lock").exists()  # released, not left to go stale
     result = run(small_phantom, output=out, settings=tiny(models, block_shape=(20, 64, 128)),
                  stages=("segment",), cluster=INLINE)

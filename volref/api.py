@@ -20,6 +20,14 @@ from typing import Any
 from volref.engine.cluster import ClusterSpec
 from volref.engine.runner import Observer
 from volref.errors import ConfigError
+from volref.layout import (
+    INITIAL,
+    METRICS_TABLE_PATH,
+    MITOCHONDRIA,
+    REFINED,
+    UNCERTAINTY_PATH,
+    label_path,
+)
 from volref.pipeline.run import STAGES, RunResult, RunSettings, gpu_count
 from volref.pipeline.run import run as run_stages
 
@@ -126,13 +134,13 @@ def _stage(name: str):
 
 
 _STAGE_DOCS = {
-    "segment": "The segmenter ensemble's initial labels (``labels/volref-initial``) and their "
-               "uncertainty (``volref/uncertainty``).",
-    "refine": "The refiner's rebuilt labels (``labels/volref-refined``); needs ``segment``.",
-    "instances": "One id per mitochondrion across blocks (``labels/volref-mitochondria``); "
+    "segment": f"The segmenter ensemble's initial labels (``{label_path(INITIAL)}``) and their "
+               f"uncertainty (``{UNCERTAINTY_PATH}``).",
+    "refine": f"The refiner's rebuilt labels (``{label_path(REFINED)}``); needs ``segment``.",
+    "instances": f"One id per mitochondrion across blocks (``{label_path(MITOCHONDRIA)}``); "
                  "needs ``refine``.",
     "measure": "The consistency metrics per mitochondrion, before and after refinement "
-               "(``volref/metrics.parquet``); needs ``instances``.",
+               f"(``{METRICS_TABLE_PATH}``); needs ``instances``.",
 }
 
 segment = _stage("segment")
