@@ -86,8 +86,10 @@ def world(tmp_path_factory, models):
     _read_only(img, True)
     digest = {str(p): tree_digest_safe(p) for p in inputs}
     seg, mae = models
-    yield {"img": img, "files": files, "outs": outs, "seg": seg, "mae": mae, "inputs": inputs,
-           "digest": digest, "n": [0]}
+    # relative paths drawn by a case (a positional "extra", "..") land here, not in the checkout
+    with contextlib.chdir(outs):
+        yield {"img": img, "files": files, "outs": outs, "seg": seg, "mae": mae,
+               "inputs": inputs, "digest": digest, "n": [0]}
     _read_only(img, False)
 
 

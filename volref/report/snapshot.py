@@ -19,6 +19,8 @@ from volref.files import check_output_file
 from volref.io import label_names, open_image, read_multiscale
 from volref.io.image import reading
 from volref.io.ngff import ome_attributes
+from volref.io.store import member
+from volref.layout import label_path
 from volref.report.panel import stretch
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,13 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
 
     panels: list[tuple[str, np.ndarray, str | None]] = [("image", stretch(image), "gray")]
     for name in names:
-        group = vol.group["labels"][name]
+        try:
+            group = member(vol.group, label_path(name), where=vol.location)
+        except KeyError:  # listed, but missing (or its metadata lacks a key zarr needs)
+            raise VolrefError(f"{vol.location}: {label_path(name)} is listed but cannot be "
+                              "opened") from None
+        if not isinstance(group, zarr.Group):
+            raise VolrefError(f"{vol.location}: {label_path(name)} is not a group")
         ms = read_multiscale(group, where=f"labels/{name}")
         lead = (0,) * (ms.ndim - 3)
         with reading(f"labels/{name} (z = {z})"):
