@@ -12,6 +12,7 @@ This module imports nothing but the standard library: every layer may use it.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def read_head(path: str | os.PathLike, n: int) -> bytes:
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
     """``path`` as a :class:`Path` when a file can be written there: its folder exists and is
     writable, and ``path`` is not a directory or anything but a regular file. Checked before
-    the work, so a typo in a folder name costs one line, not the work and a traceback."""
+    the work, so a typo in a folder name costs one line, not the work and a traceback. A URL is
+    refused without being shown (it may hold a password)."""
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", str(path))
+    if scheme:
+        raise UserFileError(f"cannot write {what} to a {scheme.group(1)}:// URL: give a local path")
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
