@@ -8,7 +8,7 @@ from volref.errors import UnsupportedImageError, VolrefError
 from volref.io import label_names, open_multiscale, read_multiscale
 from volref.io.image import select_volume
 from volref.io.ngff import Multiscale
-from volref.io.store import members, redact
+from volref.io.store import member, members, redact
 from volref.layout import LABEL_IMAGES, META, label_path, meta_path
 
 
@@ -50,7 +50,7 @@ def _labels(group: zarr.Group, image: Multiscale) -> list[str]:
     out = [_row("labels", f"{len(names)}")]
     for name in names:
         try:
-            lms = read_multiscale(group["labels"][name], where=f"labels/{name}")
+            lms = read_multiscale(member(member(group, "labels"), name), where=f"labels/{name}")
         except (KeyError, VolrefError) as exc:
             out.append(f"  {name:<24} unreadable: {exc}")
             continue

@@ -38,6 +38,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Refine mitochondria segmentations in OME-Zarr z-stacks."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Scrub) for f in handler.filters):
+            handler.addFilter(_Scrub())
     # Dask's loggers keep their own INFO level; show their chatter only with -vv. distributed
     # sets its levels from the Dask config when it is first imported (in this process and in
     # every worker it spawns), so the level goes into the config as well as onto the loggers.
@@ -171,6 +174,10 @@ def engine_options(stage_options):
                          default=None, help="Cluster file (see cluster/*.yaml) to start."),
             click.option("--overwrite", is_flag=True,
                          help="Recompute results made with other settings."),
+            click.option("--break-lock", "break_lock", is_flag=True,
+                         help="Remove the store's run lock first: one held from another host "
+                              "or not written by volref (a live run on this host is still "
+                              "refused)."),
             click.option("--channel", type=click.IntRange(min=0), default=None,
                          help="Channel to process for images with a channel axis (0-based; "
                               "needed when there is more than one)."),
@@ -257,7 +264,7 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
              scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
              tls_key: str | None, cluster_file: str | None, overwrite: bool,
              channel: int | None, timepoint: int | None, block: tuple[int, int, int] | None = None,
-             **stage_options: Any) -> None:
+             break_lock: bool = False, **stage_options: Any) -> None:
     from volref.api import run
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import gpu_count, run_block
@@ -266,6 +273,10 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
         settings = run_settings(stages, block_shape, overwrite, stage_options)
     except SettingsError as exc:
         raise click.BadParameter(str(exc), param_hint=flag_of(exc.field)) from None
+    if break_lock:
+        from volref.engine.lock import break_store_lock
+
+        break_store_lock(output if output is not None else image)
     if block is not None:
         stats = run_block(image, block, stages=[s for s in stages if s in ("segment", "refine")],
                           output=output, settings=settings, channel=channel,
@@ -278,7 +289,7 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
                      channel=channel, timepoint=timepoint, observer=progress,
-                     on_connect=lambda c: click.echo(
+                     on_connect=lambda c: ctx.obj["progress"] and click.echo(
                          f"cluster: {c.description}" +
                          (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True))
     click.echo(f"{result.target}: {len(result.grid)} blocks of {' x '.join(map(str, result.grid.block))}"
@@ -534,23 +545,73 @@ def _register() -> None:
 _register()
 
 
+def one_line(text: str) -> str:
+    """A message on one line with every URL's credentials dropped (what stderr may show)."""
+    from volref.io.store import scrub
+
+    return scrub(" ".join(str(text).split()))
+
+
+class _Scrub(logging.Filter):
+    """Log records pass through :func:`~volref.io.store.scrub`: no library's log line shows a
+    password or a signed query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from volref.io.store import scrub
+
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return one_line(exc.format_message()) + where
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (callable from tests)."""
+    """Run the command line; returns the exit status (callable from tests).
+
+    User mistakes, usage errors included, print one line (``volref: error: ...``) and return 2.
+    """
     try:
         cli.main(args=argv, prog_name="volref", standalone_mode=False)
     except VolrefError as exc:
-        click.echo(f"volref: error: {exc}", err=True)
+        click.echo(f"volref: error: {one_line(str(exc))}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        from volref.engine.lock import Terminated
+
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("volref: terminated (SIGTERM); finished blocks are recorded, run the same "
+                       "command again to resume", err=True)
+            return 128 + 15
         click.echo("volref: aborted", err=True)
         return 130
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"volref: error: {_usage_line(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     return 0
 
 
+def entry() -> int:
+    """The ``volref`` script: :func:`main`, and a bug's traceback with credentials scrubbed."""
+    import traceback
+
+    try:
+        return main()
+    except Exception as exc:  # noqa: BLE001 - a bug: show it all, minus secrets
+        text = "".join(traceback.format_exception(exc))
+        from volref.io.store import scrub
+
+        sys.stderr.write(scrub(text))
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

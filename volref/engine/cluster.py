@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from volref.errors import ConfigError, VolrefError
+from volref.files import read_small_file
 
 if TYPE_CHECKING:
     from distributed import Security
@@ -177,15 +178,18 @@ def _join(address: str, tls: TLSFiles | None = None) -> Iterator[Connection]:
     import dask
     from distributed import Client
 
+    from volref.io.store import redact
+
     if tls is None and address.startswith("tls://") and \
             not dask.config.get("distributed.comm.tls.ca-file", None):
-        raise ConfigError(f"{address} needs TLS files (--tls-ca-file, --tls-cert, --tls-key, or "
-                          "distributed.comm.tls in the Dask config)")
+        raise ConfigError(f"{redact(address)} needs TLS files (--tls-ca-file, --tls-cert, "
+                          "--tls-key, or distributed.comm.tls in the Dask config)")
     security = tls.security() if tls is not None else None  # None: the Dask config's
     try:
         client = Client(address, timeout="20s", security=security)
-    except OSError as exc:
-        raise VolrefError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    except (OSError, ValueError, TypeError, TimeoutError) as exc:
+        raise VolrefError(f"cannot reach the Dask scheduler at {redact(address)}: "
+                          f"{type(exc).__name__}: {exc}") from None
     try:
         n = len(client.scheduler_info(n_workers=-1)["workers"])
         yield Connection(client, f"scheduler {address} ({n} workers)", client.dashboard_link)
@@ -193,18 +197,51 @@ def _join(address: str, tls: TLSFiles | None = None) -> Iterator[Connection]:
         client.close()
 
 
+#: what each kind of cluster file may say, and the types its values must have
+_LOCAL_KEYS: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "workers": (int, type(None)), "threads_per_worker": (int,),
+    "host": (str,), "dashboard_address": (str, type(None)), "memory_limit": (str, int, float),
+    "security": (dict,)}
+_BATCH_KEYS: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "options": (dict,), "scale": (int,), "wait": (str, int, float),
+    "security": (dict,)}
+_KUBE_KEYS: dict[str, tuple[type, ...]] = {
+    **_BATCH_KEYS, "name": (str,), "image": (str,), "env": (dict,), "scheduler": (dict,),
+    "worker": (dict,)}
+
+
 def load_cluster_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A cluster file, read and checked: its kind, its keys and their types (a file this cannot
+    describe is one line naming what is wrong, not a traceback from the cluster library)."""
     import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"cluster file {p} does not exist")
     try:
-        config = yaml.safe_load(p.read_text())
+        text = read_small_file(p, "cluster file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"cluster file {p} is not text (UTF-8)") from None
+    try:
+        config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cluster file {p} is not valid YAML: {exc}") from None
     if not isinstance(config, dict) or config.get("kind") not in KINDS:
         raise ConfigError(f"cluster file {p} needs 'kind: {' | '.join(KINDS)}'")
+    allowed = (_LOCAL_KEYS if config["kind"] in ("local", "local-cuda")
+               else _KUBE_KEYS if config["kind"] == "kubernetes" else _BATCH_KEYS)
+    for key, value in config.items():
+        if key not in allowed:
+            raise ConfigError(f"cluster file {p}: unknown key {key!r} for kind "
+                              f"{config['kind']} (known: {', '.join(sorted(allowed))})")
+        if isinstance(value, bool) or not isinstance(value, allowed[key]):
+            raise ConfigError(f"cluster file {p}: {key} has the wrong type ({value!r})")
+    for key, lo, hi in (("workers", 0, 4096), ("threads_per_worker", 1, 1024),
+                        ("scale", 0, 100_000)):
+        value = config.get(key)
+        if isinstance(value, int) and not lo <= value <= hi:
+            raise ConfigError(f"cluster file {p}: {key} must be in [{lo}, {hi}], got {value}")
+    if isinstance(config.get("options"), dict) and not all(
+            isinstance(k, str) for k in config["options"]):
+        raise ConfigError(f"cluster file {p}: option names must be text")
     if "security" in config:
         config["security"] = TLSFiles.from_config(config["security"], p.resolve().parent)
     return config
@@ -214,10 +251,11 @@ def load_cluster_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _start(config: dict[str, Any]) -> Iterator[Connection]:
     config = dict(config)
     kind = config.pop("kind")
-    if kind in ("local", "local-cuda"):
-        cluster = _local(kind, config)
-    else:
-        cluster = _batch(kind, config)
+    try:
+        cluster = _local(kind, config) if kind in ("local", "local-cuda") else _batch(kind, config)
+    except (TypeError, ValueError) as exc:  # options the cluster library does not take
+        raise ConfigError(f"cannot start the {kind} cluster: {type(exc).__name__}: {exc}") \
+            from None
     from distributed import Client
 
     try:

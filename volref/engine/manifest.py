@@ -140,16 +140,18 @@ _RECORDED: dict[str, int] = {}
 
 
 def _fault(stage: str, when: str) -> None:
-    """``VOLREF_FAULT_KILL=<stage>:<n>:<before|after>`` SIGKILLs this process at the n-th record
-    of ``stage`` it writes, before or after writing it (its chunks are written either way). The
-    reliability tests use it to kill a run at exact points; unset, it costs one lookup."""
+    """``VOLREF_FAULT_KILL=<stage>:<n>:<before|after>[:TERM]`` SIGKILLs (or SIGTERMs) this
+    process at the n-th record of ``stage`` it writes, before or after writing it (its chunks are
+    written either way). The reliability tests use it to kill a run at exact points; unset, it
+    costs one lookup."""
     spec = os.environ.get("VOLREF_FAULT_KILL")
     if not spec:
         return
-    target, n, at = spec.split(":")
+    target, n, at, *sig = spec.split(":")
+    signum = signal.SIGTERM if sig == ["TERM"] else signal.SIGKILL
     if target != stage:
         return
     if when == "before":
         _RECORDED[stage] = _RECORDED.get(stage, 0) + 1
     if at == when and _RECORDED[stage] == int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import dask
 
 from volref.engine.allocator import release_free_memory
+from volref.engine.lock import deferred_termination
 from volref.errors import VolrefError
 
 if TYPE_CHECKING:
@@ -114,11 +115,12 @@ class Executor:
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, gpu: bool = False) -> Any:
         """A future of ``fn(*args)``; ``args`` may hold futures of this executor."""
         if self.client is None:
-            try:
-                values = [a.result() if isinstance(a, _Done) else a for a in args]
-                return _Done(fn(*values))
-            except Exception as exc:  # noqa: BLE001 - reported per block by the caller
-                return _Done(error=exc)
+            with deferred_termination():  # a SIGTERM meanwhile waits for the block's record
+                try:
+                    values = [a.result() if isinstance(a, _Done) else a for a in args]
+                    return _Done(fn(*values))
+                except Exception as exc:  # noqa: BLE001 - reported per block by the caller
+                    return _Done(error=exc)
         return self.client.submit(run_task, fn, *args, key=f"{key}-{self.token}", pure=False,
                                   retries=self.retries, resources=self._resources(gpu))
 

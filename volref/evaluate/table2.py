@@ -34,12 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.evaluate.methods import MethodSettings, refine_tile
-from volref.io import intensity_sample, label_names, open_image
+from volref.io import intensity_sample, label_names, open_group, open_image
 from volref.io.region import read_padded, reflect
 from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH, finest, label_path
 from volref.metrics import METRICS, dice, tile_metrics
@@ -271,7 +270,7 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
     """Every ``every``-th z-slice of a segmented held-out phantom. With ``ensemble``, each slice's
     ensemble probabilities are computed on demand (and kept) for the CRF."""
     vol = open_image(location)
-    root = zarr.open_group(str(location), mode="r")
+    root = open_group(location, mode="r")
     names = label_names(root)
     need = (INITIAL, GROUND_TRUTH, DEGRADED)
     missing = [n for n in need if n not in names]

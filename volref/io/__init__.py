@@ -10,7 +10,7 @@ from volref.io.image import (
     open_multiscale,
 )
 from volref.io.ngff import Axis, Level, Multiscale, read_multiscale
-from volref.io.store import check_name, is_url, open_group, redact
+from volref.io.store import check_name, is_url, open_group, redact, scrub
 from volref.io.validate import validate_image, validate_label_image
 from volref.io.write import (
     LabelInfo,
@@ -26,5 +26,5 @@ __all__ = [
     "SUPPORTED_DTYPES", "Axis", "LabelInfo", "Level", "Multiscale", "Volume", "check_name",
     "create_label_image", "create_multiscale", "intensity_sample", "default_levels", "label_levels", "is_url", "label_names",
     "open_group", "open_image", "open_multiscale", "pyramid_geometry", "read_multiscale",
-    "redact", "store_pyramid", "validate_image", "validate_label_image",
+    "redact", "scrub", "store_pyramid", "validate_image", "validate_label_image",
 ]

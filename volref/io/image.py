@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,9 +12,9 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from volref.errors import UnsupportedImageError
+from volref.errors import ImageDataError, UnsupportedImageError, VolrefError
 from volref.io.ngff import Multiscale, ome_attributes, read_multiscale
-from volref.io.store import array_at, open_group, redact
+from volref.io.store import array_at, member, open_group, redact
 
 #: dtypes volref processes; images of other integer and float types are refused with a reason.
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -176,7 +178,7 @@ class InvalidAxisOrder(UnsupportedImageError):
 def label_names(group: zarr.Group) -> list[str]:
     """Names listed in the image's ``labels`` group (empty when there is none)."""
     try:
-        labels = group["labels"]
+        labels = member(group, "labels")
     except KeyError:
         return []
     if not isinstance(labels, zarr.Group):
@@ -184,3 +186,18 @@ def label_names(group: zarr.Group) -> list[str]:
     _, ome = ome_attributes(labels)
     names = ome.get("labels", [])
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Turn a chunk that cannot be read or decoded while reading ``what`` (a truncated or
+    overwritten file, a codec error) into one :class:`ImageDataError` naming it. Wrap only the
+    reads: errors of volref's own code around them must stay tracebacks."""
+    try:
+        yield
+    except VolrefError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OSError, KeyError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ImageDataError(f"cannot read {what}: a chunk is damaged or unreadable "
+                             f"({type(exc).__name__}: {detail})") from None

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import zarr
 
 from volref.errors import InvalidMetadataError, NotOmeZarrError
-from volref.io.store import check_name
+from volref.io.store import check_name, member
 
 VERSIONS = ("0.4", "0.5")
 
@@ -129,7 +129,7 @@ def read_multiscale(group: zarr.Group, where: str = "") -> Multiscale:
             translation = tuple(a + b for a, b in zip(translation or (0.0,) * len(axes),
                                                       global_translation))
         try:
-            array = group[path]
+            array = member(group, path, label)
         except KeyError:
             raise InvalidMetadataError(f"{label}: level {path!r} is listed but missing") from None
         if not isinstance(array, zarr.Array):
@@ -237,7 +237,12 @@ def set_ome(group: zarr.Group, version: str, key: str, value: Any) -> None:
     """Write one OME key (``multiscales``, ``labels``, ``image-label``) in the version's layout."""
     attrs: dict[str, Any] = dict(group.attrs)
     if version == "0.5":
-        ome = dict(attrs.get("ome", {}))
+        current = attrs.get("ome", {})
+        if not isinstance(current, dict):
+            raise InvalidMetadataError(
+                f"the 'ome' attribute of {group.path or 'the root group'} is not an object; "
+                "volref does not replace it")
+        ome = dict(current)
         ome["version"] = "0.5"
         ome[key] = value
         group.attrs["ome"] = ome

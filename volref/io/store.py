@@ -14,10 +14,12 @@ from zarr.storage import FsspecStore, LocalStore
 
 from volref.errors import (
     InputNotFoundError,
+    InvalidMetadataError,
     InvalidNameError,
     NotOmeZarrError,
     OutputError,
     OutputExistsError,
+    VolrefError,
 )
 
 log = logging.getLogger(__name__)
@@ -41,14 +43,39 @@ def local_path(location: str | os.PathLike[str]) -> Path:
     return Path(text[len("file://"):] if text.startswith("file://") else text)
 
 
+_AUTHORITY = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"<>]*)")
+
+
+def _redact_url(scheme: str, rest: str) -> str:
+    # the authority runs to the first '/', '?' or '#'; user info is what precedes its last '@'
+    # (a password may itself hold '@' or ':'); queries and fragments carry tokens and signatures
+    cut = re.search(r"[?#]", rest)
+    head = rest[:cut.start()] if cut else rest
+    slash = head.find("/")
+    authority, path = (head, "") if slash < 0 else (head[:slash], head[slash:])
+    if "@" in authority:
+        authority = authority.rsplit("@", 1)[1]
+    elif "@" in path and ":" in authority and not authority.rsplit(":", 1)[1].isdigit():
+        # a password holding '/' ends the authority early: drop through the last '@'
+        authority, path = "", path.rsplit("@", 1)[1]
+    return f"{scheme}{authority}{path}"
+
+
 def redact(location: str | os.PathLike[str]) -> str:
     """A location fit for messages and provenance: credentials in URLs (user:password@, and query
-    strings, which carry signatures and tokens) are dropped."""
+    strings and fragments, which carry signatures and tokens) are dropped."""
     text = str(location)
     if "://" not in text:
         return text
-    text = re.sub(r"(://)[^/@]*@", r"\1", text)
-    return re.sub(r"\?.*$", "", text)
+    return scrub(text)
+
+
+def scrub(text: str) -> str:
+    """``text`` (a message, a repr, a log line) with every URL in it passed through
+    :func:`redact`: the last line of defence where a library prints a store's URL."""
+    if "://" not in text:
+        return text
+    return _AUTHORITY.sub(lambda m: _redact_url(m["scheme"], m["rest"]), text)
 
 
 def check_name(name: str) -> str:
@@ -70,13 +97,24 @@ def open_group(location: str | os.PathLike[str], mode: AccessMode = "r",
     """
     read_only = mode == "r"
     if is_url(location):
-        store: FsspecStore | LocalStore = FsspecStore.from_url(str(location), read_only=read_only,
-                                     storage_options=storage_options or {})
+        if not read_only and str(location).split("://", 1)[0].lower() in ("http", "https"):
+            raise OutputError(f"cannot write into {redact(location)}: HTTP stores are read-only "
+                              "(write the results to a local path or an object store with "
+                              "--output)")
+        try:
+            store: FsspecStore | LocalStore = FsspecStore.from_url(
+                str(location), read_only=read_only, storage_options=storage_options or {})
+        except (ValueError, ImportError, TypeError) as exc:
+            raise InputNotFoundError(f"cannot open {redact(location)}: "
+                                     f"{scrub(str(exc))}") from None
     else:
         path = local_path(location)
         if mode in ("r", "r+") and not path.exists():
             raise InputNotFoundError(f"no such file or directory: {path}")
-        store = LocalStore(path, read_only=read_only)
+        if mode in ("r", "r+") and not path.is_dir():
+            raise NotOmeZarrError(f"{path} is not a zarr store (a store is a folder; this is "
+                                  "a file, a FIFO or a device)")
+        store = RegularFileStore(path, read_only=read_only)
     try:
         node = zarr.open(store=store, mode=mode) if mode in ("r", "r+") else zarr.open_group(
             store=store, mode=mode, zarr_format=zarr_format)
@@ -92,7 +130,13 @@ def open_group(location: str | os.PathLike[str], mode: AccessMode = "r",
     except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError) as exc:
         raise OutputExistsError(f"{redact(location)} already holds zarr data") from exc
     except (ValueError, KeyError) as exc:
-        raise NotOmeZarrError(f"{redact(location)} is not a zarr store ({exc})") from exc
+        raise NotOmeZarrError(f"{redact(location)} is not a zarr store ({scrub(str(exc))})") \
+            from None
+    except Exception as exc:
+        if is_url(location) and connection_error(exc):
+            raise StoreUnreachableError(f"cannot reach {redact(location)}: "
+                                        f"{scrub(str(exc)) or type(exc).__name__}") from None
+        raise
     if isinstance(node, zarr.Array):
         raise NotOmeZarrError(
             f"{redact(location)} is a plain zarr array, not an OME-Zarr image group")
@@ -113,6 +157,78 @@ def group_at(group: zarr.Group, path: str) -> zarr.Group:
     if not isinstance(node, zarr.Group):
         raise KeyError(f"{path} is an array, not a group")
     return node
+
+
+class StoreUnreachableError(InputNotFoundError, ConnectionError):
+    """A remote store that does not answer (refused, unresolvable, timed out)."""
+
+
+def connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure to talk to a remote store (not a bug in volref): socket
+    errors, timeouts, and the HTTP client's own errors."""
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    return any(t.__module__.split(".")[0] in ("aiohttp", "botocore", "s3fs", "gcsfs")
+               for t in type(exc).__mro__)
+
+
+_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def member(group: zarr.Group, name: str, where: str = ""):
+    """``group[name]``, with metadata that zarr cannot parse (a truncated or rewritten
+    ``zarr.json``) as one :class:`InvalidMetadataError`; a missing member stays a KeyError."""
+    try:
+        return group[name]
+    except (KeyError, VolrefError):
+        raise
+    except (ValueError, TypeError) as exc:
+        label = f"{where or group.path or 'the store'}/{name}"
+        raise InvalidMetadataError(f"{label}: its metadata cannot be read "
+                                   f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                                   ) from None
+
+
+class NotAFileError(VolrefError, OSError):
+    """A key of a local store is a FIFO, a device or a socket where a file should be."""
+
+
+class RegularFileStore(LocalStore):
+    """A :class:`LocalStore` that reads only regular files: a FIFO (or a device) put where a
+    chunk or a metadata document should be would block the reader forever (or stream without
+    end); it is refused with one line instead. A directory there reads as missing, as in zarr."""
+
+    async def get(self, key: str, prototype=None, byte_range=None):  # type: ignore[no-untyped-def]
+        """The bytes at ``key``; metadata documents must parse as JSON."""
+        self._check(key)
+        buf = await super().get(key, prototype, byte_range)
+        if buf is not None and byte_range is None and key.rsplit("/", 1)[-1] in _METADATA:
+            import json
+
+            try:
+                json.loads(buf.to_bytes())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidMetadataError(f"{self.root / key} is not valid JSON ({exc}); "
+                                           "is it truncated?") from None
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):  # type: ignore[no-untyped-def]
+        """Byte ranges of regular files only."""
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._check(key)
+        return await super().get_partial_values(prototype, key_ranges)
+
+    def _check(self, key: str) -> None:
+        import stat
+
+        try:
+            mode = os.stat(self.root / key).st_mode
+        except OSError:
+            return  # missing (or unreadable): zarr's own handling applies
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise NotAFileError(f"{self.root / key} is {kind}; a store holds regular files")
 
 
 def has_member(group: zarr.Group, name: str) -> bool:
@@ -154,6 +270,39 @@ def prepare_new_store(location: str | os.PathLike[str], overwrite: bool = False)
         raise OutputError(f"cannot create {path}: {parent} is read-only")
 
 
+def create_store(location: str | os.PathLike[str], zarr_format: int,
+                 attrs: dict[str, Any] | None = None) -> zarr.Group | None:
+    """Create a new, empty store with root ``attrs``, atomically on a local disk: it is built
+    under a temporary name beside ``location`` and renamed into place, so a second run racing to
+    create the same store never sees it half made. Returns None when another process created
+    ``location`` first (open it instead); remote stores are created in place."""
+    import shutil
+    import uuid
+
+    if is_url(location):
+        root = open_group(location, mode="w-", zarr_format=zarr_format)
+        mine = dict((attrs or {}).get("volref") or {})
+        root.attrs.update({**(attrs or {}), "volref": {**mine, "created_by": "volref"}})
+        return root
+    mine = dict((attrs or {}).get("volref") or {})
+    attrs = {**(attrs or {}), "volref": {**mine, "created_by": "volref"}}
+    path = local_path(location).absolute()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        root = open_group(tmp, mode="w-", zarr_format=zarr_format)
+        root.attrs.update(attrs)
+        try:
+            os.rename(tmp, path)  # fails when path is a non-empty directory or a file
+        except OSError as exc:
+            if path.exists():
+                return None
+            raise OutputError(f"cannot create {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open_group(path, mode="r+")
+
+
 def check_writable_group(group: zarr.Group, location: str | os.PathLike[str]) -> None:
     """Refuse early when the group's store is read-only (a read-only mount, no permission)."""
     if group.store.read_only:
@@ -162,6 +311,22 @@ def check_writable_group(group: zarr.Group, location: str | os.PathLike[str]) ->
         raise OutputError(
             f"cannot write into {local_path(location)}: it is read-only "
             "(use --output for a separate store)")
+    if consolidated(group):
+        raise OutputError(
+            f"{redact(location)} has consolidated metadata (.zmetadata or consolidated_metadata "
+            "in zarr.json): groups volref added would stay invisible to readers that use it, "
+            "and volref does not rewrite it; use --output for a separate store")
+
+
+def consolidated(group: zarr.Group) -> bool:
+    """Whether the store of ``group`` keeps consolidated metadata (zarr v2 ``.zmetadata`` at its
+    root or beside the group, zarr v3 ``consolidated_metadata`` in ``zarr.json``)."""
+    if getattr(group.metadata, "consolidated_metadata", None) is not None:
+        return True
+    from zarr.core.sync import sync
+
+    keys = {".zmetadata", f"{group.path}/.zmetadata".lstrip("/")}
+    return any(sync(group.store.exists(k)) for k in keys)
 
 
 def writable(path: Path) -> bool:
@@ -186,13 +351,35 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a store that ``--overwrite`` replaces; refuses anything that is not a zarr store."""
+    """Remove a store that ``--overwrite`` replaces; refuses anything volref did not create
+    (a zarr store another tool wrote is the user's data, whatever its name)."""
     import shutil
 
     markers = ("zarr.json", ".zgroup", ".zarray")
     if not any((path / m).exists() for m in markers):
         raise OutputError(f"refusing to overwrite {path}: it is not a zarr store")
+    if not store_owned(path):
+        raise OutputExistsError(f"refusing to overwrite {path}: volref did not create it "
+                                "(--overwrite replaces only volref's own stores)")
     shutil.rmtree(path)
+
+
+def store_owned(location: str | os.PathLike) -> bool:
+    """Whether volref created the store at ``location``: its root carries volref's mark, or
+    (stores made before the mark) it is a phantom or an output store of an earlier volref."""
+    try:
+        root = open_group(location, mode="r")
+    except Exception:  # noqa: BLE001 - whatever cannot be opened is not provably volref's
+        return False
+    mine = root.attrs.get("volref")
+    if isinstance(mine, dict) and (mine.get("created_by") == "volref" or "source" in mine):
+        return True
+    try:
+        meta = root["volref"]
+    except KeyError:
+        return False
+    legacy = meta.attrs.get("volref") if isinstance(meta, zarr.Group) else None
+    return isinstance(legacy, dict) and "phantom" in legacy
 
 
 # ---------------------------------------------------------------- plain files inside a store

@@ -7,7 +7,8 @@ Level ``k`` is computed from level ``k-1`` as stored, not from the source graph,
 sources (a phantom, a model) run once; :func:`store_pyramid` returns the whole sequence as one
 lazy object that the caller computes (with a progress bar, on any scheduler).
 
-Levels halve y and x and keep z, as pan-ExM stacks are already coarser in z::
+Levels that volref makes halve y and x and keep z, as pan-ExM stacks are already coarser in z
+(label images of another image follow that image's levels, whatever their factors)::
 
     s0  (z, y,    x   )  scale (sz, sy,  sx )
     s1  (z, y//2, x//2)  scale (sz, 2sy, 2sx)   image: mean of 2x2; labels: top-left voxel
@@ -31,8 +32,15 @@ from dask.graph_manipulation import bind
 from zarr.codecs import BloscCodec
 
 from volref.errors import OutputExistsError, VolrefError
-from volref.io.image import label_names
-from volref.io.ngff import Axis, Level, Multiscale, level_paths, multiscales_entry, set_ome
+from volref.io.ngff import (
+    Axis,
+    Level,
+    Multiscale,
+    level_paths,
+    multiscales_entry,
+    ome_attributes,
+    set_ome,
+)
 from volref.io.store import check_name, has_member
 
 log = logging.getLogger(__name__)
@@ -146,11 +154,12 @@ def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array[Any]], meth
         if k > 0:
             prev = arrays[k - 1]
             lead = (1,) * (prev.ndim - 3)
-            read_chunks = lead + tuple(c * f for c, f in zip(target.chunks[-3:], FACTORS))
+            factors = level_factors(prev.shape[-3:], target.shape[-3:])
+            read_chunks = lead + tuple(c * f for c, f in zip(target.chunks[-3:], factors))
             src = da.from_zarr(prev, chunks=read_chunks)
             if stores:
                 src = bind(src, stores[-1])
-            src = _downsample(src, target.shape, method)
+            src = _downsample(src, target.shape, method, factors)
         if src is None:
             raise VolrefError(f"internal: no source for level {k}")
         if tuple(src.shape) != tuple(target.shape):
@@ -165,8 +174,23 @@ def _done(_: Any) -> None:
     return None
 
 
-def _downsample(x: da.Array, target_shape: Sequence[int], method: str) -> da.Array:
-    f = (1,) * (x.ndim - 3) + FACTORS
+def level_factors(prev: Sequence[int], target: Sequence[int]) -> tuple[int, ...]:
+    """The integer factor per axis from one level's shape to the next's: the smallest ``f`` with
+    ``prev // f == target`` (how :func:`pyramid_geometry` and other writers round), else the
+    floor of the ratio (the level is then cropped). A pyramid that also halves z gets 2 in z:
+    labels follow the image's real factors in every axis, not an assumed (1, 2, 2)."""
+    out = []
+    for p, t in zip(prev, target):
+        if t < 1 or t > p:
+            raise VolrefError(f"a level of shape {tuple(target)} cannot follow {tuple(prev)}")
+        f = p // (t + 1) + 1  # the smallest f with p // f <= t
+        out.append(f if p // f == t else max(1, p // t))
+    return tuple(out)
+
+
+def _downsample(x: da.Array, target_shape: Sequence[int], method: str,
+                factors: Sequence[int] = FACTORS) -> da.Array:
+    f = (1,) * (x.ndim - 3) + tuple(factors)
 
     def block(b: np.ndarray) -> np.ndarray:
         if method == "nearest":
@@ -214,28 +238,89 @@ def create_label_image(root: zarr.Group, name: str, levels: Sequence[Level],
                        overwrite: bool = False) -> tuple[zarr.Group, list[zarr.Array[Any]]]:
     """Add ``labels/<name>`` (empty arrays + metadata) to an image group or an output store.
 
-    Only groups are added; no existing array is touched. The labels group's list gains ``name``.
+    Only groups are added, and marked as volref's (:func:`mark_owned`); a label image of the same
+    name is replaced only when volref made it and ``overwrite`` is given, never one another tool
+    wrote. The labels group's list gains ``name``, merged into what is there (a ``labels``
+    attribute that is not a list of names is refused, not replaced). Every check runs before
+    the first write, so a refusal leaves the archive as it was.
     """
     check_name(name)
-    labels = _labels_group(root)
-    existing = label_names(root)
-    if has_member(labels, name):
-        if not overwrite:
-            raise OutputExistsError(f"label image {name!r} exists; pass --overwrite to replace it")
+    labels = _labels_group(root, create=False)
+    if labels is not None:
+        listed = _listed(labels)
+        if has_member(labels, name):
+            old = labels[name]
+            if not owned(old):
+                raise ForeignGroupError(
+                    f"labels/{name} was not written by volref; volref never replaces or deletes "
+                    "it, --overwrite included (rename it, or use --output for a separate store)")
+            if not overwrite:
+                raise OutputExistsError(
+                    f"label image {name!r} exists; pass --overwrite to replace it")
+    if labels is None:
+        labels = _labels_group(root, create=True)
+        mark_owned(labels)
+        listed = []
+    elif has_member(labels, name):
         del labels[name]
     group = labels.create_group(name)
+    mark_owned(group)
     arrays = create_multiscale(group, levels, axes, version=version, name=name, method="nearest")
     set_ome(group, version, "image-label", (info or LabelInfo()).to_dict())
-    if name not in existing:
-        set_ome(labels, version, "labels", existing + [name])
+    if name not in listed:
+        set_ome(labels, version, "labels", _listed(labels) + [name])
     return group, arrays
 
 
-def _labels_group(root: zarr.Group) -> zarr.Group:
+class ForeignGroupError(OutputExistsError):
+    """A group volref would write is there and was made by someone else: it is never touched."""
+
+
+#: the key of volref's own attributes on every group it creates
+OWNER_KEY = "volref"
+
+
+def mark_owned(group: zarr.Group) -> None:
+    """Record in ``group``'s attributes that volref created it (and so may replace it)."""
+    attrs = group.attrs.get(OWNER_KEY)
+    mine = dict(attrs) if isinstance(attrs, dict) else {}
+    mine["created_by"] = "volref"
+    group.attrs[OWNER_KEY] = mine
+
+
+def owned(group: zarr.Group | zarr.Array) -> bool:
+    """Whether volref created ``group``: its own mark, or (label images written before the mark
+    existed) the multiscales metadata volref writes."""
+    attrs = dict(group.attrs)
+    mine = attrs.get(OWNER_KEY)
+    if isinstance(mine, dict) and mine.get("created_by") == "volref":
+        return True
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    entries = ome.get("multiscales") if isinstance(ome, dict) else None
+    if isinstance(entries, list) and entries and isinstance(entries[0], dict):
+        meta = entries[0].get("metadata")
+        return isinstance(meta, dict) and meta.get("method") == "volref nearest downsampling"
+    return False
+
+
+def _listed(labels: zarr.Group) -> list[str]:
+    """The ``labels`` list of a labels group; refuses one that is not a list of names."""
+    _, ome = ome_attributes(labels)
+    if "labels" not in ome:
+        return []
+    names = ome["labels"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ForeignGroupError(
+            f"the 'labels' attribute of labels/ is {type(names).__name__} {names!r:.60}, not a "
+            "list of names; volref does not replace it (fix it, or use --output)")
+    return list(names)
+
+
+def _labels_group(root: zarr.Group, create: bool) -> zarr.Group | None:
     try:
         node = root["labels"]
     except KeyError:
-        return root.create_group("labels")
+        return root.create_group("labels") if create else None
     if not isinstance(node, zarr.Group):
-        raise OutputExistsError("'labels' exists in the store and is not a group")
+        raise ForeignGroupError("'labels' exists in the store and is not a group")
     return node

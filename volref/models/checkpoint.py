@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from volref.errors import VolrefError
+from volref.files import UserFileError, check_regular_file, read_head
 
 
 class CheckpointError(VolrefError, ValueError):
@@ -50,11 +51,11 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file and its metadata; refuse anything else with a clear message."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        path = check_regular_file(path, "checkpoint")
+        head = read_head(path, 9)
+    except UserFileError as exc:
+        raise CheckpointError(str(exc)) from None
     if not _looks_like_safetensors(head, path.stat().st_size) and any(
             head.startswith(m) for m in _PICKLE_MAGIC):
         raise CheckpointError(
@@ -73,7 +74,19 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = {k: json.loads(v) for k, v in raw.items()}
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: metadata is not JSON ({exc})") from exc
+    check_finite_weights(tensors, path)
     return tensors, meta
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or infinities: such a model labels everything background (or
+    anything at all) without an error, so it must not get as far as a block."""
+    bad = [name for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{more}); the checkpoint is damaged or its training diverged")
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, kind: str, config: dict[str, Any],

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from volref.models.config import check_fields, check_tiles
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class CNNAEConfig:
     width: int = 32  # channels after the first level; doubled per level up to 4x
     levels: int = 4  # 128 -> 8 pixels at the bottleneck
     bottleneck: int = 64  # channels at the bottleneck
+
+    LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
+        "tile": (8, 1024), "patch": (1, 64), "n_classes": (1, 64), "width": (8, 1024),
+        "levels": (1, 8), "bottleneck": (1, 4096)}
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.LIMITS)
+        check_tiles(self.tile, self.patch, 2**self.levels)
+        if self.width % 8:
+            raise ValueError(f"width {self.width} must be a multiple of 8 (group norm)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

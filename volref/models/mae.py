@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volref.models import kernels
+from volref.models.config import check_fields, check_tiles
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,24 @@ class MAEConfig:
     mlp_ratio: float = 2.0
     pos_scale: float = 1.0
     image_depth: int = 0  # > 0: MAE+X, with an image encoder of this many blocks (see below)
+
+    #: ranges a config read from a card must respect (sizes beyond these are no trained model)
+    LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
+        "tile": (4, 1024), "patch": (1, 64), "n_classes": (1, 64), "width": (4, 2048),
+        "depth": (1, 64), "heads": (1, 64), "decoder_width": (4, 2048), "decoder_depth": (0, 64),
+        "decoder_heads": (1, 64), "mlp_ratio": (0.25, 16), "pos_scale": (0, 100),
+        "image_depth": (0, 64)}
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.LIMITS)
+        check_tiles(self.tile, self.patch)
+        if self.grid > 128:
+            raise ValueError(f"tile/patch = {self.grid} patches per side; at most 128")
+        for name, heads in (("width", self.heads), ("decoder_width", self.decoder_heads)):
+            value = getattr(self, name)
+            if value % 4 or value % heads:
+                raise ValueError(f"{name} {value} must be a multiple of 4 and of its {heads} "
+                                 "heads")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

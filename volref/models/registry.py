@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from volref.classes import N_CLASSES
+from volref.files import UserFileError, check_regular_file
 from volref.models.checkpoint import CheckpointError, load_into, load_state, save_tensors
 from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.ensemble import Ensemble
@@ -37,6 +38,10 @@ DEFAULT_REFINERS = {"mae": DEFAULT_REFINER, "mae-x": WEIGHTS / "mae-x.safetensor
 def file_hash(path: str | os.PathLike) -> str:
     """SHA-256 of a model file (recorded in provenance; keys per-worker model caches)."""
     h = hashlib.sha256()
+    try:
+        path = check_regular_file(path, "checkpoint")
+    except UserFileError as exc:
+        raise CheckpointError(str(exc)) from None
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -62,13 +67,13 @@ def load_segmenter(path: str | os.PathLike | None = None,
     path = Path(path) if path is not None else DEFAULT_SEGMENTER
     state, meta = load_state(path, SEGMENTER_KIND, n_classes=N_CLASSES)
     config = dict(meta["config"])
-    k = int(config.pop("members", 0))
+    k = config.pop("members", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
+        raise CheckpointError(f"{path}: an ensemble has 1 to 64 members, its card says {k!r}")
     try:
         unet_config = UNetConfig.from_dict(config)
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: config does not describe a U-Net ({exc})") from exc
-    if k < 1:
-        raise CheckpointError(f"{path}: an ensemble needs at least one member")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: config does not describe a U-Net ({exc})") from None
     members = []
     for i in range(k):
         prefix = f"member{i}."
@@ -93,9 +98,9 @@ def load_refiner(path: str | os.PathLike | None = None, device: str | torch.devi
                        else (MaskedAutoencoder, MAEConfig))
     try:
         config = config_cls.from_dict(meta["config"])
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: config does not describe a {cls.__name__} ({exc})") \
-            from exc
+            from None
     model = cls(config)  # type: ignore[arg-type]  # cls and config_cls are chosen together
     load_into(model, state, path)
     return model.to(device).eval()

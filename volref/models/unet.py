@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from volref.models.config import check_fields
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,12 @@ class UNetConfig:
     n_classes: int = 4
     base: int = 12
     levels: int = 3
+
+    LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
+        "in_slices": (1, 64), "n_classes": (1, 64), "base": (1, 512), "levels": (1, 8)}
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.LIMITS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from dask.delayed import Delayed
 
 from volref import __version__
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES, DEGRADED_COLORS, DEGRADED_PROPERTIES
+from volref.errors import OutputExistsError
 from volref.io import (
     Axis,
     LabelInfo,
@@ -31,7 +32,7 @@ from volref.io import (
     store_pyramid,
     validate_image,
 )
-from volref.io.store import prepare_new_store, redact
+from volref.io.store import create_store, prepare_new_store, redact
 from volref.layout import DEGRADED, GROUND_TRUTH, GROUND_TRUTH_INSTANCES, META
 from volref.synth import SynthConfig, make_phantom
 
@@ -52,7 +53,9 @@ def write_phantom(config: SynthConfig, location: str | os.PathLike, *, version: 
     log.info("phantom %s: %d mitochondria, %d degraded areas", config.shape,
              phantom.scene.n_mitochondria, len({int(r) for r in phantom.scene.degraded[:, 11]}))
     prepare_new_store(location, overwrite=overwrite)
-    root = open_group(location, mode="w-", zarr_format=3 if version == "0.5" else 2)
+    root = create_store(location, 3 if version == "0.5" else 2)
+    if root is None:
+        raise OutputExistsError(f"{redact(location)} was created by another process just now")
 
     n_levels = levels or default_levels(config.shape)
     axes = tuple(Axis(n, "space", "micrometer") for n in ("z", "y", "x"))

@@ -108,6 +108,8 @@ class SegmentStage:
         manifest = Manifest(ctx.meta, self.name)
 
         def create(over: bool) -> list[list[zarr.Array]]:
+            if not over and has_member(ctx.meta, UNCERTAINTY):  # refuse before creating anything
+                raise OutputExistsError(f"{UNCERTAINTY_PATH} exists; pass --overwrite to replace it")
             _, labels = create_label_image(root, INITIAL, label_levels(ms, "uint8"), ms.axes,
                                            version=ms.version,
                                            info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),

@@ -14,6 +14,7 @@ from volref.errors import OutputError
 from volref.io import Multiscale, open_group, redact
 from volref.io.store import (
     check_writable_group,
+    create_store,
     is_url,
     local_path,
     prepare_new_store,
@@ -36,16 +37,19 @@ def open_target(image_location: str | os.PathLike, image: Multiscale,
     if str(output) == str(image_location):
         return open_target(image_location, image, None)
     exists = local_path(output).exists() if not is_url(output) else False
-    if exists:
-        root = open_group(output, mode="r+")
-        check_writable_group(root, output)
-        if root.metadata.zarr_format != image.zarr_format:
-            raise OutputError(f"{redact(output)} is zarr v{root.metadata.zarr_format} but the "
-                              f"image is zarr v{image.zarr_format} (NGFF {image.version})")
-        return root, str(output)
-    prepare_new_store(output)
-    root = open_group(output, mode="w-", zarr_format=image.zarr_format)
-    root.attrs["volref"] = {"source": redact(image_location), "version": __version__}
+    if not exists:
+        prepare_new_store(output)
+        created = create_store(output, image.zarr_format,
+                               {"volref": {"source": redact(image_location),
+                                           "version": __version__}})
+        if created is not None:
+            return created, str(output)
+        # another run created it a moment ago: open it as any existing store (its lock decides)
+    root = open_group(output, mode="r+")
+    check_writable_group(root, output)
+    if root.metadata.zarr_format != image.zarr_format:
+        raise OutputError(f"{redact(output)} is zarr v{root.metadata.zarr_format} but the "
+                          f"image is zarr v{image.zarr_format} (NGFF {image.version})")
     return root, str(output)
 
 

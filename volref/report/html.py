@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from volref.errors import VolrefError
-from volref.io import Volume, open_image
+from volref.io import Volume, open_group, open_image
 from volref.io.store import read_file
 from volref.layout import (
     INITIAL,
@@ -128,12 +128,12 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
     ``results`` when they were written to a separate store; ``channel``/``timepoint`` choose the
     image of a multi-channel or time-lapse ``location``)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    where = results or location
     try:
-        res = zarr.open_group(str(where), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise VolrefError(f"no OME-Zarr store at {where}") from None
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolrefError(f"cannot make the report folder {out}: {exc.strerror or exc}") from None
+    where = results or location
+    res = open_group(where, mode="r")
     for key, command in ((label_path(INITIAL), "segment"), (label_path(REFINED), "refine")):
         if existing_levels(res, key) is None:
             hint = "" if results else " (or pass --output STORE if the results went to one)"

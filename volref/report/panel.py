@@ -15,7 +15,8 @@ import zarr
 
 from volref.classes import CLASS_COLORS
 from volref.errors import VolrefError
-from volref.io import open_image
+from volref.files import check_output_file
+from volref.io import open_group, open_image
 from volref.layout import GROUND_TRUTH, INITIAL, REFINED, UNCERTAINTY_PATH, finest, label_path
 from volref.stages.refine import removal_mask
 from volref.stages.settings import RefineSettings
@@ -57,14 +58,15 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
                      timepoint: int | None = None) -> Path:
     """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
     settings = settings or RefineSettings()
+    check_output_file(out, "panel")
     vol = open_image(location, channel=channel, timepoint=timepoint)
-    res = zarr.open_group(str(results or location), mode="r")
+    res = open_group(results or location, mode="r")
     try:
         initial, refined, unc = (_Planes(finest(res, p)) for p in (
             label_path(INITIAL), label_path(REFINED), UNCERTAINTY_PATH))
     except KeyError:
         raise VolrefError("run volref segment and volref refine first") from None
-    root = zarr.open_group(str(location), mode="r")
+    root = open_group(location, mode="r")
     truth = (_Planes(finest(root, label_path(GROUND_TRUTH))) if GROUND_TRUTH in _labels(root)
              else None)
     nz, ny, nx = vol.shape

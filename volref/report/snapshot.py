@@ -15,8 +15,11 @@ import numpy as np
 import zarr
 
 from volref.errors import VolrefError
+from volref.files import check_output_file
 from volref.io import label_names, open_image, read_multiscale
+from volref.io.image import reading
 from volref.io.ngff import ome_attributes
+from volref.io.store import member
 from volref.layout import (
     DEGRADED,
     GROUND_TRUTH,
@@ -25,6 +28,7 @@ from volref.layout import (
     MITOCHONDRIA,
     REFINED,
     UNCERTAINTY_LABELS,
+    label_path,
 )
 from volref.report.panel import stretch
 
@@ -43,6 +47,7 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_output_file(out, "snapshot")
     vol = open_image(location, channel=channel, timepoint=timepoint)
     nz, ny, nx = vol.shape
     z = nz // 2 if z is None else z
@@ -51,7 +56,8 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     y0, y1, x0, x1 = crop if crop is not None else (0, ny, 0, nx)
     if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
         raise VolrefError(f"crop {crop} is outside the image ({ny} x {nx})")
-    image = np.asarray(vol.data[z, y0:y1, x0:x1].compute(), dtype=np.float64)
+    with reading(f"{vol.location} (z = {z})"):
+        image = np.asarray(vol.data[z, y0:y1, x0:x1].compute(), dtype=np.float64)
     names = list(labels) if labels is not None else label_names(vol.group)
     unknown = [n for n in names if n not in label_names(vol.group)]
     if unknown:
@@ -61,10 +67,17 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
 
     panels: list[tuple[str, np.ndarray, str | None]] = [("image", stretch(image), "gray")]
     for name in names:
-        group = vol.group["labels"][name]
+        try:
+            group = member(vol.group, label_path(name), where=vol.location)
+        except KeyError:  # listed, but missing (or its metadata lacks a key zarr needs)
+            raise VolrefError(f"{vol.location}: {label_path(name)} is listed but cannot be "
+                              "opened") from None
+        if not isinstance(group, zarr.Group):
+            raise VolrefError(f"{vol.location}: {label_path(name)} is not a group")
         ms = read_multiscale(group, where=f"labels/{name}")
         lead = (0,) * (ms.ndim - 3)
-        data = np.asarray(group[ms.levels[0].path][lead + (z, slice(y0, y1), slice(x0, x1))])
+        with reading(f"labels/{name} (z = {z})"):
+            data = np.asarray(group[ms.levels[0].path][lead + (z, slice(y0, y1), slice(x0, x1))])
         panels.append((TITLES.get(name, name), _colour(data, group), None))
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.9), squeeze=False)

@@ -65,8 +65,10 @@ class RefineSettings(Settings):
             raise SettingsError("batch", "batch must be >= 0 (0: chosen for the device)")
         if not 0 < self.max_removed <= 1:
             raise SettingsError("max_removed", "max_removed must be in (0, 1]")
-        if self.smooth < 0:
-            raise SettingsError("smooth", "smooth must be >= 0")
+        if not 0 <= self.tau <= 1:  # NaN fails too
+            raise SettingsError("tau", f"tau must be in [0, 1], got {self.tau}")
+        if not (math.isfinite(self.smooth) and self.smooth >= 0):
+            raise SettingsError("smooth", f"smooth must be a finite number >= 0, got {self.smooth}")
         if self.smooth > 0 and self.blend != "centre":
             raise SettingsError("smooth", "smooth needs blend='centre' (set smooth=0 for the "
                                 "window blend)")

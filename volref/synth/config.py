@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from volref.errors import ConfigError
+
+#: more than this many mitochondria per million voxels cannot be placed apart
+MAX_DENSITY = 1000.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,14 @@ class SynthConfig:
     degraded_label_threshold: float = 0.3
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if self.density > MAX_DENSITY:
+            raise ConfigError(f"density must be <= {MAX_DENSITY} mitochondria per million "
+                              f"voxels (they would overlap), got {self.density}")
         for name in ("shape", "chunks"):
             value = getattr(self, name)
             if len(value) != 3 or any(int(v) < 1 for v in value):
