@@ -18,7 +18,7 @@ does not fall on one size; rows hold the median wall time (min and max beside it
 least-squares line ``wall = fixed + per_voxel * voxels`` through the medians separates the
 fixed start (cluster, model loading) from the work that grows with the volume; the line also
 projects the time for the paper's dataset (12 stacks of 2048x2048x150, 7.5 Gvoxel) on this
-machine. ``--quick`` runs a 4x128x128 base volume at 1x and 2x on one worker (a smoke run; numbers
+machine. ``--quick`` runs a 2x128x128 base volume at 1x and 2x on one worker (a smoke run; numbers
 are not comparable).
 """
 
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "e.g. 1,2")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
-    base = (4, 128, 128) if args.quick else tuple(args.base)
+    base = (2, 128, 128) if args.quick else tuple(args.base)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
-    block = (4, 128, 128) if args.quick else tuple(args.block_shape)
+    block = (2, 128, 128) if args.quick else tuple(args.block_shape)
     if args.quick:
         args.sizes, args.workers, args.worker_sweep = "1,2", 1, ""
     base_image = work / "base.ome.zarr"
