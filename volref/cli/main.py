@@ -286,12 +286,16 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
     spec = ClusterSpec(workers=workers, scheduler=scheduler, cluster_file=cluster_file,
                        gpus=gpu_count(), tls=_tls_files(tls_ca_file, tls_cert, tls_key))
     start = time.perf_counter()
+
+    def connected(c: Any) -> None:
+        if ctx.obj["progress"]:
+            click.echo(f"cluster: {c.description}" +
+                       (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True)
+
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
                      channel=channel, timepoint=timepoint, observer=progress,
-                     on_connect=lambda c: ctx.obj["progress"] and click.echo(
-                         f"cluster: {c.description}" +
-                         (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True))
+                     on_connect=connected)
     click.echo(f"{result.target}: {len(result.grid)} blocks of {' x '.join(map(str, result.grid.block))}"
                f" in {time.perf_counter() - start:.1f} s")
     for rep in result.reports:

@@ -287,7 +287,7 @@ def deferred_termination() -> Iterator[None]:
         raise Terminated("terminated (SIGTERM)")
 
 
-def break_store_lock(location: str | os.PathLike) -> dict[str, Any] | None:
+def break_store_lock(location: str | os.PathLike[str]) -> dict[str, Any] | None:
     """:func:`break_lock` on the store at ``location`` (nothing when it has no lock)."""
     from volref.io.store import has_member, is_url, local_path, open_group, redact
 

@@ -175,7 +175,7 @@ def connection_error(exc: BaseException) -> bool:
 _METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 
 
-def member(group: zarr.Group, name: str, where: str = ""):
+def member(group: zarr.Group, name: str, where: str = "") -> zarr.Array | zarr.Group:
     """``group[name]``, with metadata that zarr cannot parse (a truncated or rewritten
     ``zarr.json``) as one :class:`InvalidMetadataError`; a missing member stays a KeyError."""
     try:
@@ -193,7 +193,7 @@ class NotAFileError(VolrefError, OSError):
     """A key of a local store is a FIFO, a device or a socket where a file should be."""
 
 
-class RegularFileStore(LocalStore):
+class RegularFileStore(LocalStore):  # type: ignore[misc]  # zarr is read untyped (pyproject)
     """A :class:`LocalStore` that reads only regular files: a FIFO (or a device) put where a
     chunk or a metadata document should be would block the reader forever (or stream without
     end); it is refused with one line instead. A directory there reads as missing, as in zarr."""
@@ -270,7 +270,7 @@ def prepare_new_store(location: str | os.PathLike[str], overwrite: bool = False)
         raise OutputError(f"cannot create {path}: {parent} is read-only")
 
 
-def create_store(location: str | os.PathLike[str], zarr_format: int,
+def create_store(location: str | os.PathLike[str], zarr_format: Literal[2, 3],
                  attrs: dict[str, Any] | None = None) -> zarr.Group | None:
     """Create a new, empty store with root ``attrs``, atomically on a local disk: it is built
     under a temporary name beside ``location`` and renamed into place, so a second run racing to
@@ -364,7 +364,7 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def store_owned(location: str | os.PathLike) -> bool:
+def store_owned(location: str | os.PathLike[str]) -> bool:
     """Whether volref created the store at ``location``: its root carries volref's mark, or
     (stores made before the mark) it is a phantom or an output store of an earlier volref."""
     try:

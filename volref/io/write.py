@@ -258,7 +258,7 @@ def create_label_image(root: zarr.Group, name: str, levels: Sequence[Level],
                 raise OutputExistsError(
                     f"label image {name!r} exists; pass --overwrite to replace it")
     if labels is None:
-        labels = _labels_group(root, create=True)
+        labels = root.create_group("labels")
         mark_owned(labels)
         listed = []
     elif has_member(labels, name):

@@ -95,11 +95,12 @@ def branches(tree) -> list[np.ndarray]:
     degree = np.diff(indptr)
     seen: set[tuple[int, int]] = set()
     paths = []
-    for start in np.flatnonzero(degree != 2):
+    for start in map(int, np.flatnonzero(degree != 2)):
         for nxt in indices[indptr[start]:indptr[start + 1]]:
-            if (start, nxt) in seen:
+            if (start, int(nxt)) in seen:
                 continue
-            path, prev, cur = [start], start, int(nxt)
+            path: list[int] = [start]
+            prev, cur = start, int(nxt)
             seen.add((start, cur))
             while True:
                 path.append(cur)

@@ -54,7 +54,7 @@ def class_legend(fig, extra=(), **kw) -> None:
     ``extra`` handles."""
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=np.array(rgba[:3]) / 255, label=CLASS_NAMES[v])
+    handles = [Patch(color=(rgba[0] / 255, rgba[1] / 255, rgba[2] / 255), label=CLASS_NAMES[v])
                for v, rgba in CLASS_COLORS if rgba[3]] + list(extra)
     fig.legend(handles=handles, ncol=len(handles), frameon=False, fontsize=9, **kw)
 
