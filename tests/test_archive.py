@@ -79,7 +79,7 @@ def test_the_labels_list_is_merged_and_keeps_the_users_entries(phantom_copy, mod
     _foreign_label_image(phantom_copy, "mine")
     listed = _labels_attr(phantom_copy)
     _run_segment(phantom_copy, models)
-    assert _labels_attr(phantom_copy) == [*listed, "volref-initial"]
+    assert _labels_attr(phantom_copy) == [*listed, "volref-initial", "volref-uncertainty"]
     mine = zarr.open_group(phantom_copy / "labels" / "mine", mode="r")
     assert (mine["0"][:] == 7).all()
     # volref marks what it creates, and only that
@@ -88,7 +88,7 @@ def test_the_labels_list_is_merged_and_keeps_the_users_entries(phantom_copy, mod
     assert "volref" not in mine.attrs
     # rerunning with --overwrite replaces volref's own label image, lists it once
     _run_segment(phantom_copy, models, overwrite=True)
-    assert _labels_attr(phantom_copy) == [*listed, "volref-initial"]
+    assert _labels_attr(phantom_copy) == [*listed, "volref-initial", "volref-uncertainty"]
 
 
 def test_a_refused_segment_leaves_no_trace(phantom_copy, models, capsys):

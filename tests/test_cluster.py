@@ -164,7 +164,7 @@ def test_run_on_a_tls_scheduler_with_tls_workers(cluster_phantom, models, cli_re
                        if "GPU" in (w.get("resources") or {}))
         assert gpu.startswith("tls://")
         volref = str(Path(sys.executable).parent / "volref")
-        base = [volref, "-q", "run", str(cluster_phantom), "--scheduler", address]
+        base = [volref, "run", str(cluster_phantom), "--scheduler", address]
         # without the certificates: a one-line error (exit 2 on the command line), not a hang
         with pytest.raises(ConfigError, match="needs TLS files"), \
                 connect(ClusterSpec(scheduler=address)):

@@ -109,7 +109,7 @@ def test_run_through_real_slurm_jobs_has_the_local_bytes(cluster_phantom, models
         pytest.skip(why)
     out = tmp_path / "slurm.zarr"
     volref = Path(sys.executable).parent / "volref"
-    proc = subprocess.run([str(volref), "-q", "run", str(cluster_phantom), "--output", str(out),
+    proc = subprocess.run([str(volref), "run", str(cluster_phantom), "--output", str(out),
                            "--cluster", str(CLUSTER / "slurm-cpu.yaml"), *cli_tiny(models)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
