@@ -31,6 +31,18 @@ from volref.pipeline import write_phantom
 from volref.pipeline.run import run
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_dask_client():
+    """Close any distributed client a test left as the default (a command run in-process and
+    stopped by a per-case time limit can leave one behind): later plain ``dask.compute`` calls
+    would otherwise wait forever on its dead cluster."""
+    yield
+    from distributed.client import _global_clients
+
+    for client in list(_global_clients.values()):
+        client.close()
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:

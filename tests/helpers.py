@@ -143,7 +143,8 @@ def write_image(path: Path, data: np.ndarray, axes: str, *, version: str = "0.5"
     levels_ = [lv.__class__(path=lv.path, shape=lead + lv.shape, chunks=(1,) * len(lead) + lv.chunks,
                             dtype=lv.dtype, scale=(1.0,) * len(lead) + lv.scale) for lv in levels_]
     arrays = create_multiscale(root, levels_, ax, version=version, name="test", method="nearest")
-    dask.compute(store_pyramid(da.from_array(data, chunks=arrays[0].chunks), arrays, "nearest"))
+    dask.compute(store_pyramid(da.from_array(data, chunks=arrays[0].chunks), arrays, "nearest"),
+                 scheduler="threads")
 
 
 def records(out: Path, stage: str) -> int:
