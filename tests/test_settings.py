@@ -39,7 +39,8 @@ SOURCES = {
     "voxel_size": ((SynthConfig,), "voxel_size_um"),
 }
 #: options whose default is "not given" (None), or not a setting of the result
-NOT_SETTINGS = {"synth": {"overwrite", "ngff"}}
+NOT_SETTINGS = {"synth": {"overwrite", "ngff"},
+                **{c: {"break_lock"} for c in ("run", "segment", "refine", "measure")}}
 
 
 @pytest.mark.parametrize("command", ["run", "segment", "refine", "measure", "synth"])
@@ -102,7 +103,8 @@ def test_cli_blames_the_flag_of_a_bad_setting(tmp_path, capsys, args, flag):
     # settings are checked before the image is opened: no image needed
     assert main(["refine", str(tmp_path / "none.ome.zarr"), *args]) == 2
     err = capsys.readouterr().err
-    blamed = err.split("Invalid value for ")[1]
+    blamed = err.split("Invalid value for ")[1].split(" (see volref")[0]
+    assert err.count("\n") == 1, err  # one line
     assert blamed.startswith(f"{flag}:") and blamed.count("--") == 1, err
 
 
