@@ -20,8 +20,7 @@ import zarr
 
 from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.engine.grid import Block
-from volref.engine.manifest import Manifest
-from volref.errors import ImageDataError, OutputExistsError
+from volref.errors import ImageDataError
 from volref.io.region import read_padded
 
 log = logging.getLogger(__name__)
@@ -107,38 +106,3 @@ def cached_model(loader: Callable[..., Any], path: str, digest: str, dev: str) -
 
 
 # ---------------------------------------------------------------- stage outputs
-
-
-def open_outputs(manifest: Manifest, settings: dict[str, Any], overwrite: bool,
-                 create: Callable[[bool], list[zarr.Array]],
-                 reopen: Callable[[], list[zarr.Array] | None]) -> tuple[list[zarr.Array], bool]:
-    """The output arrays of a stage and whether they resume an earlier run.
-
-    Same digest as recorded -> reopen and resume. Otherwise create them: over earlier results
-    only with ``overwrite`` (a different digest is refused by the manifest, outputs written
-    without a manifest by :class:`OutputExistsError`).
-    """
-    same = manifest.settings_digest() is not None and not overwrite
-    manifest.begin(settings, overwrite)  # raises on other settings without overwrite
-    if same:
-        arrays = reopen()
-        if arrays is not None:
-            return arrays, True
-        manifest.begin(settings, overwrite=True)  # records without outputs: start again
-    try:
-        arrays = create(overwrite)
-    except OutputExistsError:
-        manifest.clear()
-        raise
-    return arrays, False
-
-
-def require_done(meta: zarr.Group, stage: str, what: str, command: str) -> Manifest:
-    """The manifest of an earlier stage, which must have finished here."""
-    from volref.errors import VolrefError
-
-    manifest = Manifest(meta, stage)
-    if not manifest.done:
-        raise VolrefError(f"{what} missing or unfinished here: run volref {command} first "
-                          "(with the same --output)")
-    return manifest
