@@ -187,7 +187,7 @@ def test_allocator_pins_glibc_thresholds_and_tasks_release_memory(monkeypatch):
 def test_kernel_caches_capped_keep_memory_flat_over_many_shapes(tmp_path):
     """The MAE gives its matrix products a new shape almost every tile; with the caps, memory
     nearly stops growing once the caches are full (here after 100 shapes; uncapped it grows ~0.6 MiB
-    a shape, up to 1024 of them; measured 11-19 MiB against ~190 MiB over 300 shapes)."""
+    a shape, up to 1024 of them; measured 3-19 MiB against 18-190 MiB over 300 shapes)."""
     import subprocess
     import sys
 
@@ -218,6 +218,8 @@ def test_kernel_caches_capped_keep_memory_flat_over_many_shapes(tmp_path):
         grown[mode] = int(out.stdout.split()[-1]) / 2**20
         if mode == "capped":
             assert "'64'" in out.stderr
-    # the reason for the caps (if a torch release stops caching per shape, they can go)
-    assert grown["default"] > 64, grown
-    assert grown["capped"] < grown["default"] / 4, grown
+    # the promise: memory stays nearly flat with the caps. How much the default grows depends on
+    # the machine's oneDNN (190 MiB here, 18 MiB on the CI machine), so it is only compared:
+    # the caps never cost memory
+    assert grown["capped"] < 32, grown
+    assert grown["capped"] <= grown["default"] + 4, grown

@@ -11,6 +11,7 @@ from tests.helpers import SMALL
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import ConfigError
 from volref.synth import SynthConfig, build_scene, make_phantom, render_box
+from volref.synth import phantom as phantom_module
 
 
 def _compute(config):
@@ -19,12 +20,25 @@ def _compute(config):
         return dask.compute(p.image, p.classes, p.instances, p.degraded)
 
 
-def test_same_seed_same_voxels_for_any_chunking():
+def test_same_seed_same_voxels_for_any_chunking(monkeypatch):
     a = _compute(SMALL)
+    monkeypatch.setattr(phantom_module, "RENDER_VOXELS", 1)  # one render box per chunk
     b = _compute(SynthConfig(**{**SMALL.to_dict(), "chunks": (5, 70, 45)}))
     for x, y in zip(a, b):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(x, y)
+
+
+def test_render_boxes_are_whole_chunks_grown_to_a_million_voxels():
+    """Tiny chunks are rendered many at a time (4 x 32 x 32 in 1-voxel chunks took 3 minutes)."""
+    from volref.synth.phantom import render_block
+
+    assert render_block((1, 1, 1), (4, 32, 32)) == (4, 32, 32)
+    assert render_block((32, 256, 256), (64, 512, 512)) == (32, 256, 256)  # already 2M voxels
+    z, y, x = render_block((3, 20, 30), (64, 512, 512))
+    assert (z % 3, y % 20, x % 30) == (0, 0, 0) and 2**20 <= z * y * x < 2**22
+    p = make_phantom(SynthConfig(shape=(4, 32, 32), chunks=(2, 16, 16), density=0))
+    assert p.image.numblocks == (1, 1, 1)
 
 
 def test_different_seed_differs():
@@ -137,6 +151,9 @@ def test_noise_level_lowers_snr():
 @pytest.mark.parametrize("bad", [
     {"shape": (0, 10, 10)}, {"shape": (10, 10)}, {"density": -1.0},
     {"degraded_fraction": 1.5}, {"noise": 0.0}, {"seed": -1}, {"voxel_size_um": (0, 1, 1)},
+    # numbers whose photon budget or geometry leaves the floats (found by tests/test_fuzz_cli.py)
+    {"noise": 1e-320}, {"noise": 1e300}, {"voxel_size_um": (1e-320, 0.15, 0.15)},
+    {"voxel_size_um": (40.0, 0.15, 0.15)}, {"shape": (4, 32, 32), "chunks": (1, 1, 1)},
 ])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):

@@ -24,7 +24,7 @@ from volref.layout import METRICS_CSV_PATH
 from volref.pipeline.settings import RunSettings
 from volref.settings import PRECISIONS, default_of
 from volref.stages.settings import BLENDS, METHODS, RefineSettings, SegmentSettings
-from volref.synth.config import SynthConfig
+from volref.synth.config import NOISE_RANGE, VOXEL_UM_RANGE, SynthConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
               default=default_of(SynthConfig, "degraded_length_px"),
               show_default=True, help="Range of a low-SNR area's length along the skeleton (px); "
                                       "the area also spans the mitochondrion's width.")
-@click.option("--noise", type=click.FloatRange(min=0, min_open=True),
+@click.option("--noise", type=click.FloatRange(*NOISE_RANGE),
               default=default_of(SynthConfig, "noise"),
               show_default=True, help="Noise level (2 = a quarter of the photons).")
-@click.option("--voxel-size", nargs=3, type=click.FloatRange(min=0, min_open=True),
+@click.option("--voxel-size", nargs=3, type=click.FloatRange(*VOXEL_UM_RANGE),
               default=default_of(SynthConfig, "voxel_size_um"), show_default=True,
               help="Voxel size Z Y X in µm.")
 @click.option("--levels", type=click.IntRange(min=1), default=None,

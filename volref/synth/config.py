@@ -11,6 +11,11 @@ from volref.errors import ConfigError
 
 #: more than this many mitochondria per million voxels cannot be placed apart
 MAX_DENSITY = 1000.0
+# photons / noise**2 must stay a finite Poisson mean, and the scene's geometry finite numbers
+NOISE_RANGE = (0.01, 100.0)
+VOXEL_UM_RANGE = (1e-4, 1e4)
+MAX_ANISOTROPY = 100.0
+MIN_CHUNK_VOXELS = 512  # 1x1x1 chunks wrote 4,096 files per array for a 4x32x32 phantom
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ class SynthConfig:
             if len(value) != 3 or any(int(v) < 1 for v in value):
                 raise ConfigError(f"{name} must be three positive integers (z, y, x), got {value}")
             object.__setattr__(self, name, tuple(int(v) for v in value))
+        stored = math.prod(min(c, s) for c, s in zip(self.chunks, self.shape))
+        if stored < min(MIN_CHUNK_VOXELS, math.prod(self.shape)):
+            raise ConfigError(f"chunks must hold at least {MIN_CHUNK_VOXELS} voxels (one file per "
+                              f"chunk and array), got {self.chunks}")
         object.__setattr__(self, "voxel_size_um", tuple(float(v) for v in self.voxel_size_um))
         lo, hi = (float(v) for v in self.degraded_length_px)
         if not 0.0 <= lo <= hi:
@@ -93,12 +102,17 @@ class SynthConfig:
             raise ConfigError(f"density must be >= 0, got {self.density}")
         if not 0.0 <= self.degraded_fraction <= 1.0:
             raise ConfigError(f"degraded fraction must be in [0, 1], got {self.degraded_fraction}")
-        if self.noise <= 0:
-            raise ConfigError(f"noise level must be > 0, got {self.noise}")
+        if not NOISE_RANGE[0] <= self.noise <= NOISE_RANGE[1]:
+            raise ConfigError(f"noise level must be in [{NOISE_RANGE[0]}, {NOISE_RANGE[1]}] (1 is the "
+                              f"default photon budget), got {self.noise}")
         if self.seed < 0 or self.seed >= 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
-        if any(v <= 0 for v in self.voxel_size_um):
-            raise ConfigError(f"voxel sizes must be > 0, got {self.voxel_size_um}")
+        if any(not VOXEL_UM_RANGE[0] <= v <= VOXEL_UM_RANGE[1] for v in self.voxel_size_um):
+            raise ConfigError(f"voxel sizes must be in [{VOXEL_UM_RANGE[0]}, {VOXEL_UM_RANGE[1]}] "
+                              f"µm, got {self.voxel_size_um}")
+        if not 1 / MAX_ANISOTROPY <= self.z_anisotropy <= MAX_ANISOTROPY:
+            raise ConfigError(f"the z voxel size must be within {MAX_ANISOTROPY:g}x of the x voxel "
+                              f"size, got {self.voxel_size_um}")
 
     @property
     def z_anisotropy(self) -> float:
