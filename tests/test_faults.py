@@ -38,9 +38,10 @@ from volref.stages.segment import SegmentSettings
 if __name__ == "__main__":
     run(sys.argv[1], output=sys.argv[2], cluster=ClusterSpec(scheduler=sys.argv[5]),
         settings=RunSettings(segmenter=sys.argv[3], refiner=sys.argv[4],
-                             segment=SegmentSettings(tile=64, halo=16),
-                             refine=RefineSettings(tile=32, stride=16, tau=0.3),
-                             block_shape=(20, 64, 128)))
+                             segment=SegmentSettings(tile=64, halo=16, precision="fp32"),
+                             refine=RefineSettings(tile=32, stride=16, tau=0.3,
+                                                   precision="fp32"),
+                             block_shape=(8, 64, 128)))
 """
 
 
@@ -127,10 +128,10 @@ def test_a_half_written_chunk_without_its_record_is_rewritten(reference, small_p
                                                               models, tmp_path):
     """What a kill during a chunk write leaves: a torn chunk and no record (records come last)."""
     out = tmp_path / "torn.zarr"
-    settings = tiny(models, block_shape=(20, 64, 128))
+    settings = tiny(models, block_shape=(8, 64, 128))
     run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
     manifest = out / "volref" / "manifests" / "refine"
-    (manifest / "blocks" / "20-40_64-128_128-256.json").unlink()
+    (manifest / "blocks" / "8-16_64-128_128-256.json").unlink()
     (manifest / "done.json").unlink()
     chunk = out / "labels" / "volref-refined" / "s0" / "c" / "1" / "1" / "1"
     chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])  # torn
@@ -161,7 +162,7 @@ def test_disk_full_is_reported_and_resumable(reference, small_phantom, models,
         return await real_set(self, key, value, *args, **kwargs)
 
     out = tmp_path / "full.zarr"
-    settings = tiny(models, block_shape=(20, 64, 128))
+    settings = tiny(models, block_shape=(8, 64, 128))
     monkeypatch.setattr(LocalStore, "set", full_after_three)
     with pytest.raises(BlocksFailedError, match="No space left on device") as info:
         run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
@@ -178,7 +179,7 @@ def test_measure_resumes_from_itsrecords(reference, small_phantom, models, tmp_p
     import pandas as pd
 
     out = tmp_path / "m.zarr"
-    settings = tiny(models, block_shape=(20, 64, 128))
+    settings = tiny(models, block_shape=(8, 64, 128))
     run(small_phantom, output=out, settings=settings, cluster=ClusterSpec(workers=0))
     table = pd.read_parquet(out / "volref" / "metrics.parquet")
     manifest = out / "volref" / "manifests" / "measure"
@@ -222,7 +223,7 @@ def test_killed_at_every_stage_resumes_to_identical_output(reference, small_phan
         assert records(out, stage) == recorded, stage
         assert (out / "volref" / "run.lock").exists()  # left behind by the kill: stale
     result = run(small_phantom, output=out, cluster=ClusterSpec(workers=0),
-                 settings=tiny(models, block_shape=(20, 64, 128)))
+                 settings=tiny(models, block_shape=(8, 64, 128)))
     seg, ref, ins, mea = (result.report(s) for s in ("segment", "refine", "instances", "measure"))
     assert (seg.computed, seg.skipped) == (0, 12)  # finished by the later runs
     assert (ref.computed, ref.skipped) == (0, 12)

@@ -148,7 +148,7 @@ def test_sigterm_releases_the_lock_after_the_current_record(reference, small_pha
     assert "Terminated" in proc.stderr or "KeyboardInterrupt" in proc.stderr
     assert records(out, "segment") == 3  # the block being recorded finished first
     assert not (out / "volref" / "run.lock").exists()  # released, not left to go stale
-    result = run(small_phantom, output=out, settings=tiny(models, block_shape=(20, 64, 128)),
+    result = run(small_phantom, output=out, settings=tiny(models, block_shape=(8, 64, 128)),
                  stages=("segment",), cluster=INLINE)
     seg = result.report("segment")
     assert (seg.computed, seg.skipped) == (9, 3)

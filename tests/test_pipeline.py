@@ -64,7 +64,7 @@ def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phanto
                                                          tmp_path):
     _, _, expected = reference
     a = tmp_path / "blocks.zarr"
-    result = run(small_phantom, output=a, settings=tiny(models, block_shape=(20, 64, 128)),
+    result = run(small_phantom, output=a, settings=tiny(models, block_shape=(8, 64, 128)),
                  cluster=INLINE)
     assert len(result.grid) == 12
     assert_same(a, expected)
@@ -89,10 +89,10 @@ def test_same_bytes_for_another_chunking_of_the_image(reference, small_phantom, 
     img = tmp_path / "rechunked.ome.zarr"
     dst = zarr.open_group(img, mode="w")
     dst.attrs.update(dict(src.attrs))
-    dst.create_array("s0", data=src["s0"][:], chunks=(8, 64, 64), dimension_names=["z", "y", "x"])
+    dst.create_array("s0", data=src["s0"][:], chunks=(4, 64, 64), dimension_names=["z", "y", "x"])
     out = tmp_path / "o.zarr"
     result = run(img, output=out, settings=tiny(models), cluster=INLINE)
-    assert zarr.open_group(out, mode="r")["labels/volref-refined/s0"].chunks == (8, 64, 64)
+    assert zarr.open_group(out, mode="r")["labels/volref-refined/s0"].chunks == (4, 64, 64)
     assert len(result.grid) > 2
     assert_same(out, reference[2])
 
@@ -179,7 +179,7 @@ def test_ground_truth_mitochondria_keep_one_id_across_blocks(small_phantom, tmp_
     done.begin({"ground truth": True}, overwrite=False)
     done.mark_done({})
     result = run(small_phantom, output=tmp_path / "gt.zarr", stages=("instances",),
-                 cluster=INLINE, settings=RunSettings(block_shape=(20, 64, 128), min_voxels=0))
+                 cluster=INLINE, settings=RunSettings(block_shape=(8, 64, 128), min_voxels=0))
     assert len(result.grid) == 12
     ids = zarr.open_group(tmp_path / "gt.zarr", mode="r")["labels/volref-mitochondria/s0"][:]
     n_truth = len(np.unique(truth)) - 1
@@ -223,7 +223,7 @@ def test_killed_run_resumes_to_identical_output(reference, small_phantom, models
     assert 4 <= ref_done < 12
     before = tree_digest(small_phantom)
     result = run(small_phantom, output=out, cluster=INLINE,
-                 settings=tiny(models, block_shape=(20, 64, 128)))
+                 settings=tiny(models, block_shape=(8, 64, 128)))
     seg, ref = result.report("segment"), result.report("refine")
     assert (seg.computed, seg.skipped) == (0, 12)
     assert (ref.computed, ref.skipped) == (12 - ref_done, ref_done)  # only unfinished blocks
@@ -246,7 +246,7 @@ def test_separate_scheduler_and_workers_with_gpu_routing(reference, small_phanto
                               if "GPU" in (w.get("resources") or {}))
         out = tmp_path / "dist.zarr"
         result = run(small_phantom, output=out, cluster=ClusterSpec(scheduler=address),
-                     settings=tiny(models, block_shape=(20, 64, 128)))
+                     settings=tiny(models, block_shape=(8, 64, 128)))
         assert "2 workers" in result.cluster
         assert_same(out, reference[2])
         for stage in ("segment", "refine"):  # model tasks ran on the GPU-resource worker only
