@@ -18,12 +18,13 @@ import dask
 
 from volref import __version__
 from volref.cli.info import describe
+from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
-from volref.layout import INITIAL, METRICS_CSV_PATH, UNCERTAINTY_PATH, label_path
+from volref.layout import METRICS_CSV_PATH
 from volref.pipeline.settings import RunSettings
 from volref.settings import PRECISIONS, default_of
-from volref.stages.settings import BLENDS, METHODS, LabelSettings, RefineSettings, SegmentSettings
+from volref.stages.settings import BLENDS, METHODS, RefineSettings, SegmentSettings
 from volref.synth.config import NOISE_RANGE, VOXEL_UM_RANGE, SynthConfig
 
 log = logging.getLogger(__name__)
@@ -227,27 +228,6 @@ REFINER_OPTIONS = (
                       f"(default: {default_of(RefineSettings, 'smooth'):g} with --blend centre, "
                       "0 with window)."),
 )
-#: what refine refines: another tool's segmentation (``volref train refiner`` takes them too)
-LABEL_OPTIONS = (
-    click.option("--labels", "labels", type=str, default=None, metavar="NAME",
-                 help="Refine this label image of the archive (labels/NAME, written by any "
-                      "tool: any integer type, chunks and levels; its finest level must match "
-                      f"the image) instead of {label_path(INITIAL)}. Looked up in the --output "
-                      "store, then in IMAGE's archive."),
-    click.option("--class-map", type=str, default=default_of(LabelSettings, "class_map"),
-                 metavar="MAP",
-                 show_default=True,
-                 help="With --labels: the label image's value for each of volref's classes, "
-                      "each class once; a class may take several values joined by + "
-                      "(background=0+4+5 merges them). Values the map does not name are "
-                      "refused."),
-    click.option("--uncertainty", type=str, default=None, metavar="PATH",
-                 help="With --labels: path of an image in the archive holding the labels' "
-                      "uncertainty: normalised entropy (floats in [0, 1], or unsigned integers "
-                      "scaled to their maximum: uint8 255 = 1), or per-class probabilities "
-                      "along a channel axis (their entropy / log C is used). Default: the "
-                      f"ensemble's, {UNCERTAINTY_PATH} (run volref segment first)."),
-)
 PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(list(PRECISIONS)),
     default=default_of(SegmentSettings, "precision"), show_default=True,
@@ -345,9 +325,7 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
     elif precision != refine.precision:
         refine = refine_settings(refine.tau, refine.stride, precision, refine.blend,
                                  refine.max_removed, None)
-    labels = LabelSettings(o.get("labels"), o.get("class_map", default_of(LabelSettings,
-                                                                          "class_map")),
-                           o.get("uncertainty"))
+    labels = label_settings(o)
     return RunSettings(segmenter=o.get("segmenter"), refiner=o.get("refiner"),
                        segment=SegmentSettings(precision=precision), refine=refine,
                        method=o.get("method", d.method),
@@ -410,7 +388,9 @@ def segment(ctx, **options):
 
 
 @cli.command()
-@engine_options([*REFINER_OPTIONS, PRECISION_OPTION, SEGMENTER_OPTION, *LABEL_OPTIONS])
+@engine_options([*REFINER_OPTIONS, PRECISION_OPTION, SEGMENTER_OPTION,
+                 *label_options("Refine", "Looked up in the --output store, then in IMAGE's "
+                                          "archive.")])
 def refine(ctx, **options):
     """MAE refinement: labels/volref-refined from labels/volref-initial (--method: or a
     baseline), or from any tool's label image (--labels, --class-map, --uncertainty).
