@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -179,6 +180,14 @@ def test_another_tools_four_classes_are_refined_through_a_class_map(byo_phantom,
     changed = got != classes
     assert got.max() <= 3 and changed.sum() > 100
     assert changed[degraded].mean() > 50 * max(changed[~degraded].mean(), 1e-6)
+    # measure compares the refined labels with what refine refined: the same table for both
+    tables = []
+    for out in (theirs, truth):
+        assert main(["-q", "measure", str(byo_phantom), "--output", str(out), "--workers", "0"]
+                    ) == 0
+        tables.append(pd.read_parquet(out / "volref/metrics.parquet"))
+    assert len(tables[0]) > 0 and "initial_skeleton_cycles" in tables[0]
+    pd.testing.assert_frame_equal(tables[0], tables[1])
     # a different map never resumes the other's output
     capsys.readouterr()
     assert refine(byo_phantom, theirs, models, "--labels", "theirs", "--uncertainty", "scores",

@@ -117,6 +117,18 @@ def user_inputs(ctx: StageContext, settings: LabelSettings
     return labels, unc, record
 
 
+def refined_input(ctx: StageContext) -> LabelsIn:
+    """The labels the finished refine stage of this store refined, as volref's classes (what
+    ``measure`` compares the refined labels with): another tool's when refine had ``--labels``,
+    else volref's initial labels."""
+    record = Manifest(ctx.meta, "refine").settings()
+    given = LabelSettings.from_dict(record["labels"]) if "labels" in record else LabelSettings()
+    if given.labels is None:
+        return LabelsIn(ctx.source(levels_of(ctx.root[label_path(INITIAL)])[0]))
+    found = find_label_image(_stores(ctx), given.labels, ctx.vol.shape)
+    return LabelsIn(_source(found), given.table, found.where)
+
+
 def _stores(ctx: StageContext) -> list[tuple[zarr.Group, str]]:
     """The results store, then the image's archive when that is another store."""
     image = ctx.vol.group
