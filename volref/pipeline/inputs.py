@@ -25,14 +25,7 @@ from volref.io.inputs import StoredInput, find_image, find_label_image
 from volref.layout import INITIAL, UNCERTAINTY_PATH, label_path, levels_of
 from volref.pipeline.blocks import Source
 from volref.pipeline.stage import StageContext, require_done
-from volref.stages.labels import (
-    ClassTable,
-    UnmappedLabelError,
-    check_fits,
-    to_classes,
-    to_uncertainty,
-    unmapped,
-)
+from volref.stages.labels import ClassTable, check_fits, to_classes, to_uncertainty
 from volref.stages.settings import LabelSettings
 
 log = logging.getLogger(__name__)
@@ -143,8 +136,9 @@ def _source(found: StoredInput) -> Source:
 
 
 def _describe(found: StoredInput) -> dict[str, Any]:
-    return {"where": found.where, "shape": list(found.array.shape),
-            "dtype": str(found.array.dtype)}
+    """What the digest holds of an input beside its name: not where the store is (a moved
+    archive or another spelling of its path still resumes)."""
+    return {"shape": list(found.array.shape), "dtype": str(found.array.dtype)}
 
 
 def _check_values(found: StoredInput, table: ClassTable) -> None:
@@ -153,8 +147,4 @@ def _check_values(found: StoredInput, table: ClassTable) -> None:
     coarse = found.coarsest
     if coarse.size > CHECK_VOXELS:
         return
-    values = np.unique(np.asarray(coarse[found.lead]))
-    extra = unmapped(values.tolist(), table)
-    if extra:
-        to_classes(np.asarray(extra), table, found.where)  # raises, naming them
-        raise UnmappedLabelError(f"{found.where}: values {extra} are not in the class map")
+    to_classes(np.unique(np.asarray(coarse[found.lead])), table, found.where)  # raises

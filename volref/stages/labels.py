@@ -16,8 +16,6 @@ arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from volref.classes import CLASS_KEYS
@@ -146,10 +144,3 @@ def to_uncertainty(values: np.ndarray, channel_axis: int | None = None) -> np.nd
         return clipped
     raise ImageDataError(f"an uncertainty image holds {dt.name} values: give floats in [0, 1], "
                          "unsigned integers (scaled to their maximum) or per-class probabilities")
-
-
-def unmapped(values: Sequence[int], table: ClassTable) -> list[int]:
-    """The values of ``values`` that ``table`` does not name."""
-    named = {v for vals in table for v in vals}
-    return sorted(int(v) for v in values if int(v) not in named)
-

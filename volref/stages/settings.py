@@ -127,7 +127,7 @@ class LabelSettings(Settings):
                                 f"in the archive's labels group), not {self.labels!r}")
         path = self.uncertainty
         if path is not None and (not path.strip("/") or path.startswith("/")
-                                 or ".." in path.split("/")):
+                                 or {".", ".."} & set(path.split("/"))):
             raise SettingsError("uncertainty", "--uncertainty takes the path of an image inside "
                                 f"the archive (e.g. scores/entropy), not {path!r}")
 
