@@ -174,9 +174,21 @@ class RefineStage:
             if found != method:
                 raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
             settings = model_settings(model_key, settings)
+        needs_image = method in ("mae-x", "crf")
+        intensity = None
+        if needs_image and "intensity" in made_with:
+            intensity = IntensityRange(**made_with["intensity"])
+        elif needs_image and byo:  # no segment here: normalise as segment would
+            intensity = range_of(intensity_sample(vol))
+        elif needs_image:
+            raise ConfigError(f"--method {method} reads the image normalised as segment did, but "
+                              "the segment record holds no intensity range: run volref segment "
+                              "again")
         ms = vol.multiscale
         record = {**inputs, "model_sha256": model_key[1], "settings": settings.to_dict(),
                   "method": method}
+        if byo and intensity is not None:  # plain refine: covered by the segment digest
+            record["intensity"] = intensity.to_dict()
         if method == "crf":
             record["crf"] = CRFSettings().to_dict()
         manifest = Manifest(meta, self.name)
@@ -190,16 +202,6 @@ class RefineStage:
         arrays, resumed = open_outputs(manifest, record, ctx.overwrite, create,
                                        lambda: existing_levels(root, label_path(REFINED)))
         record_provenance(root, self.name, {"model": model_key[0], **record})
-        needs_image = method in ("mae-x", "crf")
-        intensity = None
-        if needs_image and "intensity" in made_with:
-            intensity = IntensityRange(**made_with["intensity"])
-        elif needs_image and byo:  # no segment here: normalise as segment would
-            intensity = range_of(intensity_sample(vol))
-        elif needs_image:
-            raise ConfigError(f"--method {method} reads the image normalised as segment did, but "
-                              "the segment record holds no intensity range: run volref segment "
-                              "again")
         halo = self.halo(settings, model_key)
         job = RefineJob(initial, unc, ctx.source(arrays[0]),
                         settings, model_key, manifest, method=method,
