@@ -206,6 +206,10 @@ def test_without_an_uncertainty_refine_says_which_command_makes_one(byo_phantom,
                   "--class-map", THEIRS_MAP) == 2
     err = capsys.readouterr().err
     assert f"volref segment {byo_phantom}" in err and "--uncertainty PATH" in err, err
+    # the CRF refines the ensemble's own probabilities: not another tool's labels
+    assert refine(byo_phantom, tmp_path / "o.zarr", models, "--labels", "theirs",
+                  "--class-map", THEIRS_MAP, "--uncertainty", "scores", "--method", "crf") == 2
+    assert "--method crf refines the probabilities" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- train refiner
