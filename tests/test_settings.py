@@ -15,7 +15,7 @@ from volref.errors import ConfigError, SettingsError
 from volref.pipeline.settings import RunSettings
 from volref.settings import PRECISIONS, default_of
 from volref.stages.crf import CRFSettings
-from volref.stages.settings import RefineSettings, SegmentSettings
+from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 from volref.synth import SynthConfig
 
 #: option -> (settings classes, field) for every engine and synth option with a default
@@ -29,6 +29,7 @@ SOURCES = {
     "min_voxels": ((RunSettings,), "min_voxels"),
     "csv": ((RunSettings,), "csv"),
     "overwrite": ((RunSettings,), "overwrite"),
+    "class_map": ((LabelSettings,), "class_map"),
     "shape": ((SynthConfig,), "shape"),
     "seed": ((SynthConfig,), "seed"),
     "chunks": ((SynthConfig,), "chunks"),

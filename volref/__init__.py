@@ -4,7 +4,7 @@ The Python API (imported on first use, so ``import volref`` stays cheap)::
 
     volref.run(image, output=None, *, client=None, cluster=None, ...)   # all four stages
     volref.segment / refine / instances / measure(image, output=None, ...)   # one stage
-    volref.RunSettings, SegmentSettings, RefineSettings, ClusterSpec, TLSFiles
+    volref.RunSettings, SegmentSettings, RefineSettings, LabelSettings, ClusterSpec, TLSFiles
 
 Layers (imports point downward only; see ``DESIGN`` in the repository docs)::
 
@@ -28,6 +28,7 @@ _LAZY = {
     "instances": "volref.api", "measure": "volref.api",
     "RunSettings": "volref.pipeline.run", "RunResult": "volref.pipeline.run",
     "SegmentSettings": "volref.stages.segment", "RefineSettings": "volref.stages.refine",
+    "LabelSettings": "volref.stages.settings",
     "ClusterSpec": "volref.engine.cluster", "TLSFiles": "volref.engine.cluster",
 }
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 BACKGROUND, IMS, CRISTAE, MATRIX = 0, 1, 2, 3
 N_CLASSES = 4
 CLASS_NAMES = ("background", "intermembrane space", "cristae", "matrix")
+#: the short names a class map uses (``volref refine --class-map background=0,ims=1,...``)
+CLASS_KEYS = ("background", "ims", "cristae", "matrix")
 
 #: Okabe-Ito colours, every class listed (napari hides values that lack a colour when others
 #: have one); background fully transparent.

@@ -18,6 +18,7 @@ import dask
 
 from volref import __version__
 from volref.cli.info import describe
+from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
 from volref.layout import METRICS_CSV_PATH
@@ -324,12 +325,13 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
     elif precision != refine.precision:
         refine = refine_settings(refine.tau, refine.stride, precision, refine.blend,
                                  refine.max_removed, None)
+    labels = label_settings(o)
     return RunSettings(segmenter=o.get("segmenter"), refiner=o.get("refiner"),
                        segment=SegmentSettings(precision=precision), refine=refine,
                        method=o.get("method", d.method),
                        block_shape=block_shape or None,
                        overwrite=overwrite, csv=o.get("csv", d.csv),
-                       min_voxels=o.get("min_voxels", d.min_voxels))
+                       min_voxels=o.get("min_voxels", d.min_voxels), labels=labels)
 
 
 def _tls_files(ca_file, cert, key):
@@ -386,10 +388,19 @@ def segment(ctx, **options):
 
 
 @cli.command()
-@engine_options([*REFINER_OPTIONS, PRECISION_OPTION, SEGMENTER_OPTION])
+@engine_options([*REFINER_OPTIONS, PRECISION_OPTION, SEGMENTER_OPTION,
+                 *label_options("Refine", "Looked up in the --output store, then in IMAGE's "
+                                          "archive.")])
 def refine(ctx, **options):
     """MAE refinement: labels/volref-refined from labels/volref-initial (--method: or a
-    baseline)."""
+    baseline), or from any tool's label image (--labels, --class-map, --uncertainty).
+
+    \b
+    Another tool's four-class segmentation, its values mapped to volref's classes:
+      volref refine IMAGE --labels theirs --class-map background=0,ims=3,cristae=2,matrix=1
+    With its own uncertainty (an entropy image, or per-class probabilities):
+      ... --uncertainty scores/probabilities
+    """
     _execute(ctx, ("refine",), **options)
 
 

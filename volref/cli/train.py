@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, TaskID, TextColumn
 
+from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import progress_bar
 from volref.layout import DEGRADED, GROUND_TRUTH
 
@@ -66,6 +67,16 @@ class TrainingProgress:
             self.progress.stop()
 
 
+def with_options(options):
+    """A decorator adding click ``options`` in their order."""
+    def wrap(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
 def command_line() -> str:
     return "volref " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -114,7 +125,8 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 
 @train.command("refiner")
 @click.option("--data", "data", multiple=True, required=True,
-              help="OME-Zarr image segmented by volref segment (repeatable).")
+              help="OME-Zarr image segmented by volref segment, or holding --labels "
+                   "(repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Folder for checkpoints and the finished model.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
@@ -142,10 +154,13 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
               "denoising autoencoder.")
 @click.option("--image-depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="mae-x: blocks of the image encoder.")
+@with_options(label_options("Train on", "Every --data archive holds it."))
 @click.pass_context
 def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, blob_fraction,
-            method, image_depth):
-    """Train the MAE (or a baseline) on the ensemble's own predictions (labels/volref-initial).
+            method, image_depth, labels, class_map, uncertainty):
+    """Train the MAE (or a baseline) on the ensemble's own predictions (labels/volref-initial),
+    or on a segmentation of your own (--labels, --class-map, --uncertainty, as for volref
+    refine).
 
     Interrupted runs resume from the last finished epoch when started again with the same OUT.
     """
@@ -153,6 +168,8 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
     from volref.train.data import load_image, load_predictions
     from volref.train.refiner import RefinerRecipe, tile_pool, train_refiner
 
+    inputs = label_settings({"labels": labels, "class_map": class_map,
+                             "uncertainty": uncertainty})
     mae = MAEConfig(image_depth=image_depth if method == "mae-x" else 0)
     if init and method == "cnn-ae":
         raise click.UsageError("--init continues a MAE or MAE+X; the CNN-AE trains from scratch")
@@ -160,9 +177,12 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
                            lr=lr, bf16=not fp32, seed=seed, init=init, method=method, mae=mae,
                            blob_fraction=blob_fraction)
     images = [load_image(d) for d in data] if method == "mae-x" else None
-    pool = tile_pool([load_predictions(d) for d in data], recipe.crop, recipe.min_mito_fraction,
+    pool = tile_pool([load_predictions(d, inputs) for d in data], recipe.crop,
+                     recipe.min_mito_fraction,
                      images=images)
     with TrainingProgress("refiner", ctx.obj["progress"]) as progress:
         path = train_refiner(pool, recipe, out, observer=progress, data_names=list(data),
-                             command=command_line())
+                             command=command_line(),
+                             segmentation=inputs.to_dict() if inputs.labels is not None
+                             else None)
     click.echo(f"wrote {path}")

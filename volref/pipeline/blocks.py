@@ -34,20 +34,21 @@ class Source:
     """A 3-D view of a stored array: the array and the index of its leading (t, c) axes."""
 
     array: zarr.Array
-    lead: tuple[int, ...] = ()
+    lead: tuple[int | slice, ...] = ()  # a slice keeps its axis (class probabilities)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape[-3:])
 
-    def read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
+    def read(self, start: Sequence[int], stop: Sequence[int], mode: str,
+             fill: Any = 0) -> np.ndarray:
         """Voxels ``[start, stop)`` (may reach past the volume): ``mode`` "mirror" or "constant"
-        (zeros), as :func:`~volref.io.region.read_padded`.
+        (``fill``), as :func:`~volref.io.region.read_padded`.
 
         A chunk that cannot be decoded raises :class:`ImageDataError` naming the chunk.
         """
         try:
-            return self._read(start, stop, mode)
+            return self._read(start, stop, mode, fill)
         except Exception as exc:  # noqa: BLE001 - codec errors have no common base class
             self.raise_if_corrupt(start, stop, exc)
             raise
@@ -72,8 +73,9 @@ class Source:
             raise ImageDataError(f"cannot read {self.array.store_path}: chunk(s) {names} are "
                                  f"corrupt ({type(exc).__name__}: {exc})") from exc
 
-    def _read(self, start: Sequence[int], stop: Sequence[int], mode: str) -> np.ndarray:
-        return read_padded(self.array, start, stop, mode, lead=self.lead)
+    def _read(self, start: Sequence[int], stop: Sequence[int], mode: str,
+              fill: Any = 0) -> np.ndarray:
+        return read_padded(self.array, start, stop, mode, lead=self.lead, fill=fill)
 
     def write(self, block: Block, data: np.ndarray) -> None:
         self.array[self.lead + block.slices] = data

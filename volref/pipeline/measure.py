@@ -8,7 +8,8 @@
 
 The metrics are measured on the mitochondrion's footprint (its voxels in
 ``labels/volref-mitochondria``): the refined classes there, and the initial classes there, so
-the two columns compare the same voxels. Written to ``volref/metrics.parquet`` (and
+the two columns compare the same voxels. The initial classes are those refine refined: volref's
+initial labels, or another tool's label image mapped to volref's classes (``refine --labels``). Written to ``volref/metrics.parquet`` (and
 ``volref/metrics.csv`` on request) and as ``properties`` of the mitochondria label image.
 """
 
@@ -31,7 +32,6 @@ from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run
 from volref.io.ngff import set_ome
 from volref.io.store import write_file
 from volref.layout import (
-    INITIAL,
     META,
     METRICS_CSV,
     METRICS_TABLE,
@@ -43,6 +43,7 @@ from volref.layout import (
 )
 from volref.metrics.consistency import SliceCounts, skeleton_length
 from volref.pipeline.blocks import Source
+from volref.pipeline.inputs import LabelsIn, refined_input
 from volref.pipeline.stage import StageContext, require_done
 from volref.pipeline.store import record_provenance
 from volref.stages import measure as stage
@@ -56,7 +57,7 @@ SKELETON_VOXELS = 32_000_000  # larger boxes use a coarser level for the 3-D ske
 @dataclass(frozen=True)
 class MeasureJob:
     ids: list[Source]  # every level of labels/volref-mitochondria
-    initial: Source
+    initial: LabelsIn  # what refine refined, as volref's classes
     refined: Source
     spacing: tuple[float, float, float]  # z, y, x of level 0 (physical units)
     slab: int  # z-slices read at once (the chunk depth)
@@ -97,7 +98,7 @@ def shape_metrics(job: MeasureJob, row: dict[str, Any]) -> dict[str, Any]:
         a, b = (z, lo[1], lo[2]), (z1, hi[1], hi[2])
         counts = stage.footprint_counts(
             job.ids[0].read(a, b, "constant"), label,
-            {"initial": job.initial.read(a, b, "constant"),
+            {"initial": job.initial.read(a, b),
              "refined": job.refined.read(a, b, "constant")}, counts)
     return stage.shape_row(label, counts, _skeleton(job, label, lo, hi))
 
@@ -137,7 +138,7 @@ def measure(ctx: StageContext, executor: Executor, *, observer: Observer | None 
     meta = ctx.meta
     upstream = require_done(meta, "instances", f"{label_path(MITOCHONDRIA)} is", "measure")
     ids = [ctx.source(a) for a in levels_of(root[label_path(MITOCHONDRIA)])]
-    initial = ctx.source(finest(root, label_path(INITIAL)))
+    initial = refined_input(ctx)
     refined = ctx.source(finest(root, label_path(REFINED)))
     manifest = Manifest(meta, "measure")
     record = {"instances": upstream.settings_digest(),

@@ -7,7 +7,9 @@ image: re-runs the ensemble that made the initial labels over the block, since o
 uncertainty are stored, and relabels each 128-px tile that holds a removed patch).
 
 Reads the initial labels and the uncertainty where ``segment`` wrote them (the image's archive or
-``output``) and writes the refined labels beside them, block by block. A block task reads its
+``output``) — or, with ``labels``, a label image another tool wrote, mapped to volref's classes,
+with its own uncertainty or the ensemble's (:mod:`volref.pipeline.inputs`) — and writes the
+refined labels beside them, block by block. A block task reads its
 block with ``context`` pixels around it (the tiles' reach plus the reach of the "near a
 mitochondrion" test, on the tile grid), refines the tiles of the global grid that touch it, and
 writes its own chunks::
@@ -36,15 +38,15 @@ from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, worker_address
 from volref.errors import ConfigError
-from volref.io import LabelInfo, Volume, create_label_image, label_levels, store_pyramid
-from volref.layout import (
-    INITIAL,
-    REFINED,
-    UNCERTAINTY_PATH,
-    existing_levels,
-    label_path,
-    levels_of,
+from volref.io import (
+    LabelInfo,
+    Volume,
+    create_label_image,
+    intensity_sample,
+    label_levels,
+    store_pyramid,
 )
+from volref.layout import INITIAL, REFINED, existing_levels, label_path
 from volref.models.registry import (
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
@@ -53,6 +55,7 @@ from volref.models.registry import (
     refiner_method,
 )
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
+from volref.pipeline.inputs import LabelsIn, UncertaintyIn, own_inputs, user_inputs
 from volref.pipeline.stage import (
     Halo,
     StageContext,
@@ -60,23 +63,22 @@ from volref.pipeline.stage import (
     check_model,
     finish_stage,
     open_outputs,
-    require_done,
     tasks_of,
 )
 from volref.pipeline.store import record_provenance
 from volref.stages.crf import CRFSettings, crf_region
-from volref.stages.normalise import IntensityRange, normalise
+from volref.stages.normalise import IntensityRange, normalise, range_of
 from volref.stages.refine import context, refine_region
-from volref.stages.segment import segment_probabilities, uncertainty_from_uint8
-from volref.stages.settings import METHODS, RefineSettings, SegmentSettings
+from volref.stages.segment import segment_probabilities
+from volref.stages.settings import METHODS, LabelSettings, RefineSettings, SegmentSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RefineJob:
-    initial: Source
-    uncertainty: Source
+    initial: LabelsIn  # the labels refined, as volref's classes
+    uncertainty: UncertaintyIn  # their normalised entropy
     refined: Source
     settings: RefineSettings
     model: tuple[str, str]  # the refiner (crf: the ensemble), path and sha256
@@ -114,6 +116,7 @@ class RefineStage:
     model: str | os.PathLike | None = None
     method: str = "mae"
     segmenter: str | os.PathLike | None = None  # crf: the ensemble that made the labels
+    labels: LabelSettings = field(default_factory=LabelSettings)  # what is refined
     name: str = "refine"
 
     def model_key(self) -> tuple[str, str]:
@@ -147,9 +150,14 @@ class RefineStage:
             raise ConfigError(f"unknown refinement method {method!r} (choose from "
                               f"{', '.join(METHODS)})")
         meta = ctx.meta
-        upstream = require_done(meta, "segment",
-                                f"{label_path(INITIAL)} and {UNCERTAINTY_PATH} are", "segment")
-        made_with = upstream.settings()
+        byo = self.labels.labels is not None
+        if byo and method == "crf":
+            raise ConfigError("--method crf refines the probabilities of the ensemble that made "
+                              f"{label_path(INITIAL)}: refine another tool's labels (--labels) "
+                              "with mae, mae-x or cnn-ae")
+        initial, unc, inputs = user_inputs(ctx, self.labels) if byo else own_inputs(ctx)
+        upstream = Manifest(meta, "segment")
+        made_with = upstream.settings() if upstream.done else {}
         settings = self.settings
         model_key = self.model_key()
         if method == "crf":
@@ -166,11 +174,21 @@ class RefineStage:
             if found != method:
                 raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
             settings = model_settings(model_key, settings)
-        initial = levels_of(root[label_path(INITIAL)])
-        unc = levels_of(root[UNCERTAINTY_PATH])
+        needs_image = method in ("mae-x", "crf")
+        intensity = None
+        if needs_image and "intensity" in made_with:
+            intensity = IntensityRange(**made_with["intensity"])
+        elif needs_image and byo:  # no segment here: normalise as segment would
+            intensity = range_of(intensity_sample(vol))
+        elif needs_image:
+            raise ConfigError(f"--method {method} reads the image normalised as segment did, but "
+                              "the segment record holds no intensity range: run volref segment "
+                              "again")
         ms = vol.multiscale
-        record = {"segment": upstream.settings_digest(), "model_sha256": model_key[1],
-                  "settings": settings.to_dict(), "method": method}
+        record = {**inputs, "model_sha256": model_key[1], "settings": settings.to_dict(),
+                  "method": method}
+        if byo and intensity is not None:  # plain refine: covered by the segment digest
+            record["intensity"] = intensity.to_dict()
         if method == "crf":
             record["crf"] = CRFSettings().to_dict()
         manifest = Manifest(meta, self.name)
@@ -184,17 +202,11 @@ class RefineStage:
         arrays, resumed = open_outputs(manifest, record, ctx.overwrite, create,
                                        lambda: existing_levels(root, label_path(REFINED)))
         record_provenance(root, self.name, {"model": model_key[0], **record})
-        needs_image = method in ("mae-x", "crf")
-        if needs_image and "intensity" not in made_with:
-            raise ConfigError(f"--method {method} reads the image normalised as segment did, but "
-                              "the segment record holds no intensity range: run volref segment "
-                              "again")
         halo = self.halo(settings, model_key)
-        job = RefineJob(ctx.source(initial[0]), ctx.source(unc[0]), ctx.source(arrays[0]),
+        job = RefineJob(initial, unc, ctx.source(arrays[0]),
                         settings, model_key, manifest, method=method,
                         image=ctx.image() if needs_image else None,
-                        intensity=IntensityRange(**made_with["intensity"]) if needs_image
-                        else None,
+                        intensity=intensity,
                         segment=SegmentSettings.from_dict(made_with.get("settings", {}))
                         if method == "crf" else None, halo=halo)
         return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
@@ -208,11 +220,12 @@ class RefineStage:
 def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                 model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
                 overwrite: bool = False, method: str = "mae",
-                segmenter: str | os.PathLike | None = None
+                segmenter: str | os.PathLike | None = None,
+                labels: LabelSettings | None = None
                 ) -> tuple[RefineJob, list[BlockTask], StagePlan]:
     """:meth:`RefineStage.plan` as a function (job, tasks, plan), for scripts."""
-    plan = RefineStage(settings or RefineSettings(), model, method, segmenter).plan(
-        StageContext(vol, root, grid, overwrite))
+    plan = RefineStage(settings or RefineSettings(), model, method, segmenter,
+                       labels or LabelSettings()).plan(StageContext(vol, root, grid, overwrite))
     return plan.job, plan.tasks, plan
 
 
@@ -226,8 +239,8 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         dev = device()
         mae = cached_model(load_refiner, *job.model, dev)
         lo, hi = job.halo.region(block)
-        labels = job.initial.read(lo, hi, "constant")
-        unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
+        labels = job.initial.read(lo, hi)
+        unc = job.uncertainty.read(lo, hi)
         image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
             if job.image is not None and job.intensity is not None else None
         with MODEL_LOCK:
@@ -251,8 +264,8 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     ens = cached_model(load_segmenter, *job.model, dev)
     (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
     lo, hi = job.halo.region(block)  # the CRF's margin
-    labels = job.initial.read(lo, hi, "constant")
-    unc = uncertainty_from_uint8(job.uncertainty.read(lo, hi, "constant"))
+    labels = job.initial.read(lo, hi)
+    unc = job.uncertainty.read(lo, hi)
     t, h = seg.tile, seg.halo
     ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
     ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t

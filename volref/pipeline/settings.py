@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from volref.settings import Settings
-from volref.stages.settings import RefineSettings, SegmentSettings
+from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class RunSettings(Settings):
     """The settings of every stage of a run.
 
     ``min_voxels``: connected pieces with fewer voxels are specks, not mitochondria (a 40 px
-    wide tube has ~1000 per slice).
+    wide tube has ~1000 per slice). ``labels``: what ``refine`` refines (volref's own initial
+    labels by default, or another tool's label image with its class map and uncertainty).
     """
 
     segmenter: str | None = None
@@ -28,3 +29,4 @@ class RunSettings(Settings):
     overwrite: bool = False
     csv: bool = False
     min_voxels: int = 1000
+    labels: LabelSettings = field(default_factory=LabelSettings)

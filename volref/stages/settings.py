@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from volref.errors import SettingsError
 from volref.settings import PRECISIONS, Settings
+from volref.stages.labels import IDENTITY_MAP, ClassTable, format_class_map, parse_class_map
 
 
 def check_precision(precision: str) -> None:
@@ -93,3 +94,44 @@ class RefineSettings(Settings):
     def margin(self) -> int:
         """Pixels of context a slice needs around itself (the tiles' reach past it)."""
         return self.tile - self.stride
+
+
+@dataclass(frozen=True)
+class LabelSettings(Settings):
+    """Which segmentation ``refine`` (and ``train refiner``) works on.
+
+    ``labels``: a label image of the archive (``labels/<labels>``, written by any tool); None:
+    volref's own initial labels with the segment stage's uncertainty (plain ``volref refine``).
+    ``class_map``: its values for volref's four classes (:mod:`volref.stages.labels`; stored in
+    canonical form, classes in volref's order). ``uncertainty``: the path of an image in the
+    archive holding the normalised entropy or per-class probabilities; None: the segment stage's
+    (the ensemble's) uncertainty.
+    """
+
+    labels: str | None = None
+    class_map: str = IDENTITY_MAP
+    uncertainty: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_map", format_class_map(parse_class_map(self.class_map)))
+        if self.labels is None:
+            if self.class_map != IDENTITY_MAP:
+                raise SettingsError("class_map", "a class map is for a label image of another "
+                                    "tool: give it with --labels NAME")
+            if self.uncertainty is not None:
+                raise SettingsError("uncertainty", "--uncertainty goes with --labels NAME (which "
+                                    "may name volref's own initial labels too)")
+            return
+        if not self.labels or "/" in self.labels or self.labels in (".", ".."):
+            raise SettingsError("labels", f"--labels takes the name of a label image (as listed "
+                                f"in the archive's labels group), not {self.labels!r}")
+        path = self.uncertainty
+        if path is not None and (not path.strip("/") or path.startswith("/")
+                                 or {".", ".."} & set(path.split("/"))):
+            raise SettingsError("uncertainty", "--uncertainty takes the path of an image inside "
+                                f"the archive (e.g. scores/entropy), not {path!r}")
+
+    @property
+    def table(self) -> ClassTable:
+        """The values of each class, in volref's class order."""
+        return parse_class_map(self.class_map)

@@ -17,9 +17,12 @@ import numpy as np
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.io import intensity_sample, label_names, open_image
+from volref.io.inputs import InputNotFound, find_image, find_label_image
 from volref.io.ngff import read_multiscale
 from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH
+from volref.stages.labels import check_fits, to_classes, to_uncertainty
 from volref.stages.normalise import IntensityRange, normalise, range_of
+from volref.stages.settings import LabelSettings
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +137,35 @@ def load_image(location: str | os.PathLike) -> np.ndarray:
     return normalise(np.asarray(vol.data.compute()), range_of(intensity_sample(vol)))
 
 
-def load_predictions(location: str | os.PathLike, labels: str = INITIAL,
-                     uncertainty: str = UNCERTAINTY_PATH) -> tuple[np.ndarray, np.ndarray]:
-    """The ensemble's labels and uncertainty (float32 in [0, 1]) written by ``volref segment``."""
+def load_predictions(location: str | os.PathLike,
+                     inputs: LabelSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (volref's classes, uint8) and uncertainty (float32 in [0, 1]) to train a refiner on.
+
+    By default the ensemble's, as ``volref segment`` wrote them; with ``inputs.labels`` a label
+    image of the archive written by any tool, mapped by ``inputs.class_map``, with the
+    uncertainty at ``inputs.uncertainty`` (entropy or per-class probabilities) or the ensemble's
+    (:mod:`volref.stages.labels`, as ``volref refine --labels`` reads them).
+    """
+    inputs = inputs or LabelSettings()
     vol = open_image(location)
-    if labels not in label_names(vol.group):
-        raise VolrefError(f"{vol.location} has no label image {labels!r}: run volref segment first")
-    group = vol.group["labels"][labels]
-    ms = read_multiscale(group, where=f"labels/{labels}")
-    lead = (0,) * (ms.ndim - 3)
-    lab = np.asarray(group[ms.levels[0].path][lead])
+    stores = [(vol.group, vol.location)]
+    if inputs.labels is None:
+        if INITIAL not in label_names(vol.group):
+            raise VolrefError(f"{vol.location} has no label image {INITIAL!r}: run volref "
+                              "segment first, or name your own with --labels")
+        found = find_label_image(stores, INITIAL, vol.shape)
+        lab = np.asarray(found.array[found.lead])
+    else:
+        found = find_label_image(stores, inputs.labels, vol.shape)
+        check_fits(inputs.table, found.array.dtype, found.where)
+        lab = to_classes(np.asarray(found.array[found.lead]), inputs.table, found.where)
+    if inputs.uncertainty is not None:
+        given = find_image(stores, inputs.uncertainty, vol.shape)
+        return lab, to_uncertainty(np.asarray(given.array[given.lead]), given.channel_axis)
     try:
-        ugroup = vol.group[uncertainty]
-    except KeyError:
-        raise VolrefError(f"{vol.location} has no {uncertainty}: run volref segment first") from None
-    ums = read_multiscale(ugroup, where=uncertainty)
-    unc = np.asarray(ugroup[ums.levels[0].path][lead]).astype(np.float32) / np.float32(255.0)
-    return lab, unc
+        given = find_image(stores, UNCERTAINTY_PATH, vol.shape)
+    except InputNotFound:
+        raise VolrefError(f"{vol.location} has no {UNCERTAINTY_PATH}: run volref segment "
+                          f"{vol.location} first, or give the labels' own with --uncertainty"
+                          ) from None
+    return lab, to_uncertainty(np.asarray(given.array[given.lead]))

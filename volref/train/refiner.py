@@ -203,9 +203,10 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
 
 def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
                   observer: Observer | None = None, data_names: list[str] | None = None,
-                  command: str | None = None) -> Path:
+                  command: str | None = None, segmentation: dict[str, Any] | None = None) -> Path:
     """Train (or resume) a tile refiner (``recipe.method``); writes ``OUT/<MODEL_FILES[method]>``
-    with its model card."""
+    with its model card (``segmentation``: which segmentation of the data it learnt from, when not
+    the ensemble's)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -266,6 +267,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
             "seed": recipe.seed,
             "init_sha256": init_sha256,
             "data": data_names or [], "training_tiles": int(len(pool.labels)),
+            **({"labels": segmentation} if segmentation is not None else {}),
             "command": command, "loss_per_epoch": info["losses"],
             "train_seconds": info["seconds"]}
     kind = CNNAE_KIND if recipe.method == "cnn-ae" else REFINER_KIND
