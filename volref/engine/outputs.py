@@ -76,14 +76,29 @@ def missing_blocks(root: zarr.Group, records: Mapping[str, Any],
         else:
             present = chunk_keys(level0)
         for key, payload in records.items():
-            wrote = (payload.get("chunks") or {}).get(path) if isinstance(payload, dict) else None
-            if not wrote:
+            listed = payload.get("chunks") if isinstance(payload, dict) else None
+            if listed is None:
+                continue  # a record of an older volref: trusted
+            wrote = listed.get(path) if isinstance(listed, dict) else None
+            if wrote is None and isinstance(listed, dict):
                 continue
-            gone = len(wrote) if level0 is None else sum(_key(level0, c) not in present
-                                                          for c in wrote)
+            gone = _gone(level0, present, wrote)
             if gone:
                 lost[key] = lost.get(key, 0) + gone
     return lost
+
+
+def _gone(level0: zarr.Array | None, present: set[str], wrote: Any) -> int:
+    """How many of the chunks ``wrote`` lists are not stored; a list that is not one (a record
+    rewritten by hand) counts as one missing chunk, so its block is recomputed."""
+    if not isinstance(wrote, list) or not all(isinstance(c, str) for c in wrote):
+        return 1
+    if level0 is None:
+        return len(wrote)
+    try:
+        return sum(_key(level0, c) not in present for c in wrote)
+    except (ValueError, TypeError):
+        return 1
 
 
 def level_listing(root: zarr.Group, outputs: Iterable[str]) -> dict[str, dict[str, list[Any]]]:

@@ -65,7 +65,12 @@ def _listing(array: zarr.Array) -> list[tuple[str, int, str]] | None:
                     array.path)
         return None
     prefix = f"{base.rstrip('/')}/{array.path}"
-    found = fs.find(prefix, detail=True)
+    try:
+        found = fs.find(prefix, detail=True)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        log.warning("cannot list %s (%s): its fingerprint covers its metadata only", array.path,
+                    type(exc).__name__)
+        return None
     out = []
     for path, info in found.items():
         version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None), "")
@@ -85,13 +90,16 @@ def _local(top: Path) -> list[tuple[str, int, str]]:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
-        except FileNotFoundError:
+        except OSError:  # gone or unreadable: reading the image will say so
             continue
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
                 continue
-            st = entry.stat(follow_symlinks=False)
             out.append((os.path.relpath(entry.path, top), st.st_size, str(st.st_mtime_ns)))
     return out
 
