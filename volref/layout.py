@@ -83,6 +83,13 @@ METRICS_TABLE_PATH = meta_path(METRICS_TABLE)
 METRICS_CSV_PATH = meta_path(METRICS_CSV)
 
 
+#: the images each block stage writes (their records list the chunks written; resuming checks
+#: them), from the store's root
+STAGE_OUTPUTS = {"segment": (label_path(INITIAL), UNCERTAINTY_PATH),
+                 "refine": (label_path(REFINED),),
+                 "instances": (label_path(MITOCHONDRIA),)}
+
+
 def manifest_prefix(stage: str) -> str:
     """Where a stage's records live, below the ``volref`` group."""
     return f"{MANIFESTS}/{stage}"

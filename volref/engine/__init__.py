@@ -2,6 +2,7 @@
 
 - :mod:`~volref.engine.grid`: the block grid, aligned to output chunks and tile grids;
 - :mod:`~volref.engine.manifest`: finished-block records and settings digests per stage;
+- :mod:`~volref.engine.outputs`: the chunks each record lists, checked when a stage resumes;
 - :mod:`~volref.engine.runner`: submit, retry, route to GPU workers, observe, summarise;
 - :mod:`~volref.engine.cluster`: start or join a Dask cluster (local, SLURM, Kubernetes, TLS);
 - :mod:`~volref.engine.lock`: one run at a time per output store.

@@ -5,12 +5,14 @@ leave a half-written one. A block task therefore writes its chunks first and its
 
     volref/manifests/<stage>/
         settings.json          digest of the stage's inputs and settings (+ the settings)
-        blocks/<region>.json   one per finished block, written after its chunks
-        done.json              the stage finished (level 0 and the pyramid)
+        blocks/<region>.json   one per finished block, written after its chunks (it lists them)
+        done.json              the stage finished (level 0 and the pyramid, its listing)
 
 A record that cannot be parsed (a kill during its write) counts as not finished. A run whose
 settings digest differs from the recorded one is refused unless the caller overwrites, which
-clears the records first.
+clears the records first. The settings hold an ``inputs`` entry where a stage reads the user's
+arrays: their fingerprints (:mod:`volref.io.fingerprint`), so a changed image is refused too.
+What a resumed stage checks of its outputs is :mod:`volref.engine.outputs`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 import zarr
 
 from volref.errors import ConfigError
-from volref.io.store import delete_files, list_files, read_file, write_file
+from volref.io.fingerprint import changed_files
+from volref.io.store import delete_file, delete_files, list_files, read_file, write_file
 from volref.layout import INITIAL, MITOCHONDRIA, REFINED, label_path, manifest_prefix
 
 
@@ -90,6 +93,10 @@ class Manifest:
         command = USER_COMMANDS.get(self.stage, f"volref {self.stage}")
         before = self.settings()
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if "inputs" in changed:
+            return (f"{command}: the image changed since the results in this store were made "
+                    f"from it ({image_change(before.get('inputs'), settings.get('inputs'))}); "
+                    f"run {command} --overwrite to recompute them from the new image")
         upstream = [k for k in changed if k in UPSTREAM_OUTPUTS]
         if changed and upstream == changed:
             names = " and ".join(f"{UPSTREAM_OUTPUTS[k]} ({USER_COMMANDS[k]})" for k in upstream)
@@ -101,6 +108,12 @@ class Manifest:
 
     def clear(self) -> None:
         delete_files(self.group, self.prefix)
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop the records of ``keys`` (their blocks run again) and the ``done`` record."""
+        for key in keys:
+            delete_file(self.group, f"{self.prefix}/blocks/{key}.json")
+        self.undo()
 
     # ------------------------------------------------------------ blocks
 
@@ -129,9 +142,34 @@ class Manifest:
     def done(self) -> bool:
         return read_file(self.group, f"{self.prefix}/done.json") is not None
 
+    def done_record(self) -> dict[str, Any]:
+        """What ``done.json`` says ({} when the stage has not finished or it cannot be read)."""
+        raw = read_file(self.group, f"{self.prefix}/done.json")
+        try:
+            out = json.loads(raw) if raw is not None else {}
+        except ValueError:
+            return {}
+        return out if isinstance(out, dict) else {}
+
+    def undo(self) -> None:
+        """The stage counts as unfinished again (its pyramid is rebuilt when it next runs)."""
+        delete_file(self.group, f"{self.prefix}/done.json")
+
     def mark_done(self, summary: dict[str, Any]) -> None:
         write_file(self.group, f"{self.prefix}/done.json",
                    json.dumps(summary, indent=2, sort_keys=True).encode())
+
+
+def image_change(before: Any, now: Any) -> str:
+    """How the fingerprints of the image's levels (``{"image": {level: fingerprint}}``) differ."""
+    old = (before or {}).get("image") if isinstance(before, dict) else None
+    new = (now or {}).get("image") if isinstance(now, dict) else None
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "no fingerprint of it was recorded"
+    for level in sorted(set(old) | set(new)):
+        if old.get(level) != new.get(level):
+            return f"level {level}: {changed_files(old.get(level), new.get(level) or {})}"
+    return "its sampled voxels differ"
 
 
 # ---------------------------------------------------------------- fault injection (tests)

@@ -46,6 +46,16 @@ class BlocksFailedError(VolrefError, RuntimeError):
                          "are recorded; run the same command again to retry the rest")
 
 
+class ConnectionLostBlocksError(BlocksFailedError, ConnectionError):
+    """Blocks failed because a remote store stopped answering (not because of their data)."""
+
+    def __init__(self, stage: str, failed: dict[str, str]) -> None:
+        self.stage, self.failed = stage, failed
+        first = next(iter(failed.values()))
+        VolrefError.__init__(self, f"{stage}: {len(failed)} block(s) not done: {first}. Finished "
+                             "blocks are recorded")
+
+
 @dataclass(frozen=True)
 class BlockTask:
     key: str  # the block's region name (manifest key)
@@ -171,29 +181,34 @@ def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
     notify({"event": "start", "stage": stage, "total": len(tasks), "done": report.skipped})
     start = time.perf_counter()
     failed: dict[str, str] = {}
+    lost: set[str] = set()  # failed for want of a connection
     if executor.inline:
         futures = {}
         for t in todo:  # run and report one by one, so progress moves
             fut = executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu)
             futures[fut] = t.key
-            _collect(report, failed, t.key, fut.value, fut.error, notify, stage)
+            _collect(report, failed, t.key, fut.value, fut.error, notify, stage, lost)
     else:
         futures = {executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu): t.key
                    for t in todo}
         for key, value, error in executor.as_completed(futures):
-            _collect(report, failed, key, value, error, notify, stage)
+            _collect(report, failed, key, value, error, notify, stage, lost)
     report.seconds = time.perf_counter() - start
     notify({"event": "end", "stage": stage, **report.to_dict(), "failed": len(failed)})
+    if failed and lost == set(failed):
+        raise ConnectionLostBlocksError(stage, {k: failed[k].split(": ", 1)[-1] for k in failed})
     if failed:
         raise BlocksFailedError(stage, failed)
     return report
 
 
 def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
-             error: BaseException | None, notify: Observer, stage: str) -> None:
+             error: BaseException | None, notify: Observer, stage: str, lost: set[str]) -> None:
     if error is not None:
         log.error("%s block %s failed: %r", stage, key, error)
         failed[key] = f"{type(error).__name__}: {error}"
+        if isinstance(error, ConnectionError):
+            lost.add(key)
     else:
         report.computed += 1
         report.results[key] = value

@@ -14,7 +14,7 @@ import zarr
 
 from volref.errors import ImageDataError, UnsupportedImageError, VolrefError
 from volref.io.ngff import Multiscale, ome_attributes, read_multiscale
-from volref.io.store import array_at, member, open_group, redact
+from volref.io.store import array_at, member, open_group, raise_if_connection_lost, redact
 
 #: dtypes volref processes; images of other integer and float types are refused with a reason.
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -198,6 +198,7 @@ def reading(what: str) -> Iterator[None]:
     except VolrefError:
         raise
     except (RuntimeError, ValueError, TypeError, OSError, KeyError) as exc:
+        raise_if_connection_lost(None, exc, what)
         detail = " ".join(str(exc).split())[:200]
         raise ImageDataError(f"cannot read {what}: a chunk is damaged or unreadable "
                              f"({type(exc).__name__}: {detail})") from None

@@ -172,6 +172,46 @@ def connection_error(exc: BaseException) -> bool:
                for t in type(exc).__mro__)
 
 
+class ConnectionLostError(StoreUnreachableError):
+    """A remote store stopped answering while volref read it (refused, reset, timed out): not
+    a damaged chunk, and finished blocks stay recorded for the next run."""
+
+
+def lost_connection(exc: BaseException) -> BaseException | None:
+    """The network failure behind ``exc`` (itself or its cause or context), or None: a socket
+    error (refused, reset, timed out) or an error of the HTTP or object-store client. Unlike
+    :func:`connection_error`, a plain ``OSError`` does not count (a local file that cannot be
+    read is not a connection)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionError, TimeoutError)) or any(
+                t.__module__.split(".")[0] in ("aiohttp", "botocore", "s3fs", "gcsfs", "requests",
+                                               "urllib3") for t in type(cur).__mro__[:-2]):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def raise_if_connection_lost(store: Any, exc: BaseException, what: str) -> None:
+    """Raise :class:`ConnectionLostError` (one line, the location redacted) when ``exc`` is a
+    network failure while reading ``what`` from ``store``; otherwise return."""
+    cause = lost_connection(exc)
+    if cause is None:
+        return
+    path = str(getattr(store, "path", "") or "")
+    proto = getattr(getattr(store, "fs", None), "protocol", None)
+    proto = proto[0] if isinstance(proto, (tuple, list)) and proto else proto
+    where = path if "://" in path or not isinstance(proto, str) else f"{proto}://{path}"
+    where = redact(where) if path else "the store"
+    detail = " ".join(scrub(str(cause)).split())[:200] or "no answer"
+    raise ConnectionLostError(f"lost the connection to {where} while reading {what} "
+                              f"({type(cause).__name__}: {detail}); the store's data is not "
+                              "known to be damaged: run the same command again once it answers"
+                              ) from None
+
+
 _METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 
 
@@ -426,3 +466,10 @@ def delete_files(group: zarr.Group, prefix: str) -> None:
     from zarr.core.sync import sync
 
     sync(group.store.delete_dir(_key(group, prefix)))
+
+
+def delete_file(group: zarr.Group, name: str) -> None:
+    """Remove the file ``name`` below ``group`` (nothing when it does not exist)."""
+    from zarr.core.sync import sync
+
+    sync(group.store.delete(_key(group, name)))

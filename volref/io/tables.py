@@ -65,6 +65,9 @@ def write_feature_table(root: zarr.Group, name: str, table: pd.DataFrame, *, reg
         extra["units"] = {c: u for c, u in units.items() if c in table.columns}
     if description:
         extra["description"] = description
+    made = table.attrs.get("volref")
+    if isinstance(made, dict):  # how the table's lengths were converted (volref.io.units)
+        extra.update({k: v for k, v in made.items() if k not in extra})
     if extra:
         attrs["volref"] = extra
     group.attrs.update(attrs)

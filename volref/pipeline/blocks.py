@@ -20,8 +20,10 @@ import zarr
 
 from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.engine.grid import Block
+from volref.engine.outputs import written_chunks
 from volref.errors import ImageDataError
 from volref.io.region import read_padded
+from volref.io.store import raise_if_connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,11 @@ class Source:
 
     def raise_if_corrupt(self, start: Sequence[int], stop: Sequence[int], exc: Exception) -> None:
         """Raise :class:`ImageDataError` naming the chunks of the region that fail to decode
-        (read one by one) when there are any; otherwise return (``exc`` was something else)."""
+        (read one by one) when there are any; otherwise return (``exc`` was something else).
+        A network failure (a remote store that stopped answering) is not a corrupt chunk:
+        :class:`~volref.io.store.ConnectionLostError` says so."""
+        what = f"{self.array.path} (voxels {tuple(start)}..{tuple(stop)})"
+        raise_if_connection_lost(self.array.store, exc, what)
         chunks = self.array.chunks[-3:]
         shape = self.shape
         ranges = [range(max(a, 0) // c, (min(b, n) - 1) // c + 1)
@@ -66,7 +72,8 @@ class Source:
             region = tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(key, chunks, shape))
             try:
                 self.array[self.lead + region]
-            except Exception:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001
+                raise_if_connection_lost(self.array.store, err, what)
                 bad.append(".".join(map(str, tuple(0 for _ in self.lead) + key)))
         if bad:
             names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -77,8 +84,11 @@ class Source:
               fill: Any = 0) -> np.ndarray:
         return read_padded(self.array, start, stop, mode, lead=self.lead, fill=fill)
 
-    def write(self, block: Block, data: np.ndarray) -> None:
+    def write(self, block: Block, data: np.ndarray) -> list[str]:
+        """Write ``block``'s chunks; returns the chunks written with data (``"z.y.x"``), which
+        its record lists (:func:`~volref.engine.outputs.written_chunks`)."""
         self.array[self.lead + block.slices] = data
+        return written_chunks(data, block.start, self.array.chunks[-3:], self.array.fill_value)
 
 
 def level0(group: zarr.Group, path: str, ndim: int) -> Source:

@@ -66,7 +66,7 @@ class UncertaintyIn:
 
 def segment_record(ctx: StageContext, what: str) -> Manifest:
     """The finished segment stage's manifest (else: which command makes it)."""
-    return require_done(ctx.meta, "segment", what, "segment")
+    return require_done(ctx, "segment", what, "segment")
 
 
 def own_inputs(ctx: StageContext) -> tuple[LabelsIn, UncertaintyIn, dict[str, Any]]:

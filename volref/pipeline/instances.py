@@ -23,10 +23,17 @@ from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
 from volref.errors import VolrefError
 from volref.io import LabelInfo, create_label_image, label_levels, store_pyramid
-from volref.layout import MITOCHONDRIA, REFINED, existing_levels, label_path, levels_of
+from volref.layout import (
+    MITOCHONDRIA,
+    REFINED,
+    STAGE_OUTPUTS,
+    existing_levels,
+    label_path,
+    levels_of,
+)
 from volref.pipeline.blocks import Source
 from volref.pipeline.settings import RunSettings
-from volref.pipeline.stage import StageContext, open_outputs, require_done
+from volref.pipeline.stage import StageContext, mark_finished, open_outputs, require_done
 from volref.pipeline.store import record_provenance
 from volref.settings import default_of
 from volref.stages.instances import BlockLabels, block_labels, face_pairs, label_block, resolve
@@ -66,9 +73,10 @@ def relabel_task(job: InstanceJob, block: Block, table: np.ndarray) -> dict[str,
     if n + 1 != len(table):
         raise VolrefError(f"block {block.key}: {n} components now, {len(table) - 1} when merged "
                           "(the refined labels changed during the run)")
-    job.out.write(block, table[labels])
+    written = job.out.write(block, table[labels])
     count = int(np.count_nonzero(np.unique(table[labels])))
-    job.manifest.record(block.key, {"mitochondria": count})
+    job.manifest.record(block.key, {"mitochondria": count,
+                                    "chunks": {STAGE_OUTPUTS["instances"][0]: written}})
     return {"mitochondria": count}
 
 
@@ -92,7 +100,7 @@ def instances(ctx: StageContext, executor: Executor, *, observer: Observer | Non
               min_voxels: int = MIN_VOXELS) -> StageReport:
     root, grid, vol = ctx.root, ctx.grid, ctx.vol
     meta = ctx.meta
-    upstream = require_done(meta, "refine", f"{label_path(REFINED)} is", "refine")
+    upstream = require_done(ctx, "refine", f"{label_path(REFINED)} is", "refine")
     ms = vol.multiscale
     refined = levels_of(root[label_path(REFINED)])
     manifest = Manifest(meta, "instances")
@@ -102,7 +110,7 @@ def instances(ctx: StageContext, executor: Executor, *, observer: Observer | Non
         return create_label_image(root, MITOCHONDRIA, label_levels(ms, "uint32"), ms.axes,
                                   version=ms.version, info=LabelInfo(), overwrite=over)[1]
 
-    arrays, _ = open_outputs(manifest, record, ctx.overwrite, create,
+    arrays, _ = open_outputs(ctx, manifest, record, create,
                              lambda: existing_levels(root, label_path(MITOCHONDRIA)))
     record_provenance(root, "instances", record)
     job = InstanceJob(ctx.source(refined[0]), ctx.source(arrays[0]), vol.shape, manifest)
@@ -140,5 +148,5 @@ def instances(ctx: StageContext, executor: Executor, *, observer: Observer | Non
     executor.compute([store_pyramid(None, arrays, "nearest")])
     report.seconds = time.perf_counter() - start
     report.results = {"mitochondria": n}
-    manifest.mark_done({**report.to_dict(), "mitochondria": n})
+    mark_finished(root, manifest, {**report.to_dict(), "mitochondria": n})
     return report

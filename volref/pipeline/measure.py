@@ -11,6 +11,12 @@ The metrics are measured on the mitochondrion's footprint (its voxels in
 the two columns compare the same voxels. The initial classes are those refine refined: volref's
 initial labels, or another tool's label image mapped to volref's classes (``refine --labels``). Written to ``volref/metrics.parquet`` (and
 ``volref/metrics.csv`` on request) and as ``properties`` of the mitochondria label image.
+
+The table has one schema whatever ran before (:data:`~volref.stages.measure.TABLE_DTYPES`:
+column order and dtypes; rows in label order), so a fresh, a resumed and a repeated run write
+the same bytes. Lengths are micrometres whatever unit the image's axes declare
+(:mod:`volref.io.units`); how each axis' unit was read (or assumed) is kept in the table's
+metadata (``DataFrame.attrs["volref"]``, which pandas keeps in the parquet file).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
 from volref.io.ngff import set_ome
 from volref.io.store import write_file
+from volref.io.units import spacing_um
 from volref.layout import (
+    INITIAL,
     META,
     METRICS_CSV,
     METRICS_TABLE,
@@ -59,7 +67,7 @@ class MeasureJob:
     ids: list[Source]  # every level of labels/volref-mitochondria
     initial: LabelsIn  # what refine refined, as volref's classes
     refined: Source
-    spacing: tuple[float, float, float]  # z, y, x of level 0 (physical units)
+    spacing: tuple[float, ...]  # z, y, x of level 0, micrometres
     slab: int  # z-slices read at once (the chunk depth)
     manifest: Manifest
 
@@ -76,6 +84,13 @@ def stats_task(job: MeasureJob, block: Block) -> dict[str, Any]:
 
 def merge_stats(parts: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(stage.merge_stats(parts), columns=stage.STATS_COLUMNS)
+
+
+def as_table(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` in the metrics table's schema: its columns in order and with their dtypes
+    (missing ones NaN), rows in label order, a plain index."""
+    out = table.reindex(columns=list(stage.TABLE_DTYPES)).astype(stage.TABLE_DTYPES)
+    return out.sort_values("label", kind="stable").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- 3. shape metrics
@@ -136,16 +151,22 @@ def measure(ctx: StageContext, executor: Executor, *, observer: Observer | None 
             csv: bool = False) -> StageReport:
     root, grid, vol = ctx.root, ctx.grid, ctx.vol
     meta = ctx.meta
-    upstream = require_done(meta, "instances", f"{label_path(MITOCHONDRIA)} is", "measure")
+    spacing, units = spacing_um(vol.scale, vol.units, where=vol.location)
+    # measure reads the outputs of every stage before it: all must be whole
+    refine = require_done(ctx, "refine", f"{label_path(REFINED)} is", "refine")
+    if "segment" in refine.settings():  # refine read the ensemble's labels or uncertainty
+        require_done(ctx, "segment", f"{label_path(INITIAL)} is", "segment")
+    upstream = require_done(ctx, "instances", f"{label_path(MITOCHONDRIA)} is", "measure")
     ids = [ctx.source(a) for a in levels_of(root[label_path(MITOCHONDRIA)])]
     initial = refined_input(ctx)
     refined = ctx.source(finest(root, label_path(REFINED)))
     manifest = Manifest(meta, "measure")
     record = {"instances": upstream.settings_digest(),
-              "segment": Manifest(meta, "segment").settings_digest(), "group": GROUP}
+              "segment": Manifest(meta, "segment").settings_digest(), "group": GROUP,
+              "spacing_um": list(spacing), "units": units}
     manifest.begin(record, ctx.overwrite)
     record_provenance(root, "measure", record)
-    job = MeasureJob(ids, initial, refined, vol.scale, ids[0].array.chunks[-3], manifest)
+    job = MeasureJob(ids, initial, refined, spacing, ids[0].array.chunks[-3], manifest)
     start = time.perf_counter()
     finished = manifest.finished()
     stat_tasks = [BlockTask(f"stats-{b.key}", stats_task, (job, b)) for b in grid]
@@ -159,7 +180,9 @@ def measure(ctx: StageContext, executor: Executor, *, observer: Observer | None 
     metrics = [r for t in shape_tasks for r in shapes.results[t.key]["rows"]]
     if metrics:
         table = table.merge(pd.DataFrame(metrics), on="label", how="left")
-    table.insert(2, "volume_um3", table["voxels"] * float(np.prod(vol.scale)))
+    table.insert(2, "volume_um3", table["voxels"] * float(np.prod(spacing)))
+    table = as_table(table)
+    table.attrs["volref"] = {"spacing_um": list(spacing), **units}
     write_table(root, table, csv)
     report = StageReport("measure", total=len(stat_tasks) + len(shape_tasks),
                          skipped=stats.skipped + shapes.skipped,

@@ -77,11 +77,11 @@ UNCERTAINTY_OMERO = {
 }
 
 
-def units_of(scale_unit: str | None) -> dict[str, str]:
-    """The unit of every column of the metrics table (``scale_unit``: the image's x unit)."""
-    length = scale_unit or "physical unit"
+def units_of() -> dict[str, str]:
+    """The unit of every column of the metrics table (lengths are micrometres whatever the
+    image's axes use: :mod:`volref.io.units`)."""
     units = {"label": f"id in {label_path(MITOCHONDRIA)}", "voxels": "voxel",
-             "volume_um3": f"{length}^3", "skeleton_length_um": length}
+             "volume_um3": "micrometer^3", "skeleton_length_um": "micrometer"}
     for a in "zyx":
         units[f"bbox_{a}0"] = units[f"bbox_{a}1"] = "voxel index (level 0)"
         units[f"centroid_{a}"] = "voxel index (level 0)"
@@ -106,7 +106,7 @@ def publish(vol: Volume, root: zarr.Group, executor: Executor, *, own_image: boo
         if raw is not None:
             table = pd.read_parquet(io.BytesIO(raw))
             write_feature_table(root, MITOCHONDRIA_TABLE, table, region=MITOCHONDRIA,
-                                units=units_of(vol.units[-1]),
+                                units=units_of(),
                                 description="one row per mitochondrion (volref measure)")
 
 

@@ -46,7 +46,7 @@ from volref.io import (
     label_levels,
     store_pyramid,
 )
-from volref.layout import INITIAL, REFINED, existing_levels, label_path
+from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, label_path
 from volref.models.registry import (
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
@@ -199,7 +199,7 @@ class RefineStage:
                                       info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES),
                                       overwrite=over)[1]
 
-        arrays, resumed = open_outputs(manifest, record, ctx.overwrite, create,
+        arrays, resumed = open_outputs(ctx, manifest, record, create,
                                        lambda: existing_levels(root, label_path(REFINED)))
         record_provenance(root, self.name, {"model": model_key[0], **record})
         halo = self.halo(settings, model_key)
@@ -214,7 +214,7 @@ class RefineStage:
 
     def run(self, ctx: StageContext, executor: Executor,
             observer: Observer | None = None) -> StageReport:
-        return finish_stage(executor, self.name, self.plan(ctx), observer)
+        return finish_stage(executor, ctx, self.plan(ctx), observer)
 
 
 def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
@@ -245,9 +245,10 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
             if job.image is not None and job.intensity is not None else None
         with MODEL_LOCK:
             out = refine_region(mae, labels, unc, s, device=dev, image=image)
-        job.refined.write(block, out.labels)
+        written = job.refined.write(block, out.labels)
         stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
                  "removed_px": int(out.removed.sum()), "device": dev}
+        stats["chunks"] = {STAGE_OUTPUTS["refine"][0]: written}
     stats.update(seconds=round(time.perf_counter() - start, 3), worker=worker_address())
     job.manifest.record(block.key, stats)
     return stats
@@ -277,6 +278,6 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     image = stack[1:-1, h:-h, h:-h][(slice(None),) + win]
     out = crf_region(probs[(slice(None), slice(None)) + win], image, labels, unc, tile=s.tile,
                      margin=m, tau=s.tau, near_px=s.near_px, settings=job.crf)
-    job.refined.write(block, out)
+    written = job.refined.write(block, out)
     return {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
-            "device": dev}
+            "device": dev, "chunks": {STAGE_OUTPUTS["refine"][0]: written}}

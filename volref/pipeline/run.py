@@ -21,6 +21,7 @@ from volref.engine.runner import Executor, Observer, StageReport
 from volref.errors import ConfigError
 from volref.io import Volume, open_image, redact
 from volref.io.store import is_url, local_path
+from volref.io.units import spacing_um
 from volref.layout import META
 from volref.pipeline.instances import InstancesStage
 from volref.pipeline.measure import MeasureStage
@@ -106,6 +107,8 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
     cluster = cluster or ClusterSpec(gpus=0 if client is not None else gpu_count())
     vol = open_image(location, channel=channel, timepoint=timepoint)
     block_grid(vol, settings, stages)  # a bad block shape fails before a cluster starts
+    if "measure" in stages:  # so does an axis unit that cannot be converted to micrometres
+        spacing_um(vol.scale, vol.units, where=vol.location)
     root, where = open_target(location, vol.multiscale, output)
     reports: list[StageReport] = []
     peaks: dict[str, dict[str, int]] = {}

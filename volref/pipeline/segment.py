@@ -15,6 +15,7 @@ the number of workers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -38,7 +39,14 @@ from volref.io import (
     store_pyramid,
 )
 from volref.io.store import has_member
-from volref.layout import INITIAL, UNCERTAINTY, UNCERTAINTY_PATH, existing_levels, label_path
+from volref.layout import (
+    INITIAL,
+    STAGE_OUTPUTS,
+    UNCERTAINTY,
+    UNCERTAINTY_PATH,
+    existing_levels,
+    label_path,
+)
 from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
 from volref.pipeline.stage import (
@@ -101,8 +109,11 @@ class SegmentStage:
             raise
         check_finite(sample, "the intensity sample")
         irange = range_of(sample)
+        # what the results are made from: the image's listing and the voxels sampled from it
+        inputs = {"image": ctx.image_fingerprint,
+                  "sample": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
         record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype),
-                            "selection": vol.selection},
+                            "selection": vol.selection}, "inputs": inputs,
                   "model_sha256": model_key[1], "settings": settings.to_dict(),
                   "intensity": irange.to_dict()}
         manifest = Manifest(ctx.meta, self.name)
@@ -121,7 +132,7 @@ class SegmentStage:
             unc = existing_levels(root, UNCERTAINTY_PATH)
             return [labels, unc] if labels and unc else None
 
-        (labels, unc), resumed = open_outputs(manifest, record, ctx.overwrite, create, reopen)
+        (labels, unc), resumed = open_outputs(ctx, manifest, record, create, reopen)
         record_provenance(root, self.name, {"image": vol.location, "selection": vol.selection,
                                             "model": model_key[0], **record})
         halo = self.halo()
@@ -135,7 +146,7 @@ class SegmentStage:
     def run(self, ctx: StageContext, executor: Executor,
             observer: Observer | None = None) -> StageReport:
         """Segment every unfinished block, then build the pyramids of both outputs."""
-        return finish_stage(executor, self.name, self.plan(ctx), observer)
+        return finish_stage(executor, ctx, self.plan(ctx), observer)
 
 
 def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
@@ -151,11 +162,12 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
         labels, unc = segment_slices(ensemble, stack, job.settings, device=dev)
     (_z0, y0, x0), (_z1, y1, x1) = block.start, block.stop
     core = (slice(None), slice(0, y1 - y0), slice(0, x1 - x0))
-    job.labels.write(block, labels[core])
-    job.uncertainty.write(block, uncertainty_to_uint8(unc[core]))
+    chunks = {path: source.write(block, data) for path, source, data in
+              zip(STAGE_OUTPUTS["segment"], (job.labels, job.uncertainty),
+                  (labels[core], uncertainty_to_uint8(unc[core])))}
     seconds = time.perf_counter() - start
     job.manifest.record(block.key, {"seconds": round(seconds, 3), "device": dev,
-                                       "worker": worker_address()})
+                                    "worker": worker_address(), "chunks": chunks})
     return {"seconds": seconds}
 
 

@@ -18,27 +18,45 @@ out once from its settings when it plans::
 
 Helpers every stage shares live here too: checking a model once before any block, reading the
 manifest of the stage before, opening or resuming outputs, finishing.
+
+What a stage records covers its inputs' content, and what it resumes is checked:
+
+* the image: ``segment`` records the fingerprint of the image levels it reads (a listing: sizes
+  and modification times or ETags, :mod:`volref.io.fingerprint`) with its settings, so a run
+  on a changed image is refused, never mixed; every later stage compares the image's current
+  fingerprint with that record (:func:`check_image`), so nothing is extended from an image that
+  changed after ``segment`` finished;
+* the stages' own outputs: each block record lists the chunks its block wrote, and a resumed
+  stage recomputes the blocks whose chunks went missing and rebuilds a pyramid whose listing
+  changed (:func:`open_outputs`); a stage reading another stage's outputs refuses them in one
+  line when chunks are missing (:func:`require_done`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 import zarr
 
 from volref.engine.grid import Block, BlockGrid
-from volref.engine.manifest import Manifest
+from volref.engine.manifest import Manifest, image_change
+from volref.engine.outputs import level_listing, missing_blocks, stale_levels
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
-from volref.errors import ImageDataError, OutputExistsError, VolrefError
+from volref.errors import ConfigError, ImageDataError, OutputExistsError, VolrefError
 from volref.io import Volume
-from volref.layout import META
+from volref.io.fingerprint import array_fingerprint
+from volref.layout import META, STAGE_OUTPUTS
 from volref.models.registry import file_hash
 from volref.pipeline.blocks import Source, cached_model
+
+log = logging.getLogger(__name__)
 
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 
@@ -89,6 +107,14 @@ class StageContext:
         ms = self.vol.multiscale
         return Source(self.vol.group[ms.levels[self.vol.level].path],
                       tuple(self.vol.selection[a.name] for a in ms.axes[:ms.ndim - 3]))
+
+    @cached_property
+    def image_fingerprint(self) -> dict[str, Any]:
+        """Fingerprints of the image levels the stages read (the processed level and the
+        coarsest, whose sample sets the intensity range), by level path; one listing per run."""
+        ms = self.vol.multiscale
+        paths = dict.fromkeys([ms.levels[self.vol.level].path, ms.levels[-1].path])
+        return {p: array_fingerprint(self.vol.group[p]) for p in paths}
 
     def source(self, array: zarr.Array) -> Source:
         """A written array (levels of a label image, uncertainty) as a 3-D source."""
@@ -151,29 +177,57 @@ def check_finite(data: np.ndarray, where: str) -> None:
                                  "volref needs finite values: fix or mask them first")
 
 
-def require_done(meta: zarr.Group, stage: str, what: str, command: str) -> Manifest:
-    """The manifest of an earlier stage, which must have finished here."""
-    manifest = Manifest(meta, stage)
+def require_done(ctx: StageContext, stage: str, what: str, command: str) -> Manifest:
+    """The manifest of an earlier stage, which must have finished here from the image as it is
+    now, with every chunk it wrote still stored."""
+    manifest = Manifest(ctx.meta, stage)
     if not manifest.done:
         raise VolrefError(f"{what} missing or unfinished here: run volref {command} first "
                           "(with the same --output)")
+    outputs = STAGE_OUTPUTS.get(stage, ())
+    lost = missing_blocks(ctx.root, manifest.finished(), outputs)
+    stale = stale_levels(ctx.root, manifest.done_record().get("levels"), outputs)
+    if lost or stale:
+        chunks = f"{sum(lost.values())} chunk(s) of {len(lost)} block(s)" if lost \
+            else "chunks of its coarser levels"
+        raise VolrefError(f"{' and '.join(outputs)} lost {chunks} that volref {command} wrote "
+                          f"(deleted?); run volref {command} again (with the same --output) to "
+                          "recompute them")
+    check_image(ctx)
     return manifest
 
 
-def open_outputs(manifest: Manifest, settings: dict[str, Any], overwrite: bool,
+def check_image(ctx: StageContext) -> None:
+    """Refuse to go on from results that ``segment`` made from another image: the image's
+    fingerprint now must be the one recorded when it ran."""
+    recorded = Manifest(ctx.meta, "segment").settings().get("inputs")
+    if not isinstance(recorded, dict) or "image" not in recorded:
+        return  # results made before fingerprints (or not by segment): nothing to compare
+    if recorded["image"] != ctx.image_fingerprint:
+        change = image_change(recorded, {"image": ctx.image_fingerprint})
+        raise ConfigError(f"the image changed since volref segment made its labels here "
+                          f"({change}); run volref segment --overwrite, then the later stages "
+                          "with --overwrite")
+
+
+def open_outputs(ctx: StageContext, manifest: Manifest, settings: dict[str, Any],
                  create: Callable[[bool], list[Any]],
                  reopen: Callable[[], list[Any] | None]) -> tuple[list[Any], bool]:
     """The output arrays of a stage and whether they resume an earlier run.
 
-    Same digest as recorded -> reopen and resume. Otherwise create them: over earlier results
-    only with ``overwrite`` (a different digest is refused by the manifest, outputs written
-    without a manifest by :class:`OutputExistsError`).
+    Same digest as recorded -> reopen and resume: finished blocks whose chunks are no longer
+    stored lose their records (they run again), and a pyramid whose listing changed makes the
+    stage unfinished (it is rebuilt). Otherwise create them: over earlier results only with
+    ``overwrite`` (a different digest is refused by the manifest, outputs written without a
+    manifest by :class:`OutputExistsError`).
     """
+    overwrite = ctx.overwrite
     same = manifest.settings_digest() is not None and not overwrite
     manifest.begin(settings, overwrite)  # raises on other settings without overwrite
     if same:
         arrays = reopen()
         if arrays is not None:
+            repair_outputs(ctx.root, manifest)
             return arrays, True
         manifest.begin(settings, overwrite=True)  # records without outputs: start again
     try:
@@ -184,16 +238,38 @@ def open_outputs(manifest: Manifest, settings: dict[str, Any], overwrite: bool,
     return arrays, False
 
 
-def finish_stage(executor: Executor, stage: str, plan: StagePlan,
+def repair_outputs(root: zarr.Group, manifest: Manifest) -> None:
+    """Before a stage resumes: forget the finished blocks whose chunks are missing, and mark the
+    stage unfinished when its coarser levels lost chunks (see :mod:`volref.engine.outputs`)."""
+    outputs = STAGE_OUTPUTS.get(manifest.stage, ())
+    lost = missing_blocks(root, manifest.finished(), outputs)
+    if lost:
+        log.warning("%s: %d chunk(s) of %s are missing; recomputing %d block(s)", manifest.stage,
+                    sum(lost.values()), " and ".join(outputs), len(lost))
+        manifest.forget(sorted(lost))
+    stale = stale_levels(root, manifest.done_record().get("levels"), outputs)
+    if stale:
+        log.warning("%s: the coarser levels of %s lost chunks; rebuilding them", manifest.stage,
+                    " and ".join(stale))
+        manifest.undo()
+
+
+def mark_finished(root: zarr.Group, manifest: Manifest, summary: dict[str, Any]) -> None:
+    """The stage's ``done`` record, with the listing of its outputs' coarser levels."""
+    outputs = STAGE_OUTPUTS.get(manifest.stage, ())
+    manifest.mark_done({**summary, "levels": level_listing(root, outputs)})
+
+
+def finish_stage(executor: Executor, ctx: StageContext, plan: StagePlan,
                  observer: Observer | None) -> StageReport:
     """Run the blocks not yet recorded, then the pyramid levels, then mark the stage done."""
     manifest = plan.manifest
-    report = run_blocks(executor, stage, plan.tasks, manifest.finished(), observer)
+    report = run_blocks(executor, manifest.stage, plan.tasks, manifest.finished(), observer)
     if report.computed or not manifest.done:
         start = time.perf_counter()
         executor.compute(plan.pyramids)
         report.seconds += time.perf_counter() - start
-        manifest.mark_done(report.to_dict())
+        mark_finished(ctx.root, manifest, report.to_dict())
     return report
 
 

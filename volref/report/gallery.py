@@ -110,8 +110,8 @@ def gallery_figure(vol: Volume, results: zarr.Group, table: pd.DataFrame, out: P
         scale_bar(axes[r][0], vol, img.shape[1])
         axes[r][0].set_ylabel(f"id {int(row['label'])}\n{depth(vol, z)}", fontsize=8)
         lines = [f"mitochondrion {int(row['label'])}",
-                 f"volume {row.get('volume_um3', float('nan')):.2f} {unit(vol)}³, skeleton "
-                 f"{row.get('skeleton_length_um', float('nan')):.1f} {unit(vol)}",
+                 f"volume {row.get('volume_um3', float('nan')):.2f} µm³, skeleton "
+                 f"{row.get('skeleton_length_um', float('nan')):.1f} µm",
                  "metric: initial → refined"]
         lines += [f"{SHORT[m]}: {row[f'initial_{m}']:.2f} → {row[f'refined_{m}']:.2f}"
                   for m in METRICS if f"initial_{m}" in row]

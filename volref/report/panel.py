@@ -15,11 +15,25 @@ import zarr
 
 from volref.classes import CLASS_COLORS
 from volref.errors import VolrefError
-from volref.files import check_output_file
+from volref.files import UserFileError, check_output_file
 from volref.io import open_group, open_image
 from volref.layout import GROUND_TRUTH, INITIAL, REFINED, UNCERTAINTY_PATH, finest, label_path
 from volref.stages.refine import removal_mask
 from volref.stages.settings import RefineSettings
+
+
+def check_figure_file(out: str | os.PathLike, what: str) -> Path:
+    """:func:`~volref.files.check_output_file`, and a suffix matplotlib can write (none: PNG):
+    ``snapshot img x.zarr`` is one line before the drawing, not a traceback after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = check_output_file(out, what)
+    suffix = path.suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UserFileError(f"cannot write {what} {path}: .{suffix} is not a figure format "
+                            f"({', '.join(sorted(formats))})")
+    return path
 
 TILE = 128
 
@@ -58,7 +72,7 @@ def refinement_panel(location: str | os.PathLike, out: str | os.PathLike, *,
                      timepoint: int | None = None) -> Path:
     """Draw ``n_tiles`` rows (the tiles with the most refinement) into ``out`` (PNG)."""
     settings = settings or RefineSettings()
-    check_output_file(out, "panel")
+    check_figure_file(out, "panel")
     vol = open_image(location, channel=channel, timepoint=timepoint)
     res = open_group(results or location, mode="r")
     try:

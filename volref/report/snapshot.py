@@ -15,7 +15,6 @@ import numpy as np
 import zarr
 
 from volref.errors import VolrefError
-from volref.files import check_output_file
 from volref.io import label_names, open_image, read_multiscale
 from volref.io.image import reading
 from volref.io.ngff import ome_attributes
@@ -30,7 +29,7 @@ from volref.layout import (
     UNCERTAINTY_LABELS,
     label_path,
 )
-from volref.report.panel import stretch
+from volref.report.panel import check_figure_file, stretch
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def snapshot(location: str | os.PathLike, out: str | os.PathLike, *, z: int | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    check_output_file(out, "snapshot")
+    check_figure_file(out, "snapshot")
     vol = open_image(location, channel=channel, timepoint=timepoint)
     nz, ny, nx = vol.shape
     z = nz // 2 if z is None else z

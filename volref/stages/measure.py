@@ -15,11 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from volref.metrics.consistency import SliceCounts, slice_counts
+from volref.metrics.consistency import METRICS, SliceCounts, slice_counts
 
 #: columns of the merged statistics, in table order
 STATS_COLUMNS = (["label", "voxels"] + [f"bbox_{a}{e}" for e in "01" for a in "zyx"]
                  + [f"centroid_{a}" for a in "zyx"])
+#: the segmentations measured on each mitochondrion's footprint
+SEGMENTATIONS = ("initial", "refined")
+#: columns of a shape-metric row (:func:`shape_row`), in table order
+SHAPE_COLUMNS = ["skeleton_length_um"] + [f"{s}_{m}" for s in SEGMENTATIONS for m in METRICS]
+#: every column of the metrics table, in order, with its dtype: the same schema for a fresh, a
+#: resumed and a repeated run (rows read back from records come with their keys sorted)
+TABLE_DTYPES: dict[str, str] = {
+    "label": "int64", "voxels": "int64", "volume_um3": "float64",
+    **{c: "int64" for c in STATS_COLUMNS if c.startswith("bbox_")},
+    **{c: "float64" for c in STATS_COLUMNS if c.startswith("centroid_")},
+    **{c: "float64" for c in SHAPE_COLUMNS},
+}
 
 
 def block_stats(lab: np.ndarray, start: Sequence[int]) -> dict[str, Any]:
