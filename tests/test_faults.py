@@ -38,9 +38,8 @@ from volref.stages.segment import SegmentSettings
 if __name__ == "__main__":
     run(sys.argv[1], output=sys.argv[2], cluster=ClusterSpec(scheduler=sys.argv[5]),
         settings=RunSettings(segmenter=sys.argv[3], refiner=sys.argv[4],
-                             segment=SegmentSettings(tile=64, halo=16, precision="fp32"),
-                             refine=RefineSettings(tile=32, stride=16, tau=0.3,
-                                                   precision="fp32"),
+                             segment=SegmentSettings(tile=64, halo=16),
+                             refine=RefineSettings(tile=32, stride=16, tau=0.3),
                              block_shape=(8, 64, 128)))
 """
 
