@@ -104,7 +104,9 @@ def _paths(w) -> st.SearchStrategy[str]:
         str(w["img"] / "labels" / "ground-truth"), str(f / "fifo"), str(f / "folder"),
         str(f / "empty"), str(f / "binary"), str(f / "missing.zarr"), str(f / "no" / "x.zarr"),
         "", "-", "..", "http://user:hunter2@127.0.0.1:9/x.zarr", "foo://bar/x.zarr",
-        "s3://", "file:///nonexistent/x.zarr", str(w["seg"]),
+        # a file URL to a store that does not exist, inside the outputs (emptied after each
+        # case), so a synth that makes it never leaves it for a later case or outside the test
+        "s3://", f"file://{w['outs']}/missing/x.zarr", str(w["seg"]),
     ])
 
 
