@@ -36,7 +36,7 @@ check: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" --durations=20
 
 # Reproduce the shipped weights (volref/models/weights) on this CPU: ~9 h on 2 cores
 # (the MAE: 2 x 3,000 steps on 64x64 crops first, then 1,600 + 800 + 1,200 + 1,000 + 1,200 +
