@@ -54,3 +54,14 @@ def test_report_of_the_output_store_alone(two_channel, tmp_path, capsys):
     _, out = two_channel
     assert main(["-q", "report", str(out), "--out", str(tmp_path / "r"), "--gallery", "2"]) == 0
     assert (tmp_path / "r" / "gallery.png").exists()
+
+
+@pytest.mark.parametrize("given", ["models", "image without results"])
+def test_a_refused_report_makes_no_folder(given, small_phantom, models, tmp_path, capsys):
+    """Found by the fuzzer drawing new cases: the report folder (and its parents) were made before
+    the inputs were checked, so a refused report left folders behind."""
+    source = models[0] if given == "models" else str(small_phantom)
+    out = tmp_path / "no" / "r"
+    assert main(["-q", "report", source, "--out", str(out)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists()

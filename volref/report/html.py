@@ -128,10 +128,6 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
     ``results`` when they were written to a separate store; ``channel``/``timepoint`` choose the
     image of a multi-channel or time-lapse ``location``)."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VolrefError(f"cannot make the report folder {out}: {exc.strerror or exc}") from None
     where = results or location
     res = open_group(where, mode="r")
     for key, command in ((label_path(INITIAL), "segment"), (label_path(REFINED), "refine")):
@@ -139,6 +135,10 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
             hint = "" if results else " (or pass --output STORE if the results went to one)"
             raise VolrefError(f"{where} has no {key}: run volref {command} first{hint}")
     vol = open_image(location, channel=channel, timepoint=timepoint)
+    try:  # only once the inputs are known good: a refused report leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolrefError(f"cannot make the report folder {out}: {exc.strerror or exc}") from None
     sections = []
     slices = slices_figure(vol, res, out / "slices.png")
     sections.append(("Slices", "Image, initial and refined labels (colours: the legend below "
