@@ -196,3 +196,22 @@ def test_no_message_shows_a_password_or_a_token(secret):
         assert secret not in redact(url)
         text = f"FsspecStore(<HTTPFileSystem>, '{url}') failed: 'see {url}'\n"
         assert secret not in scrub(text) and secret not in one_line(text)
+
+
+def test_a_zarr_document_zarr_refuses_is_one_line(tmp_path, capsys):
+    """Found by the fuzzer drawing new cases: `info` on a store whose volref/zarr.json lacks its
+    node_type was a traceback (zarr's MetadataValidationError, raised where volref reads a node
+    it did not open itself)."""
+    import json
+
+    store = tmp_path / "m.ome.zarr"
+    assert main(["-q", "synth", str(store), "--shape", "4", "64", "64", "--chunks", "4", "64",
+                 "64"]) == 0
+    capsys.readouterr()
+    doc = store / "volref" / "zarr.json"
+    meta = json.loads(doc.read_text())
+    del meta["node_type"]
+    doc.write_text(json.dumps(meta))
+    assert main(["-q", "info", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("volref: error: ") and "node_type" in err[0], err

@@ -611,6 +611,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except Exception as exc:
+        if not type(exc).__module__.startswith("zarr."):
+            raise  # a bug: entry() shows its traceback
+        # zarr refusing a store's metadata (a missing node_type, a broken array document) where
+        # volref reads a node it did not check first: the store's fault, not volref's
+        from volref.io.store import scrub
+
+        click.echo(f"volref: error: a zarr document of the store is not valid "
+                   f"({type(exc).__name__}: {scrub(one_line(str(exc)))})", err=True)
+        return 2
     return 0
 
 
