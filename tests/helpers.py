@@ -8,16 +8,20 @@ another test module.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import http.server
 import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -288,3 +292,27 @@ def napari_get_reader():
                             "napari.utils.transforms": transforms})
     reader = pytest.importorskip("napari_ome_zarr")
     return reader.napari_get_reader
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file handler that does not log every request."""
+
+    def log_message(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(directory: Path, handler: type = QuietHandler) -> Iterator[int]:
+    """Serve ``directory`` over HTTP on 127.0.0.1 with ``handler``; yields the port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

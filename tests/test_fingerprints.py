@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import http.server
 import json
 import shutil
 import socket
 import struct
-import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
 
-from tests.helpers import INLINE, OUTPUTS, tiny, tree_digest, write_image
+from tests.helpers import INLINE, OUTPUTS, QuietHandler, http_server, tiny, tree_digest, write_image
 from volref.cli.main import main
 from volref.errors import ConfigError
 from volref.io.units import UnknownUnitError, spacing_um
@@ -251,10 +248,7 @@ def test_lengths_are_micrometres_whatever_the_axes_units(finished, two_levels, m
 def dropping_server(directory, dropped: str):
     """An HTTP server on 127.0.0.1 that resets the connection of every request for a path
     holding ``dropped`` (a store that goes away mid-run)."""
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args, **kwargs) -> None:
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             if dropped in self.path:
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -263,15 +257,8 @@ def dropping_server(directory, dropped: str):
                 return
             super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Handler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(directory, Handler) as port:
+        yield port
 
 
 @pytest.mark.parametrize("dropped", ["/s0/c/", "/c/"])  # mid-run (blocks) / at the start

@@ -4,12 +4,8 @@ the input's bytes are unchanged."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +14,7 @@ import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import TINY_MAE, tree_digest, write_image
+from tests.helpers import TINY_MAE, http_server, tree_digest, write_image
 from volref.cli.main import main, one_line
 from volref.io.store import redact, scrub
 from volref.models.checkpoint import CheckpointError, save_model
@@ -145,23 +141,6 @@ def test_consolidated_v2_metadata_is_refused_when_writing_into_the_archive(tmp_p
 
 
 # ---------------------------------------------------------------- remote stores, credentials
-
-
-@contextlib.contextmanager
-def http_server(directory):
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args, **kwargs) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_http_stores_unreachable_or_read_only_are_one_line_without_the_password(
