@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 
@@ -15,6 +16,7 @@ import click
 import dask
 
 from volref import __version__
+from volref.classes import mitochondria
 from volref.cli.info import describe
 from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import VolrefError
@@ -80,8 +82,22 @@ def synth(ctx, out, shape, seed, chunks, density, degraded_fraction, degraded_le
     start = time.perf_counter()
     work = write_phantom(config, out, version=ngff, levels=levels, overwrite=overwrite)
     _compute(work, "synth", ctx.obj["progress"])
-    click.echo(f"wrote {out} ({' x '.join(map(str, shape))} voxels, seed {seed}) "
-               f"in {time.perf_counter() - start:.1f} s")
+    n = phantom_count(out)
+    click.echo(f"wrote {out} ({' x '.join(map(str, shape))} voxels, seed {seed}, "
+               f"{mitochondria(n)}) in {time.perf_counter() - start:.1f} s")
+    if n == 0:
+        mvox = math.prod(shape) / 1e6
+        hint = max(2.0 * density, 2.0 / mvox)  # about two expected
+        click.echo(f"warning: {out} holds no mitochondrion (density {density:g} per million "
+                   f"voxels, {mvox:.2g} Mvoxels); for some, raise --density (e.g. --density "
+                   f"{hint:.2g}), enlarge --shape or try another --seed", err=True)
+
+
+def phantom_count(location: str) -> int:
+    """How many mitochondria the phantom just written at ``location`` holds."""
+    from volref.io import open_group
+
+    return int(open_group(location, mode="r")["volref"].attrs["volref"]["n_mitochondria"])
 
 
 @cli.command()
@@ -251,7 +267,7 @@ def metrics_summary(table) -> str:
     """Mean of each consistency metric before and after refinement."""
     from volref.metrics.consistency import METRICS
 
-    lines = [f"{len(table)} mitochondria; mean per mitochondrion   initial   refined"]
+    lines = [f"{mitochondria(len(table))}; mean per mitochondrion   initial   refined"]
     for m in METRICS:
         a, b = table.get(f"initial_{m}"), table.get(f"refined_{m}")
         if a is None:
