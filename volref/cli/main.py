@@ -206,6 +206,15 @@ PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
     help="Numbers the models compute in (bf16: 2-3x faster on GPUs and on CPUs with "
          "AVX-512 BF16; fp32 for reference).")
+INTENSITY_OPTIONS = (
+    click.option("--intensity-range", nargs=2, type=float, default=None,
+                 metavar="LO HI",
+                 help="Map intensities LO and HI to the ensemble's 0 and 1 (where the 1st and "
+                      "99.8th percentiles of its training volumes sat) instead of measuring the "
+                      "image's background level and noise."),
+    click.option("--intensity-window", is_flag=True,
+                 help="Use the image's omero display window (start, end) as --intensity-range."),
+)
 CSV_OPTION = click.option("--csv", is_flag=True, help="Also write volref/metrics.csv.")
 MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), default=1000,
                                  show_default=True,
@@ -215,7 +224,8 @@ MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0), def
 def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluster_file,
              overwrite, channel, timepoint, segmenter=None, refiner=None, tau=0.4, stride=64,
              blend="centre", precision="bf16", csv=False, block=None, min_voxels=1000,
-             method="mae", max_removed=None, smooth=None):
+             method="mae", max_removed=None, smooth=None, intensity_range=None,
+             intensity_window=False):
     from volref.engine.cluster import ClusterSpec
     from volref.pipeline.run import RunSettings, gpu_count, run, run_block
     from volref.stages.refine import RefineSettings
@@ -230,9 +240,15 @@ def _execute(ctx, stages, image, output, workers, block_shape, scheduler, cluste
     except ValueError as exc:
         hint = "--smooth" if str(exc).startswith("smooth") else "--stride"
         raise click.BadParameter(str(exc), param_hint=hint) from None
+    try:
+        segment_settings = SegmentSettings(precision=precision,
+                                           intensity_range=intensity_range or None,
+                                           intensity_window=intensity_window)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--intensity-range") from None
     settings = RunSettings(segmenter=segmenter, refiner=refiner, refine=refine_settings,
                            method=method,
-                           segment=SegmentSettings(precision=precision),
+                           segment=segment_settings,
                            block_shape=tuple(block_shape) if block_shape else None,
                            overwrite=overwrite, csv=csv, min_voxels=min_voxels)
     if block is not None:
@@ -289,7 +305,8 @@ def _block_index(ctx, param, value):
 
 
 @cli.command("run")
-@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, PRECISION_OPTION, CSV_OPTION, MIN_VOXELS_OPTION,
+@engine_options([SEGMENTER_OPTION, *INTENSITY_OPTIONS, *REFINER_OPTIONS, PRECISION_OPTION,
+                 CSV_OPTION, MIN_VOXELS_OPTION,
                  click.option("--block", type=str, default=None, callback=_block_index,
                               help="Run only block Z,Y,X (segment + refine) in this process, "
                                    "for debugging.")])
@@ -299,7 +316,7 @@ def run_command(ctx, **options):
 
 
 @cli.command()
-@engine_options([SEGMENTER_OPTION, PRECISION_OPTION])
+@engine_options([SEGMENTER_OPTION, *INTENSITY_OPTIONS, PRECISION_OPTION])
 def segment(ctx, **options):
     """Ensemble segmentation: labels/volref-initial and volref/uncertainty."""
     _execute(ctx, ("segment",), **options)

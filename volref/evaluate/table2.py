@@ -39,9 +39,10 @@ import zarr
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.evaluate.methods import MethodSettings, refine_tile
-from volref.io import intensity_sample, label_names, open_image
+from volref.io import label_names, open_image
 from volref.metrics import METRICS, dice, tile_metrics
-from volref.stages.normalise import normalise, range_of
+from volref.pipeline.intensity import volume_intensity
+from volref.stages.normalise import normalise
 from volref.stages.refine import removal_mask
 from volref.stages.segment import SegmentSettings, segment_probabilities
 
@@ -279,9 +280,9 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
         unc_arr = root["volref/uncertainty/s0"]
     except KeyError:
         raise VolrefError(f"{location}: no volref/uncertainty: run volref segment first") from None
-    irange = range_of(intensity_sample(vol))
-    nz = vol.shape[0]
     seg = segment_settings or SegmentSettings()
+    irange, _ = volume_intensity(vol, None, seg)  # as volref segment with the shipped ensemble
+    nz = vol.shape[0]
     out = []
     for z in range(settings.every // 2, nz, settings.every):
         zs = np.clip(np.arange(z - 1, z + 2), 0, nz - 1)  # mirrored at the ends, as segment

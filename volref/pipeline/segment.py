@@ -34,13 +34,12 @@ from volref.engine.runner import (
     run_blocks,
     worker_address,
 )
-from volref.errors import ImageDataError, OutputExistsError
+from volref.errors import ImageDataError, OutputExistsError, VolrefError
 from volref.io import (
     LabelInfo,
     Volume,
     create_label_image,
     create_multiscale,
-    intensity_sample,
     label_levels,
     read_multiscale,
     store_pyramid,
@@ -48,8 +47,9 @@ from volref.io import (
 from volref.io.store import has_member
 from volref.models.registry import DEFAULT_SEGMENTER, file_hash, load_segmenter
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device, open_outputs
+from volref.pipeline.intensity import volume_intensity
 from volref.pipeline.store import record_provenance
-from volref.stages.normalise import IntensityRange, normalise, range_of
+from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.segment import SegmentSettings, segment_slices, uncertainty_to_uint8
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,15 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     image = Source(vol.group[ms.levels[vol.level].path],
                    tuple(vol.selection[a.name] for a in ms.axes[:ms.ndim - 3]))
     try:
-        sample = intensity_sample(vol)
+        irange, chosen = volume_intensity(vol, model_key[0], settings, check_finite)
+    except VolrefError:  # the user's mistake or a named bad chunk: nothing to find
+        raise
     except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find and name it
         image.raise_if_corrupt((0, 0, 0), vol.shape, exc)
         raise
-    check_finite(sample, "the intensity sample")
-    irange = range_of(sample)
     record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype), "selection": vol.selection},
               "model_sha256": model_key[1], "settings": settings.to_dict(),
-              "intensity": irange.to_dict()}
+              "intensity": irange.to_dict(), "intensity_from": chosen["from"]}
     meta = root.require_group("volref")
     manifest = Manifest(meta, "segment")
 
@@ -114,7 +114,8 @@ def plan_segment(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
 
     (labels, unc), resumed = open_outputs(manifest, record, overwrite, create, reopen)
     record_provenance(root, "segment", {"image": vol.location, "selection": vol.selection,
-                                        "model": model_key[0], **record})
+                                        "model": model_key[0], **record,
+                                        "intensity_background": chosen.get("background")})
     nlead = (0,) * (ms.ndim - 3)
     job = SegmentJob(image=image,
                      labels=Source(labels[0], nlead), uncertainty=Source(unc[0], nlead),

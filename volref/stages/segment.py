@@ -34,13 +34,27 @@ class SegmentSettings:
     halo: int = 32
     batch: int = 4
     precision: str = "bf16"  # of the ensemble's weights and activations: bf16 or fp32
+    # intensities mapped to the model's 0 and 1 instead of the background estimate
+    # (volref.stages.normalise): given, or the image's omero display window
+    intensity_range: tuple[float, float] | None = None
+    intensity_window: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.intensity_range is not None:
+            lo, hi = (float(v) for v in self.intensity_range)
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(f"intensity range needs finite LO < HI, got {lo} {hi}")
+            if self.intensity_window:
+                raise ValueError("give an intensity range or use the display window, not both")
+            object.__setattr__(self, "intensity_range", (lo, hi))
 
-    def to_dict(self) -> dict[str, int | str]:
+    def to_dict(self) -> dict[str, object]:
         return {"tile": self.tile, "halo": self.halo, "batch": self.batch,
-                "precision": self.precision}
+                "precision": self.precision,
+                "intensity_range": None if self.intensity_range is None
+                else list(self.intensity_range),
+                "intensity_window": self.intensity_window}
 
 
 def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
