@@ -75,12 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in SEEDS[:1] if args.quick else SEEDS:
-        store = str(Path(args.dir) / f"train-{seed}.ome.zarr")
+        store = str(Path(args.dir) / f"train-{seed}{'-quick' if args.quick else ''}.ome.zarr")
         config = {**PHANTOM, "seed": seed}
         if args.quick:
             config["shape"] = (16, 256, 256)
-        if not Path(store).exists() or args.quick:
-            write_synth(store, **config)
+        write_synth(store, **config)
         rows.append(measure(store))
         r = rows[-1]
         print(f"seed {seed}: percentiles {r['percentiles']['low']:.1f}..{r['percentiles']['high']:.1f}"
