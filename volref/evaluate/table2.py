@@ -37,12 +37,13 @@ import numpy as np
 import zarr
 
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+from volref.engine.manifest import Manifest
 from volref.errors import VolrefError
 from volref.evaluate.methods import MethodSettings, refine_tile
 from volref.io import label_names, open_image
 from volref.metrics import METRICS, dice, tile_metrics
 from volref.pipeline.intensity import volume_intensity
-from volref.stages.normalise import normalise
+from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.refine import removal_mask
 from volref.stages.segment import SegmentSettings, segment_probabilities
 
@@ -281,7 +282,9 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
     except KeyError:
         raise VolrefError(f"{location}: no volref/uncertainty: run volref segment first") from None
     seg = segment_settings or SegmentSettings()
-    irange, _ = volume_intensity(vol, None, seg)  # as volref segment with the shipped ensemble
+    made_with = Manifest(root["volref"], "segment").settings()
+    irange = (IntensityRange(**made_with["intensity"]) if "intensity" in made_with
+              else volume_intensity(vol, None, seg)[0])  # as volref segment normalised it
     nz = vol.shape[0]
     out = []
     for z in range(settings.every // 2, nz, settings.every):
