@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from volref.models.registry import load_segmenter, model_card
 
-    ap = parser(__doc__, f"one seed, phantoms of {'x'.join(map(str, QUICK_SHAPE))}")
+    ap = parser(__doc__, f"one seed, phantoms of {'x'.join(map(str, QUICK_SHAPE))}, the empty "
+                           "one and a gain copy, the card's mapping only")
     ap.add_argument("--seeds", default="201,202", help="comma-separated phantom seeds")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("Z", "Y", "X"))
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     seeds = [int(s) for s in args.seeds.split(",")][:1 if args.quick else None]
     shape = QUICK_SHAPE if args.quick else tuple(args.shape)
-    if args.quick:  # the empty volume both ways, a gain copy under the card's mapping
-        cases = ["empty", "gain x2"]
+    if args.quick:  # the empty volume and a gain copy, under the card's mapping only
+        cases, args.mappings = ["empty", "gain x2"], "now"
     ensemble = load_segmenter()
     scale = IntensityScale.from_dict(model_card()["intensity"])
     settings = SegmentSettings(precision=args.precision)
