@@ -52,6 +52,9 @@ weights: $(STAMP)
 	for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q synth $(TRAIN)/train-$$s.ome.zarr \
 		--shape 48 512 512 --density 1.2 --degraded-fraction 0.3 --degraded-length 150 350 \
 		--seed $$s --overwrite; done
+	# the shipped ensemble was trained on percentile-stretched volumes, its card's intensity scale
+	# measured afterwards (python -m benchmarks.intensity_scale --write FILE); volref train now
+	# normalises by that scale and writes it into the card itself
 	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter $(TRAIN_DATA) \
 		--out seg --members 5 --epochs 8 --steps 80 --seed 0
 	cd $(TRAIN) && for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q segment \

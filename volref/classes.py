@@ -21,6 +21,18 @@ CLASS_COLORS = (
 )
 CLASS_PROPERTIES = tuple({"label-value": v, "class": n} for v, n in enumerate(CLASS_NAMES))
 
+
+def counted(n: int, one: str, many: str) -> str:
+    """``n`` and the noun in the right number: ``counted(1, "mitochondrion", "mitochondria")``
+    is "1 mitochondrion"."""
+    return f"{n} {one if n == 1 else many}"
+
+
+def mitochondria(n: int) -> str:
+    """"1 mitochondrion", "0 mitochondria", "2 mitochondria"."""
+    return counted(n, "mitochondrion", "mitochondria")
+
+
 DEGRADED_COLORS = ((0, (0, 0, 0, 0)), (1, (213, 94, 0, 160)))
 DEGRADED_PROPERTIES = ({"label-value": 0, "region": "clear"},
                        {"label-value": 1, "region": "low SNR"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zarr
 
+from volref.classes import mitochondria
 from volref.errors import UnsupportedImageError, VolrefError
 from volref.io import label_names, open_multiscale, read_multiscale
 from volref.io.image import select_volume
@@ -71,8 +72,8 @@ def _volref_outputs(group: zarr.Group) -> list[str]:
         if isinstance(info, dict) and "phantom" in info:
             p = info["phantom"]
             n = info.get("n_mitochondria")
-            found.append(f"phantom (seed {p.get('seed')}, {n} mitochondri{'on' if n == 1 else 'a'};"
-                         " ground truth in labels)")
+            count = mitochondria(n) if isinstance(n, int) else "mitochondria"
+            found.append(f"phantom (seed {p.get('seed')}, {count}; ground truth in labels)")
         found.extend(meta_path(k) for k in members(meta))
     try:
         group["tables"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import click
 import dask
 
 from volref import __version__
+from volref.classes import mitochondria
 from volref.cli.info import describe
 from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
@@ -99,8 +101,22 @@ def synth(ctx, out, shape, seed, chunks, density, degraded_fraction, degraded_le
     start = time.perf_counter()
     work = write_phantom(config, out, version=ngff, levels=levels, overwrite=overwrite)
     _compute(work, "synth", ctx.obj["progress"])
-    click.echo(f"wrote {out} ({' x '.join(map(str, shape))} voxels, seed {seed}) "
-               f"in {time.perf_counter() - start:.1f} s")
+    n = phantom_count(out)
+    click.echo(f"wrote {out} ({' x '.join(map(str, shape))} voxels, seed {seed}, "
+               f"{mitochondria(n)}) in {time.perf_counter() - start:.1f} s")
+    if n == 0:
+        mvox = math.prod(shape) / 1e6
+        hint = max(2.0 * density, 2.0 / mvox)  # about two expected
+        click.echo(f"warning: {out} holds no mitochondrion (density {density:g} per million "
+                   f"voxels, {mvox:.2g} Mvoxels); for some, raise --density (e.g. --density "
+                   f"{hint:.2g}), enlarge --shape or try another --seed", err=True)
+
+
+def phantom_count(location: str) -> int:
+    """How many mitochondria the phantom just written at ``location`` holds."""
+    from volref.io import open_group
+
+    return int(open_group(location, mode="r")["volref"].attrs["volref"]["n_mitochondria"])
 
 
 @cli.command()
@@ -233,6 +249,15 @@ PRECISION_OPTION = click.option(
     default=default_of(SegmentSettings, "precision"), show_default=True,
     help="Numbers the models compute in (bf16: 2-3x faster on GPUs and on CPUs with "
          "AVX-512 BF16; fp32 for reference).")
+INTENSITY_OPTIONS = (
+    click.option("--intensity-range", nargs=2, type=float, default=None,
+                 metavar="LO HI",
+                 help="Map intensities LO and HI to the ensemble's 0 and 1 (where the 1st and "
+                      "99.8th percentiles of its training volumes sat) instead of measuring the "
+                      "image's background level and noise."),
+    click.option("--intensity-window", is_flag=True,
+                 help="Use the image's omero display window (start, end) as --intensity-range."),
+)
 CSV_OPTION = click.option("--csv", is_flag=True, help=f"Also write {METRICS_CSV_PATH}.")
 MIN_VOXELS_OPTION = click.option("--min-voxels", type=click.IntRange(min=0),
                                  default=default_of(RunSettings, "min_voxels"),
@@ -327,7 +352,11 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
                                  refine.max_removed, None)
     labels = label_settings(o)
     return RunSettings(segmenter=o.get("segmenter"), refiner=o.get("refiner"),
-                       segment=SegmentSettings(precision=precision), refine=refine,
+                       segment=SegmentSettings(
+                           precision=precision,
+                           intensity_range=o.get("intensity_range") or None,
+                           intensity_window=o.get("intensity_window", False)),
+                       refine=refine,
                        method=o.get("method", d.method),
                        block_shape=block_shape or None,
                        overwrite=overwrite, csv=o.get("csv", d.csv),
@@ -349,7 +378,7 @@ def metrics_summary(table) -> str:
     """Mean of each consistency metric before and after refinement."""
     from volref.metrics.consistency import METRICS
 
-    lines = [f"{len(table)} mitochondria; mean per mitochondrion   initial   refined"]
+    lines = [f"{mitochondria(len(table))}; mean per mitochondrion   initial   refined"]
     for m in METRICS:
         a, b = table.get(f"initial_{m}"), table.get(f"refined_{m}")
         if a is None:
@@ -371,7 +400,8 @@ def _block_index(ctx, param, value):
 
 
 @cli.command("run")
-@engine_options([SEGMENTER_OPTION, *REFINER_OPTIONS, PRECISION_OPTION, CSV_OPTION, MIN_VOXELS_OPTION,
+@engine_options([SEGMENTER_OPTION, *INTENSITY_OPTIONS, *REFINER_OPTIONS, PRECISION_OPTION,
+                 CSV_OPTION, MIN_VOXELS_OPTION,
                  click.option("--block", type=str, default=None, callback=_block_index,
                               help="Run only block Z,Y,X (segment + refine) in this process, "
                                    "for debugging.")])
@@ -381,7 +411,7 @@ def run_command(ctx, **options):
 
 
 @cli.command()
-@engine_options([SEGMENTER_OPTION, PRECISION_OPTION])
+@engine_options([SEGMENTER_OPTION, *INTENSITY_OPTIONS, PRECISION_OPTION])
 def segment(ctx, **options):
     """Ensemble segmentation: labels/volref-initial and volref/uncertainty."""
     _execute(ctx, ("segment",), **options)

@@ -36,13 +36,23 @@ from pathlib import Path
 import numpy as np
 
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+from volref.engine.manifest import Manifest
 from volref.errors import VolrefError
 from volref.evaluate.methods import MethodSettings, refine_tile
-from volref.io import intensity_sample, label_names, open_group, open_image
+from volref.io import label_names, open_group, open_image
 from volref.io.region import read_padded, reflect
-from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH, finest, label_path
+from volref.layout import (
+    DEGRADED,
+    GROUND_TRUTH,
+    INITIAL,
+    META,
+    UNCERTAINTY_PATH,
+    finest,
+    label_path,
+)
 from volref.metrics import METRICS, dice, tile_metrics
-from volref.stages.normalise import normalise, range_of
+from volref.pipeline.intensity import volume_intensity
+from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.refine import removal_mask
 from volref.stages.segment import segment_probabilities
 from volref.stages.settings import SegmentSettings
@@ -282,9 +292,11 @@ def load_slices(location: str | os.PathLike, settings: Table2Settings, ensemble=
     except KeyError:
         raise VolrefError(f"{location}: no {UNCERTAINTY_PATH}: run volref segment first") from None
     initial, truth, degraded = (finest(root, label_path(n)) for n in need)
-    irange = range_of(intensity_sample(vol))
-    nz = vol.shape[0]
     seg = segment_settings or SegmentSettings()
+    made_with = Manifest(root[META], "segment").settings()
+    irange = (IntensityRange(**made_with["intensity"]) if "intensity" in made_with
+              else volume_intensity(vol, None, seg)[0])  # as volref segment normalised it
+    nz = vol.shape[0]
     out = []
     for z in range(settings.every // 2, nz, settings.every):
         zs = reflect(np.arange(z - 1, z + 2), nz)  # mirrored at the ends, as segment reads

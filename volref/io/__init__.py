@@ -4,6 +4,8 @@ images, validate with ome-zarr-models. Never imports torch."""
 from volref.io.image import (
     SUPPORTED_DTYPES,
     Volume,
+    background_sample,
+    display_window,
     intensity_sample,
     label_names,
     open_image,
@@ -24,7 +26,8 @@ from volref.io.write import (
 
 __all__ = [
     "SUPPORTED_DTYPES", "Axis", "LabelInfo", "Level", "Multiscale", "Volume", "check_name",
-    "create_label_image", "create_multiscale", "intensity_sample", "default_levels", "label_levels", "is_url", "label_names",
+    "background_sample", "create_label_image", "create_multiscale", "display_window",
+    "intensity_sample", "default_levels", "label_levels", "is_url", "label_names",
     "open_group", "open_image", "open_multiscale", "pyramid_geometry", "read_multiscale",
     "redact", "scrub", "store_pyramid", "validate_image", "validate_label_image",
 ]

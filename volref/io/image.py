@@ -168,6 +168,50 @@ def intensity_sample(volume: Volume, max_voxels: int = 4_000_000) -> np.ndarray:
     return np.asarray(data[::step, ::step, ::step].compute(), dtype=np.float64)
 
 
+def background_sample(volume: Volume, max_voxels: int = 4_000_000,
+                      max_chunks: int = 64) -> list[np.ndarray]:
+    """Whole-width pieces of up to ``max_chunks`` chunks of the volume's own level, spread
+    evenly over its chunk grid (for background and noise statistics).
+
+    Unlike :func:`intensity_sample` this reads the level that is processed, not the coarsest
+    one: averaging into coarser levels lowers the noise. Rows run along x unbroken (the noise is
+    measured between x-neighbours); z and y are thinned to stay within ``max_voxels``.
+    """
+    data = volume.data
+    grid = data.numblocks
+    n = int(np.prod(grid))
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_chunks)).round().astype(np.int64))
+    budget = max_voxels / len(picks)
+    pieces = []
+    for flat in picks:
+        block = data.blocks[tuple(int(i) for i in np.unravel_index(int(flat), grid))]
+        nz, ny, nx = block.shape
+        step = max(1, int(np.ceil(np.sqrt(nz * ny * nx / budget))))
+        pieces.append(np.asarray(block[::step, ::step, :].compute()))
+    return pieces
+
+
+def display_window(volume: Volume) -> tuple[float, float] | None:
+    """``(start, end)`` of the image's ``omero`` display window for the selected channel, or
+    None when the metadata has none (or it is not a valid window)."""
+    _, ome = ome_attributes(volume.group)
+    omero = ome.get("omero", volume.group.attrs.get("omero"))
+    if not isinstance(omero, dict) or not isinstance(omero.get("channels"), list):
+        return None
+    channels = omero["channels"]
+    names = [a.name for a in volume.multiscale.axes
+             if (a.type == "channel" or (a.type is None and a.name.lower() == "c"))]
+    index = volume.selection.get(names[0], 0) if names else 0
+    if not 0 <= index < len(channels) or not isinstance(channels[index], dict):
+        return None
+    window = channels[index].get("window")
+    try:
+        start, end = float(window["start"]), float(window["end"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    return (start, end) if np.isfinite(start) and np.isfinite(end) and end > start else None
+
+
 class InvalidAxisOrder(UnsupportedImageError):
     """The spatial axes of an image are not the last three, in z, y, x order."""
 

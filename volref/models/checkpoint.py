@@ -89,6 +89,21 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLi
                               f"{more}); the checkpoint is damaged or its training diverged")
 
 
+def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a safetensors file, its tensors left unread."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        return {k: json.loads(v) for k, v in raw.items()}
+    except (SafetensorError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: cannot read its metadata ({exc})") from exc
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, kind: str, config: dict[str, Any],
                card: dict[str, Any] | None = None) -> Path:
     """Save a model's state as ``path`` (safetensors) and ``path`` with ``.json`` (readable)."""

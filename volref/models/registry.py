@@ -18,7 +18,13 @@ import torch
 
 from volref.classes import N_CLASSES
 from volref.files import UserFileError, check_regular_file
-from volref.models.checkpoint import CheckpointError, load_into, load_state, save_tensors
+from volref.models.checkpoint import (
+    CheckpointError,
+    load_into,
+    load_metadata,
+    load_state,
+    save_tensors,
+)
 from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.ensemble import Ensemble
 from volref.models.mae import MAEConfig, MaskedAutoencoder
@@ -59,6 +65,13 @@ def save_segmenter(path: str | os.PathLike, members: list[UNet],
 
     Path(path).with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def model_card(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The model card of a checkpoint (default: the shipped ensemble), tensors left unread."""
+    meta = load_metadata(Path(path) if path is not None else DEFAULT_SEGMENTER)
+    card = meta.get("card")
+    return card if isinstance(card, dict) else {}
 
 
 def load_segmenter(path: str | os.PathLike | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from volref.classes import BACKGROUND
+from volref.classes import BACKGROUND, counted, mitochondria
 from volref.engine.grid import Block
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, run_blocks
@@ -140,8 +140,8 @@ def instances(ctx: StageContext, executor: Executor, *, observer: Observer | Non
     bases = [grid.linear(b.index) * block_voxels for b in blocks]
     edges = [(number[a], number[b], v) for (a, b, _, _), v in zip(pairs, pair_values)]
     tables, n = resolve(summaries, bases, edges, min_voxels)
-    log.info("instances: %d mitochondria from %d block-local pieces", n,
-             sum(s[0] for s in summaries))
+    log.info("instances: %s from %s", mitochondria(n),
+             counted(sum(s[0] for s in summaries), "block-local piece", "block-local pieces"))
     # step 4 on the workers
     tasks = [BlockTask(b.key, relabel_task, (job, b, t)) for b, t in zip(blocks, tables)]
     report = run_blocks(executor, "instances", tasks, finished, observer)

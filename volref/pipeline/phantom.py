@@ -19,7 +19,14 @@ import dask
 from dask.delayed import Delayed
 
 from volref import __version__
-from volref.classes import CLASS_COLORS, CLASS_PROPERTIES, DEGRADED_COLORS, DEGRADED_PROPERTIES
+from volref.classes import (
+    CLASS_COLORS,
+    CLASS_PROPERTIES,
+    DEGRADED_COLORS,
+    DEGRADED_PROPERTIES,
+    counted,
+    mitochondria,
+)
 from volref.errors import OutputExistsError
 from volref.io import (
     Axis,
@@ -50,8 +57,9 @@ def write_phantom(config: SynthConfig, location: str | os.PathLike, *, version: 
     if version not in ("0.4", "0.5"):
         raise ValueError(f"NGFF version must be '0.4' or '0.5', got {version!r}")
     phantom = make_phantom(config)
-    log.info("phantom %s: %d mitochondria, %d degraded areas", config.shape,
-             phantom.scene.n_mitochondria, len({int(r) for r in phantom.scene.degraded[:, 11]}))
+    log.info("phantom %s: %s, %s", config.shape, mitochondria(phantom.scene.n_mitochondria),
+             counted(len({int(r) for r in phantom.scene.degraded[:, 11]}), "degraded area",
+                     "degraded areas"))
     prepare_new_store(location, overwrite=overwrite)
     root = create_store(location, 3 if version == "0.5" else 2)
     if root is None:

@@ -42,7 +42,6 @@ from volref.io import (
     LabelInfo,
     Volume,
     create_label_image,
-    intensity_sample,
     label_levels,
     store_pyramid,
 )
@@ -56,10 +55,12 @@ from volref.models.registry import (
 )
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
 from volref.pipeline.inputs import LabelsIn, UncertaintyIn, own_inputs, user_inputs
+from volref.pipeline.intensity import volume_intensity
 from volref.pipeline.stage import (
     Halo,
     StageContext,
     StagePlan,
+    check_finite,
     check_model,
     finish_stage,
     open_outputs,
@@ -67,7 +68,7 @@ from volref.pipeline.stage import (
 )
 from volref.pipeline.store import record_provenance
 from volref.stages.crf import CRFSettings, crf_region
-from volref.stages.normalise import IntensityRange, normalise, range_of
+from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.refine import context, refine_region
 from volref.stages.segment import segment_probabilities
 from volref.stages.settings import METHODS, LabelSettings, RefineSettings, SegmentSettings
@@ -179,7 +180,7 @@ class RefineStage:
         if needs_image and "intensity" in made_with:
             intensity = IntensityRange(**made_with["intensity"])
         elif needs_image and byo:  # no segment here: normalise as segment would
-            intensity = range_of(intensity_sample(vol))
+            intensity = volume_intensity(vol, self.segmenter, SegmentSettings(), check_finite)[0]
         elif needs_image:
             raise ConfigError(f"--method {method} reads the image normalised as segment did, but "
                               "the segment record holds no intensity range: run volref segment "

@@ -15,7 +15,6 @@ the number of workers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -28,13 +27,12 @@ from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
 from volref.engine.grid import Block, BlockGrid
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlockTask, Executor, Observer, StageReport, worker_address
-from volref.errors import OutputExistsError
+from volref.errors import OutputExistsError, VolrefError
 from volref.io import (
     LabelInfo,
     Volume,
     create_label_image,
     create_multiscale,
-    intensity_sample,
     label_levels,
     store_pyramid,
 )
@@ -49,6 +47,7 @@ from volref.layout import (
 )
 from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
+from volref.pipeline.intensity import volume_intensity
 from volref.pipeline.stage import (
     Halo,
     StageContext,
@@ -60,7 +59,7 @@ from volref.pipeline.stage import (
     tasks_of,
 )
 from volref.pipeline.store import record_provenance
-from volref.stages.normalise import IntensityRange, normalise, range_of
+from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.segment import segment_slices, uncertainty_to_uint8
 from volref.stages.settings import SegmentSettings
 
@@ -103,19 +102,18 @@ class SegmentStage:
         ms = vol.multiscale
         image = ctx.image()
         try:
-            sample = intensity_sample(vol)
+            irange, chosen = volume_intensity(vol, model_key[0], settings, check_finite)
+        except VolrefError:  # the user's mistake or a named bad chunk: nothing to find
+            raise
         except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find and name it
             image.raise_if_corrupt((0, 0, 0), vol.shape, exc)
             raise
-        check_finite(sample, "the intensity sample")
-        irange = range_of(sample)
         # what the results are made from: the image's listing and the voxels sampled from it
-        inputs = {"image": ctx.image_fingerprint,
-                  "sample": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
+        inputs = {"image": ctx.image_fingerprint, "sample": chosen["sample"]}
         record = {"image": {"shape": vol.shape, "dtype": str(vol.dtype),
                             "selection": vol.selection}, "inputs": inputs,
                   "model_sha256": model_key[1], "settings": settings.to_dict(),
-                  "intensity": irange.to_dict()}
+                  "intensity": irange.to_dict(), "intensity_from": chosen["from"]}
         manifest = Manifest(ctx.meta, self.name)
 
         def create(over: bool) -> list[list[zarr.Array]]:
@@ -134,7 +132,8 @@ class SegmentStage:
 
         (labels, unc), resumed = open_outputs(ctx, manifest, record, create, reopen)
         record_provenance(root, self.name, {"image": vol.location, "selection": vol.selection,
-                                            "model": model_key[0], **record})
+                                            "model": model_key[0], **record,
+                                            "intensity_background": chosen.get("background")})
         halo = self.halo()
         job = SegmentJob(image=image, labels=ctx.source(labels[0]),
                          uncertainty=ctx.source(unc[0]), settings=settings, intensity=irange,

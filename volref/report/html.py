@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from volref.classes import mitochondria
 from volref.errors import VolrefError
 from volref.io import Volume, open_group, open_image
 from volref.io.store import read_file
@@ -159,7 +160,7 @@ def write_report(location: str | os.PathLike, out: str | os.PathLike, *,
         rows = "".join(
             f"<tr><td>{html.escape(TITLES[m])}</td><td>{np.nanmean(table[f'initial_{m}']):.2f}"
             f"</td><td>{np.nanmean(table[f'refined_{m}']):.2f}</td></tr>" for m in METRICS)
-        summary = (f"<p>{len(table)} mitochondria.</p><table><tr><th>metric (mean per "
+        summary = (f"<p>{mitochondria(len(table))}.</p><table><tr><th>metric (mean per "
                    f"mitochondrion)</th><th>initial</th><th>refined</th></tr>{rows}</table>")
         table.to_csv(out / METRICS_CSV, index=False)
         link = (f"<p>The whole table, one row per mitochondrion (ids as in "

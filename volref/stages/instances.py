@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from volref.classes import mitochondria
+
 #: face connectivity: exact with one-voxel faces between blocks (no edge/corner neighbours)
 STRUCTURE = ndimage.generate_binary_structure(3, 1)
 
@@ -146,7 +148,7 @@ def resolve(blocks: Sequence[tuple[int, np.ndarray, np.ndarray]], bases: Sequenc
     order = sorted((r for r in best if size[r] >= min_voxels), key=best.__getitem__)
     final = {r: i + 1 for i, r in enumerate(order)}
     if len(final) >= 2**32:
-        raise ValueError(f"{len(final)} mitochondria do not fit uint32 ids")
+        raise ValueError(f"{mitochondria(len(final))} do not fit uint32 ids")
     tables = []
     for roots in roots_per_block:
         table = np.zeros(len(roots) + 1, dtype=np.uint32)

@@ -30,9 +30,26 @@ class SegmentSettings(Settings):
     halo: int = 32
     batch: int = 4
     precision: str = "bf16"  # of the ensemble's weights and activations: bf16 or fp32
+    # intensities mapped to the model's 0 and 1 instead of the background estimate
+    # (volref.stages.normalise): given, or the image's omero display window
+    intensity_range: tuple[float, float] | None = None
+    intensity_window: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.intensity_range is not None:
+            try:
+                lo, hi = (float(v) for v in self.intensity_range)
+            except (TypeError, ValueError):
+                raise SettingsError("intensity_range", "intensity range needs two numbers LO HI, "
+                                    f"got {self.intensity_range!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                raise SettingsError("intensity_range",
+                                    f"intensity range needs finite LO < HI, got {lo:g} {hi:g}")
+            if self.intensity_window:
+                raise SettingsError("intensity_range", "give an intensity range or use the "
+                                    "display window, not both")
+            object.__setattr__(self, "intensity_range", (lo, hi))
 
 
 

@@ -16,12 +16,19 @@ import numpy as np
 
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
-from volref.io import intensity_sample, label_names, open_image
+from volref.io import Volume as ImageVolume
+from volref.io import background_sample, label_names, open_image
 from volref.io.inputs import InputNotFound, find_image, find_label_image
 from volref.io.ngff import read_multiscale
 from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH
 from volref.stages.labels import check_fits, to_classes, to_uncertainty
-from volref.stages.normalise import IntensityRange, normalise, range_of
+from volref.stages.normalise import (
+    PHANTOM_SCALE,
+    IntensityRange,
+    background_of,
+    normalise,
+    range_for,
+)
 from volref.stages.settings import LabelSettings
 
 log = logging.getLogger(__name__)
@@ -47,7 +54,7 @@ def load_volume(location: str | os.PathLike, labels: str = GROUND_TRUTH,
     names = label_names(vol.group)
     if labels not in names:
         raise VolrefError(f"{vol.location} has no label image {labels!r} (has: {', '.join(names) or 'none'})")
-    rng = range_of(intensity_sample(vol))
+    rng = training_range(vol)
     image = normalise(np.asarray(vol.data.compute()), rng)
 
     def read(name: str) -> np.ndarray:
@@ -131,10 +138,21 @@ __all__ = ["IGNORE", "IMS", "Volume", "annotator_labels", "load_volume", "sample
            "slice_stack"]
 
 
+def training_range(vol: ImageVolume) -> IntensityRange:
+    """The range a training volume is normalised with: its background level and noise mapped by
+    :data:`~volref.stages.normalise.PHANTOM_SCALE`, the scale the trainers write into their
+    model cards (so ``volref segment`` maps a user's volume the same way)."""
+    rng = range_for(background_of(background_sample(vol)), PHANTOM_SCALE)
+    if rng is None:
+        raise VolrefError(f"{vol.location}: the image shows no noise to normalise by")
+    return rng
+
+
 def load_image(location: str | os.PathLike) -> np.ndarray:
-    """The image ``(z, y, x)`` normalised as ``volref segment`` normalises it (MAE+X input)."""
+    """The image ``(z, y, x)`` normalised as ``volref segment`` normalises it with the shipped
+    ensemble (MAE+X input)."""
     vol = open_image(location)
-    return normalise(np.asarray(vol.data.compute()), range_of(intensity_sample(vol)))
+    return normalise(np.asarray(vol.data.compute()), training_range(vol))
 
 
 def load_predictions(location: str | os.PathLike,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from volref import __version__
 from volref.models.registry import save_segmenter
 from volref.models.unet import UNet, UNetConfig
+from volref.stages.normalise import PHANTOM_SCALE
 from volref.train.data import IGNORE, Volume, sample_crops
 from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
@@ -77,6 +78,7 @@ def train_segmenter(volumes: list[Volume], recipe: SegmenterRecipe, out: str | o
         "seed": recipe.seed,
         "command": command,
         "loss_per_epoch": history,
+        "intensity": PHANTOM_SCALE.to_dict(),  # how load_volume normalised the data
         "architecture": "2.5-D U-Net (3 slices in, middle slice out), BatchNorm, "
                         f"{recipe.unet.levels} poolings, base width {recipe.unet.base}",
     }
