@@ -1,7 +1,7 @@
 """Measure the intensity scale of a segmenter trained on percentile-stretched phantoms, for its
 model card: where the background level and one sigma of noise landed on the training phantoms.
 
-    python -m benchmarks.intensity_scale [--dir /tmp/train] [--write CHECKPOINT] [--json OUT]
+    python -m benchmarks.intensity_scale [--workdir /tmp/volref-train] [--write CHECKPOINT] [--json OUT]
 
 The shipped ensemble was trained on ``make weights``' phantoms (48x512x512, density 1.2, seeds
 101-104), each stretched to its own 1-99.8 % percentiles of the coarsest level. Per phantom this
@@ -69,13 +69,14 @@ def write_card(checkpoint: Path, scale: IntensityScale, note: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, "one training phantom of 16x256x256 instead of four of 48x512x512")
-    ap.add_argument("--dir", default="/tmp/volref-train", help="where the phantoms are written")
+    ap.add_argument("--workdir", default="/tmp/volref-train",
+                    help="where the phantoms are written")
     ap.add_argument("--write", default=None, help="checkpoint whose card gets the scale")
     args = ap.parse_args(argv)
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in SEEDS[:1] if args.quick else SEEDS:
-        store = str(Path(args.dir) / f"train-{seed}{'-quick' if args.quick else ''}.ome.zarr")
+        store = str(Path(args.workdir) / f"train-{seed}{'-quick' if args.quick else ''}.ome.zarr")
         config = {**PHANTOM, "seed": seed}
         if args.quick:
             config["shape"] = (16, 256, 256)

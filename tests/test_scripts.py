@@ -25,8 +25,10 @@ NOT_SCRIPTS = {"__init__", "common", "models"}
 SCRIPTS = {
     "benchmarks.block_io": "store",
     "benchmarks.compression": "store",
+    "benchmarks.domain_shift": "",
     "benchmarks.engine_scaling": "workdir",
     "benchmarks.ensemble_throughput": "",
+    "benchmarks.intensity_scale": "workdir",
     "benchmarks.mae_throughput": "store",
     "benchmarks.synth_memory": "workdir",
     "experiments.crf_tuning": "store",

@@ -256,6 +256,7 @@ INTENSITY_OPTIONS = (
                       "99.8th percentiles of its training volumes sat) instead of measuring the "
                       "image's background level and noise."),
     click.option("--intensity-window", is_flag=True,
+                 default=default_of(SegmentSettings, "intensity_window"),
                  help="Use the image's omero display window (start, end) as --intensity-range."),
 )
 CSV_OPTION = click.option("--csv", is_flag=True, help=f"Also write {METRICS_CSV_PATH}.")
