@@ -210,6 +210,25 @@ def test_without_an_uncertainty_refine_says_which_command_makes_one(byo_phantom,
     assert refine(byo_phantom, tmp_path / "o.zarr", models, "--labels", "theirs",
                   "--class-map", THEIRS_MAP, "--uncertainty", "scores", "--method", "crf") == 2
     assert "--method crf refines the probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()  # a refused command leaves no output store
+
+
+def test_a_refused_refine_leaves_no_new_store_nor_its_parents(byo_phantom, models, tmp_path,
+                                                              capsys):
+    out = tmp_path / "new" / "deeper" / "o.zarr"
+    # without -q too: the refusal is the one line on stderr (no "cluster: ..." line before it)
+    assert main(["refine", str(byo_phantom), "--output", str(out), "--workers", "0",
+                 *cli_tiny(models), "--labels", "nothere", "--class-map", THEIRS_MAP,
+                 "--uncertainty", "scores"]) == 2
+    err = capsys.readouterr().err
+    assert "nothere" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()
+    # a folder that was there before is the user's: only the new store goes
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("mine")
+    assert refine(byo_phantom, tmp_path / "kept" / "o.zarr", models, "--labels", "theirs",
+                  "--class-map", THEIRS_MAP) == 2
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]
 
 
 # ---------------------------------------------------------------- train refiner

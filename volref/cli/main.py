@@ -314,12 +314,12 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
                        gpus=gpu_count(), tls=_tls_files(tls_ca_file, tls_cert, tls_key))
     start = time.perf_counter()
 
-    def connected(c: Any) -> None:
-        if ctx.obj["progress"]:
-            click.echo(f"cluster: {c.description}" +
-                       (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True)
-
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
+
+        def connected(c: Any) -> None:
+            progress.header(f"cluster: {c.description}" +
+                            (f", dashboard {c.dashboard}" if c.dashboard else ""))
+
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
                      channel=channel, timepoint=timepoint, observer=progress,
                      on_connect=connected)
