@@ -76,6 +76,23 @@ def test_thick_and_thin_tubes_of_one_length_measure_alike():
     assert a == pytest.approx(b, rel=0.05)
 
 
+def test_short_thick_capsule_measures_its_axis_not_tip_to_tip():
+    """A capsule 20 voxels of axis and 20 across (40 tip to tip): the centre line ends at the
+    centres of its tips."""
+    mask, true = tube([(20, 25, 25), (20, 25, 45)], 10, (40, 50, 70))
+    assert true == 20 and skeleton_length(mask) == pytest.approx(true, rel=0.10)
+
+
+def test_tube_flattened_by_the_stack_reaches_its_tips():
+    """A tube 24 across in a stack 13 deep (cut at its top and bottom, as thick mitochondria in
+    a thin stack): the distance transform at its ends is half the depth, the tips' rounding
+    the tube's half-width; thinning alone stops 5 % short here."""
+    mask, true = tube([(6, 30, 20), (6, 30, 100)], 12, (13, 60, 120))
+    line = centre_line(mask)
+    assert line.length() == pytest.approx(true, rel=0.05)
+    assert sum(line.tip_gaps()) > 0
+
+
 @pytest.mark.parametrize("radius", [3, 8])
 def test_z_voxels_4x_coarser_give_the_same_length(radius):
     """The same curved tube drawn on cubic voxels and on voxels 4x deeper in z."""
@@ -140,7 +157,7 @@ def test_thick_blob_counts_a_tree_not_every_neighbour_pair():
     mask = ((y - 25) / 18.0) ** 2 + ((x - 35) / 28.0) ** 2 + ((z - 4) / 3.2) ** 2 <= 1
     line = centre_line(mask)
     reference = float(skan.Skeleton(line.skeleton, spacing=line.spacing).path_lengths().sum())
-    assert line.length() == pytest.approx(reference, rel=0.10)
+    assert line.length(tips=False) == pytest.approx(reference, rel=0.10)
 
 
 def test_branches_cover_every_edge_once():
@@ -183,17 +200,20 @@ def phantom_mitochondria(config: SynthConfig, seed: int):
 
 @pytest.mark.parametrize("config,seeds", [(THIN, (1, 2, 3)), (THICK, (1, 4, 6))],
                          ids=["thin", "thick"])
-def test_phantom_mitochondria_within_25_percent_of_their_centre_lines(config, seeds):
-    """Measured/true: 0.85-1.14 on the thin tubes, 0.79-1.01 on the thick ones (whose tips,
-    flattened by the stack's top and bottom, thin down short of their centres)."""
+def test_phantom_mitochondria_within_15_percent_of_their_centre_lines(config, seeds):
+    """Measured/true: 0.96-1.01 on the thin tubes, 0.93-0.99 on the thick ones; without
+    carrying the free ends on to the tips' centres 0.85-0.99 and 0.85-0.98 (thinning stops
+    short of the tips, most where the stack's top and bottom flatten a thick tube). 15 %:
+    twice the worst seen, for other seeds and platforms' rounding."""
     ratios = [skeleton_length(mask, config.voxel_size_um) / true
               for seed in seeds for mask, true in phantom_mitochondria(config, seed)]
     assert len(ratios) >= 5
-    assert np.all(np.abs(np.asarray(ratios) - 1) <= 0.25), np.round(ratios, 2)
+    assert np.all(np.abs(np.asarray(ratios) - 1) <= 0.15), np.round(ratios, 2)
 
 
 def test_within_10_percent_of_skan_on_phantom_mitochondria(small_phantom):
-    """skan measures the same centre line (its voxels, on cubic voxels) alike."""
+    """skan measures the same centre line (its voxels, on cubic voxels; before its free ends
+    are carried on to the tips) alike."""
     skan = pytest.importorskip("skan")
     from volref.io import open_image
 
@@ -205,7 +225,7 @@ def test_within_10_percent_of_skan_on_phantom_mitochondria(small_phantom):
         line = centre_line(ids[box] == label, vol.scale)
         if line is None or line.skeleton.sum() < 2:
             continue
-        ours.append(line.length())
+        ours.append(line.length(tips=False))
         theirs.append(float(skan.Skeleton(line.skeleton, spacing=line.spacing)
                             .path_lengths().sum()))
     ours, theirs = np.asarray(ours), np.asarray(theirs)
