@@ -54,7 +54,7 @@ How (:func:`centre_line`, :func:`skeleton_length`)::
 
 On the phantoms' mitochondria (ground truth) the length is 0.93-1.01 of the true centre line.
 On ragged segmentations it stays near the axis where the plain thinning counted every cavity's
-shell and every tunnel's loop: the demo's 11 segmented mitochondria measure 11-71 µm (18-1,045
+shell and every tunnel's loop: the demo's 11 segmented mitochondria measure 13-71 µm (18-1,045
 µm before); its mitochondrion 2, 18 µm of true centre line, 21 µm (1,045 µm before).
 Cost: thick mitochondria are measured on coarser voxels than the box (about the time of the
 thinning on the box); a thin one spread over a large box costs a few distance transforms of
