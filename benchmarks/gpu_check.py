@@ -22,10 +22,12 @@ What it needs: the repository (run from its root) and Python >= 3.11 with torch 
 scipy, safetensors and pytest — what a GPU machine's PyTorch image holds. The throughput steps
 and the refiner's training import only torch/numpy parts of volref. The gpu-marked tests
 (pytest loads ``tests/conftest.py``: Dask, zarr) and the segmenter's training (its data module
-reads OME-Zarr) also need the wheels of dask, distributed, zarr, numcodecs, donfig,
-google-crc32c, partd, locket, tblib, zict, tornado, pydantic, pydantic-core, annotated-types,
-typing-inspection and hypothesis (Python 3.12 manylinux wheels; install them with
-``pip install --no-deps``); where they are missing those two steps are skipped and say so.
+reads OME-Zarr) also need what the tests import beyond such an image: the wheels of dask,
+distributed, zarr, numcodecs, donfig, google-crc32c, partd, locket, tblib, zict, tornado,
+ome-zarr-models, pydantic, pydantic-core, pydantic-zarr, annotated-types, typing-inspection and
+platformdirs (Python 3.12 manylinux wheels, installed with ``pip install --no-deps``; the list is
+what running those tests imported on a CPU machine, less a PyTorch image's packages); where
+they are missing those two steps are skipped and say so.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from benchmarks.common import machine, matrix_rates, summary, synchronize
 ROOT = Path(__file__).resolve().parents[1]
 
 #: what the gpu-marked tests and the segmenter's training import beyond a PyTorch image
-NEEDS_WHEELS = ("dask", "distributed", "zarr", "numcodecs", "pydantic", "hypothesis")
+NEEDS_WHEELS = ("dask", "distributed", "zarr", "numcodecs", "ome_zarr_models", "pydantic",
+                "hypothesis")
 
 
 class Skipped(Exception):
@@ -453,9 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default=",".join(STEPS),
                     help=f"comma-separated subset of: {', '.join(STEPS)}")
     args = ap.parse_args(argv)
+    from volref.errors import ConfigError
     from volref.train.device import resolve_device
 
-    dev = resolve_device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except ConfigError as exc:
+        ap.error(str(exc))
     kind = "quick" if args.quick else dev.type if dev.type == "cuda" else "cpu"
     kind = "gpu" if kind == "cuda" else kind
     sizes = SIZES[kind]
