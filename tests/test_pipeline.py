@@ -171,7 +171,7 @@ def test_ground_truth_mitochondria_keep_one_id_across_blocks(small_phantom, tmp_
     src = zarr.open_group(small_phantom, mode="r")
     truth = src["labels/ground-truth-instances/s0"][:]
     vol = open_image(small_phantom)
-    root, _ = open_target(small_phantom, vol.multiscale, tmp_path / "gt.zarr")
+    root = open_target(small_phantom, vol.multiscale, tmp_path / "gt.zarr").root
     _, arrays = create_label_image(root, "volref-refined", label_levels(vol.multiscale, "uint8"),
                                    vol.multiscale.axes, version=vol.multiscale.version,
                                    info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES))
