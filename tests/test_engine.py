@@ -84,11 +84,10 @@ def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0) -> np.ndarra
     blocks = list(grid)
     parts = [block_labels(mask[b.slices], b.start, mask.shape) for b in blocks]
     number = {b.index: i for i, b in enumerate(blocks)}
-    bases = [grid.linear(b.index) * int(np.prod(grid.block)) for b in blocks]
     edges = [(number[a.index], number[b.index],
               face_pairs(parts[number[a.index]].faces[(ax, 1)], parts[number[b.index]].faces[(ax, 0)]))
              for a, b, ax in grid.neighbours()]
-    tables, n = resolve([(p.n, p.keys, p.sizes) for p in parts], bases, edges, min_voxels)
+    tables, n = resolve([(p.n, p.keys, p.sizes) for p in parts], edges, min_voxels)
     out = np.zeros(mask.shape, dtype=np.uint32)
     for b, table in zip(blocks, tables):
         local, _ = label_block(mask[b.slices])

@@ -30,6 +30,7 @@ SCRIPTS = {
     "benchmarks.engine_scaling": "workdir",
     "benchmarks.ensemble_throughput": "",
     "benchmarks.gpu_check": "own",
+    "benchmarks.instance_merge": "",
     "benchmarks.intensity_scale": "workdir",
     "benchmarks.mae_throughput": "store",
     "benchmarks.synth_memory": "workdir",
