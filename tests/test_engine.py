@@ -3,6 +3,7 @@ in-process runner."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,8 +19,14 @@ from scipy import ndimage
 from volref.engine.cluster import close_cluster
 from volref.engine.grid import BlockGrid, plan_blocks
 from volref.engine.manifest import Manifest
-from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
-from volref.errors import ConfigError
+from volref.engine.runner import (
+    BlocksFailedError,
+    BlocksRefusedError,
+    BlockTask,
+    Executor,
+    run_blocks,
+)
+from volref.errors import ConfigError, ImageDataError
 from volref.pipeline.blocks import Source
 from volref.stages.instances import STRUCTURE, block_labels, face_pairs, label_block, resolve
 
@@ -136,6 +143,29 @@ def test_inline_runner_skips_finished_and_summarises_failures():
     assert events[-1]["event"] == "end" and events[0]["done"] == 1
     with pytest.raises(BlocksFailedError, match="1 block\\(s\\) failed: 3: ValueError: boom"):
         run_blocks(ex, "s", [BlockTask(str(i), _fail_on, (i,)) for i in range(5)])
+
+
+def _refuse_odd(x):
+    if x % 2:
+        raise ImageDataError(f"bad voxels in {x}")
+    if x == 4:
+        raise ValueError("boom")
+    return x
+
+
+def test_blocks_that_refuse_their_input_are_one_line_without_an_error_log(caplog):
+    """A user's error (a :class:`VolrefError`) from blocks is the run's one line, the first in
+    block order, with no ERROR log line; a crash beside it is still logged."""
+    ex = Executor(None)
+    with caplog.at_level(logging.DEBUG, logger="volref.engine.runner"), \
+            pytest.raises(BlocksRefusedError) as info:
+        run_blocks(ex, "s", [BlockTask(str(i), _refuse_odd, (i,)) for i in range(6)])
+    assert str(info.value) == "s: bad voxels in 1 (and 3 more block(s))"
+    assert isinstance(info.value.__cause__, ImageDataError)
+    assert isinstance(info.value, BlocksFailedError) and sorted(info.value.failed) == [
+        "1", "3", "4", "5"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["s block 4 failed: ValueError('boom')"]
 
 
 def test_a_cluster_slow_to_stop_is_a_warning_and_its_workers_are_killed(caplog):
