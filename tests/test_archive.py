@@ -162,6 +162,23 @@ def test_a_refused_run_keeps_what_an_earlier_run_made(tmp_path, models, capsys):
     assert _labels_attr(img) == ["mine", "volref-initial", "volref-uncertainty"]
 
 
+def test_a_run_refused_the_lock_removes_nothing(tmp_path, models, capsys, monkeypatch):
+    """What appeared since the refused run looked is the lock holder's work: it stays."""
+    import volref.pipeline.run
+    from volref.engine.lock import StoreLockedError
+
+    def held(root, where):  # another run made its volref/ and a label image, and holds the lock
+        root.require_group("volref")
+        root.require_group("labels").create_group("volref-initial")
+        raise StoreLockedError(f"{where} is being written by another volref run")
+
+    img = _float_image(tmp_path / "img.ome.zarr")
+    monkeypatch.setattr(volref.pipeline.run, "lock", held)
+    code = main(["-q", "run", str(img), "--workers", "0", "--segmenter", models[0]])
+    _one_line(capsys, code, "another volref run")
+    assert (img / "volref").is_dir() and (img / "labels" / "volref-initial").is_dir()
+
+
 def test_synth_overwrite_replaces_only_volrefs_own_stores(tmp_path, capsys):
     other = tmp_path / "other.zarr"
     zarr.open_group(other, mode="w").create_array("data", shape=(4,), dtype="uint8")[:] = 3

@@ -16,6 +16,7 @@ import zarr
 
 from volref import __version__
 from volref.engine.lock import NAME as LOCK_NAME
+from volref.engine.lock import StoreLockedError
 from volref.engine.manifest import Manifest
 from volref.engine.runner import BlocksRefusedError
 from volref.errors import OutputError, VolrefError
@@ -105,9 +106,12 @@ def refused_leaves_no_trace(target: Target, stages: Sequence[str]) -> Iterator[N
     there get their bytes back. A wrong ``--labels`` name, a junk checkpoint or a NaN voxel
     leaves nothing behind. Work done is kept, so a run can resume, except block records of a
     stage whose blocks refused their input (:class:`BlocksRefusedError`): nothing can resume
-    until the input changes, so those go too unless a stage is done."""
+    until the input changes, so those go too unless a stage is done. A run refused the lock
+    removes nothing: another run is writing there."""
     try:
         yield
+    except StoreLockedError:
+        raise  # another run holds the store: what is new there may be its work
     except VolrefError as exc:
         if not _holds_work(target.root, stages, isinstance(exc, BlocksRefusedError)):
             if target.made is not None:
