@@ -168,6 +168,24 @@ def test_blocks_that_refuse_their_input_are_one_line_without_an_error_log(caplog
     assert errors == ["s block 4 failed: ValueError('boom')"]
 
 
+def test_on_a_cluster_a_refusal_is_not_retried_nor_logged_by_the_worker(caplog):
+    """On Dask workers a refusal comes back as a value: no retry (it cannot help), no "Compute
+    Failed" log line of the worker, the same one line as in this process."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client, \
+            caplog.at_level(logging.INFO), pytest.raises(BlocksRefusedError) as info:
+        run_blocks(Executor(client), "s", [BlockTask(str(i), _refuse_odd, (i,))
+                                           for i in range(6)])
+    assert str(info.value) == "s: bad voxels in 1 (and 3 more block(s))"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("Compute Failed" in e and "boom" in e for e in errors)  # a crash: logged
+    assert [e for e in errors if "Compute Failed" not in e] == [
+        "s block 4 failed: ValueError('boom')"]
+    assert not any("bad voxels" in e for e in errors)
+
+
 def test_a_cluster_slow_to_stop_is_a_warning_and_its_workers_are_killed(caplog):
     # seen on a loaded machine: every block written, then LocalCluster.close() timed out
     # waiting for a niced worker to exit and the finished command ended in a traceback

@@ -70,6 +70,15 @@ class BlocksRefusedError(BlocksFailedError):
 
 
 @dataclass(frozen=True)
+class Refused:
+    """What a task on a worker returns instead of raising when it refuses its input (a
+    :class:`VolrefError` that is not an ``OSError``): a retry cannot help, and the worker does
+    not log it as a failed computation (the run's one line says it)."""
+
+    error: VolrefError
+
+
+@dataclass(frozen=True)
 class BlockTask:
     key: str  # the block's region name (manifest key)
     fn: Callable[..., Any]
@@ -151,6 +160,9 @@ class Executor:
         if self.client is None:
             return [f.result() for f in futures]
         gathered: list[Any] = self.client.gather(list(futures))
+        for value in gathered:
+            if isinstance(value, Refused):
+                raise value.error
         return gathered
 
     def compute(self, work: Any) -> Any:
@@ -175,7 +187,11 @@ class Executor:
             if fut.status == "error":
                 yield key, None, fut.exception()
             else:
-                yield key, fut.result(), None
+                value = fut.result()
+                if isinstance(value, Refused):
+                    yield key, None, value.error
+                else:
+                    yield key, value, None
             fut.release()
 
 
@@ -244,9 +260,17 @@ def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
 def run_task(fn: Callable[..., Any], *args: Any) -> Any:
     """A block task on a worker: ``fn(*args)``, then the worker's free heap pages go back to
     the OS (:mod:`volref.engine.allocator`), so a worker's resident memory after a task is what
-    it holds, not what the largest task before it freed."""
+    it holds, not what the largest task before it freed. A refusal of the task's input (or of
+    a task it depends on) is returned as :class:`Refused`, not raised."""
+    refused = next((a for a in args if isinstance(a, Refused)), None)
+    if refused is not None:
+        return refused
     try:
         return fn(*args)
+    except VolrefError as exc:
+        if isinstance(exc, OSError):  # a store that may come back: retried, then reported
+            raise
+        return Refused(exc)
     finally:
         release_free_memory()
 
