@@ -254,7 +254,7 @@ INTENSITY_OPTIONS = (
                  metavar="LO HI",
                  help="Map intensities LO and HI to the ensemble's 0 and 1 (where the 1st and "
                       "99.8th percentiles of its training volumes sat) instead of measuring the "
-                      "image's background level and noise."),
+                      "image's background and stain levels."),
     click.option("--intensity-window", is_flag=True,
                  default=default_of(SegmentSettings, "intensity_window"),
                  help="Use the image's omero display window (start, end) as --intensity-range."),
