@@ -47,7 +47,7 @@ from volref.models.mae import MAEConfig, MaskedAutoencoder
 from volref.models.registry import CNNAE_KIND, REFINER_KIND, file_hash, load_refiner
 from volref.train.device import autocast, describe, pinned, resolve_device, to_device
 from volref.train.prefetch import Prefetch
-from volref.train.schedule import Observer, cosine_lr
+from volref.train.schedule import Observer, cosine_lr, optimizer_step
 from volref.train.state import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -263,10 +263,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
                 with autocast(dev, recipe.bf16):
                     logits = model(labels, mask, offset, **extra)
                 loss = model.forward_loss(logits, labels, mask, keep, weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = loss.item()
+                value = optimizer_step(opt, loss)
                 running += value
                 step += 1
                 if observer:

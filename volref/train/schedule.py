@@ -18,3 +18,11 @@ def cosine_lr(base: float, step: int, total: int, floor: float = 0.0) -> float:
         return base * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return base * (floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * min(t, 1.0))))
+
+
+def optimizer_step(opt: Any, loss: Any) -> float:
+    """One step of ``opt`` on ``loss`` (gradients cleared first); the loss as a number."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.item())

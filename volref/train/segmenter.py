@@ -37,7 +37,7 @@ from volref.stages.normalise import PHANTOM_SCALE
 from volref.train.data import IGNORE, Volume, sample_crops
 from volref.train.device import autocast, describe, pinned, resolve_device, to_device
 from volref.train.prefetch import Prefetch
-from volref.train.schedule import Observer, cosine_lr
+from volref.train.schedule import Observer, cosine_lr, optimizer_step
 from volref.train.state import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,7 @@ def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder
                 with autocast(device, recipe.bf16):
                     logits = model(x)
                 loss = loss_fn(logits.float(), y.long(), weights, recipe.dice_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = loss.item()
+                value = optimizer_step(opt, loss)
                 running += value
                 step += 1
                 if observer:
