@@ -31,7 +31,7 @@ from volref import __version__
 from volref.models.registry import save_segmenter
 from volref.models.unet import UNet, UNetConfig
 from volref.stages.normalise import PHANTOM_SCALE
-from volref.train.data import IGNORE, Volume, sample_crops
+from volref.train.data import IGNORE, IntensityJitter, Volume, sample_crops
 from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
@@ -51,6 +51,8 @@ class SegmenterRecipe:
     class_weights: tuple[float, ...] = (0.5, 1.5, 1.5, 1.0)
     dice_weight: float = 0.5
     unet: UNetConfig = field(default_factory=UNetConfig)
+    # other acquisitions' contrast, noise and slice steps (None: the crops as they are)
+    jitter: IntensityJitter | None = field(default_factory=IntensityJitter)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -123,7 +125,8 @@ def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder
         for _ in range(recipe.steps_per_epoch):
             for g in opt.param_groups:  # cosine schedule with a short warm-up, from the step count
                 g["lr"] = cosine_lr(recipe.lr, step, total)
-            x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices)
+            x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices,
+                                jitter=recipe.jitter)
             logits = model(torch.from_numpy(x))
             loss = loss_fn(logits, torch.from_numpy(y).long(), weights, recipe.dice_weight)
             opt.zero_grad(set_to_none=True)
