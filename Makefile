@@ -2,6 +2,7 @@
 #   make demo   - make a phantom z-stack, run the whole refinement on it (volref run), draw it
 #   make check  - the static checks: ruff (lint) and mypy (types)
 #   make test   - the test suite (CI runs check, then test)
+#   make gpu-check - on a GPU machine: gpu tests, GPU throughput, short training runs, one JSON
 # torch is pinned by constraints.txt to the local CPU wheel; a GPU machine installs without it.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: demo test check install clean weights
+.PHONY: demo test check install clean weights gpu-check
 
 install: $(STAMP)
 
@@ -37,6 +38,14 @@ check: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" --durations=20
+
+# Needs no install: the repository and a Python with CUDA torch (a GPU machine's own; this
+# checkout's .venv when there is one). benchmarks/gpu_check.py says which wheels its Dask/zarr
+# steps need; without CUDA it checks the CPU with reduced sizes.
+GPU_PY := $(shell [ -x $(PY) ] && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m benchmarks.gpu_check \
+		--out build/gpu-check
 
 # Reproduce the shipped weights (volref/models/weights) on this CPU: ~9 h on 2 cores
 # (the MAE: 2 x 3,000 steps on 64x64 crops first, then 1,600 + 800 + 1,200 + 1,000 + 1,200 +

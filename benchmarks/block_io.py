@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             shape = (2, 256, 256)  # two blocks of the quick phantom
         grid = block_grid(vol, RunSettings(block_shape=shape), ("segment", "refine"),
                           min_blocks=count + 1)
-        root, _ = open_target(store, vol.multiscale, None)
+        root = open_target(store, vol.multiscale, None).root
         # refine first: segment with overwrite resets its record, which refine needs done
         for stage, plan in (("refine", plan_refine), ("segment", plan_segment)):
             _, tasks, _ = plan(vol, root, grid, overwrite=True)

@@ -15,12 +15,16 @@ from pathlib import Path
 
 
 def machine() -> dict:
+    """Versions and the machine a result was measured on (zarr's version: None where it is not
+    installed, as on a GPU machine that runs ``benchmarks.gpu_check`` bare)."""
+    import importlib.util
+
     import numpy
     import torch
-    import zarr
 
     import volref
 
+    zarr = importlib.import_module("zarr") if importlib.util.find_spec("zarr") else None
     return {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -28,7 +32,7 @@ def machine() -> dict:
         "volref": volref.__version__,
         "numpy": numpy.__version__,
         "torch": torch.__version__,
-        "zarr": zarr.__version__,
+        "zarr": zarr.__version__ if zarr is not None else None,
     }
 
 

@@ -1,6 +1,6 @@
 """Domain shift: does the shipped ensemble call the same voxels whatever the volume's content and
-acquisition? Per-volume percentile stretch (before) against the background-and-noise mapping of
-the model card (now).
+acquisition? Per-volume percentile stretch (before) against the background-and-stain mapping of
+the model card (now; the noise sets the width of a volume without stain).
 
     python -m benchmarks.domain_shift [--quick] [--seeds 201,202] [--json OUT]
 
@@ -79,7 +79,8 @@ def shifted(image: np.ndarray, how: str) -> np.ndarray:
 
 
 def mapping(image: np.ndarray, how: str, scale: IntensityScale) -> IntensityRange:
-    """``before``: the image's own 1-99.8 % percentiles; ``now``: its background and noise."""
+    """``before``: the image's own 1-99.8 % percentiles; ``now``: its background and stain
+    levels (its noise when it shows no stain), as the model card says."""
     if how == "before":
         return range_of(image.astype(np.float64))
     r = range_for(background_of([image]), scale)

@@ -44,7 +44,6 @@ import time
 
 import numpy as np
 import torch
-import zarr
 
 from benchmarks.common import (
     add_device,
@@ -55,7 +54,6 @@ from benchmarks.common import (
     store_arg,
     write_json,
 )
-from volref.engine.allocator import bounded_kernel_caches, steady_allocator
 from volref.models import kernels
 from volref.models import mae as mae_module
 from volref.models.mae import MAEConfig
@@ -97,17 +95,28 @@ def runs_tile(r: np.ndarray, mode: str) -> bool:
 def tiles_of(store: str, n_slices: int, settings: RefineSettings):
     """Every tile of ``n_slices`` evenly spaced slices: (labels, removed patches), and the
     fraction of the slices' area in removed patches."""
+    import zarr
+
     root = zarr.open_group(store, mode="r")
     labels = root["labels/volref-initial/s0"]
     unc = root["volref/uncertainty/s0"]
     lead = (0,) * (labels.ndim - 3)
     nz = labels.shape[-3]
+    slices = ((np.asarray(labels[lead + (z,)]),
+               uncertainty_from_uint8(np.asarray(unc[lead + (z,)])))
+              for z in np.linspace(0, nz - 1, n_slices).astype(int))
+    return tiles_of_slices(slices, settings)
+
+
+def tiles_of_slices(slices, settings: RefineSettings):
+    """Every tile of the (labels, uncertainty) ``slices`` ``(y, x)``: (labels, removed patches),
+    and the fraction of the slices' area in removed patches (no store needed:
+    ``benchmarks.gpu_check`` makes its slices)."""
     t, st, m = settings.tile, settings.stride, settings.margin
     out, removed, area = [], 0, 0
-    for z in np.linspace(0, nz - 1, n_slices).astype(int):
-        lab0 = np.asarray(labels[lead + (z,)])
+    for lab0, unc0 in slices:
         lab = np.pad(lab0, m)
-        u = np.pad(uncertainty_from_uint8(np.asarray(unc[lead + (z,)])), m)
+        u = np.pad(unc0, m)
         h, w = lab.shape
         lab = np.pad(lab, ((0, (-h) % t), (0, (-w) % t)))
         u = np.pad(u, ((0, (-h) % t), (0, (-w) % t)))
@@ -195,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.slices, args.repeats = 1, 1
     store_arg(args, tempfile.mkdtemp(prefix="volref-quick-"), default="demo/phantom.ome.zarr")
+    from volref.engine.allocator import bounded_kernel_caches, steady_allocator
+
     allocator = steady_allocator()
     kernel_caches = bounded_kernel_caches()  # as in volref's workers
     settings = RefineSettings()

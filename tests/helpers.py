@@ -110,6 +110,16 @@ def gpu_test(fn: F) -> F:
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(marked)
 
 
+def ground_truth_pool(phantom: Path, crop: int = 32):
+    """A tiny refiner training set: ``crop`` x ``crop`` tiles of a phantom's ground truth, certain
+    everywhere (a :class:`~volref.train.refiner.TilePool`)."""
+    from volref.layout import GROUND_TRUTH
+    from volref.train.refiner import tile_pool
+
+    truth = np.asarray(zarr.open_group(str(phantom), mode="r")[f"labels/{GROUND_TRUTH}/s0"][:])
+    return tile_pool([(truth, np.zeros(truth.shape, np.float32))], crop, 0.3)
+
+
 # ---------------------------------------------------------------- stores
 
 

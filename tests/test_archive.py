@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.helpers import INLINE, tiny, tree_digest
+from tests.helpers import INLINE, tiny, tree_digest, write_image
 from volref.cli.main import main
 from volref.io import Axis, create_label_image, create_multiscale, label_levels, store_pyramid
 from volref.io.ngff import Level, read_multiscale
@@ -102,6 +102,81 @@ def test_a_refused_segment_leaves_no_trace(phantom_copy, models, capsys):
     assert _labels_attr(phantom_copy) == listed
     # so the next run is not blamed on an empty labels/volref-initial
     _one_line(capsys, _segment(phantom_copy, models), "volref/uncertainty exists")
+
+
+def _float_image(path, nan_at=None, labelled=False):
+    """A float image (two blocks of 8 slices), with a NaN at ``nan_at``; ``labelled``: with a
+    label image another tool wrote, listed in ``labels``."""
+    data = np.random.default_rng(0).random((16, 64, 64)).astype(np.float32) * 1000
+    if nan_at is not None:
+        data[nan_at] = np.nan
+    write_image(path, data, "zyx", chunks=(8, 64, 64))
+    if labelled:
+        zarr.open_group(path, mode="r+").create_group("labels").attrs["ome"] = {
+            "version": "0.5", "labels": []}
+        _foreign_label_image(path, "mine")
+    return path
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["plain", "labelled"])
+@pytest.mark.parametrize("case", ["junk checkpoint", "NaN in the sample", "NaN in a block"])
+def test_a_refused_run_leaves_nothing_new_in_the_archive(tmp_path, models, capsys, case,
+                                                         labelled):
+    """Refusals before any block finished (a junk checkpoint, a NaN the intensity sample sees)
+    and blocks that refuse their data (a NaN only a block sees: the second block's, after the
+    first one finished) leave the user's archive as it was: no ``volref/`` group, no listed
+    ``labels/volref-initial``, the ``labels`` document's bytes."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk" * 100)
+    img = _float_image(tmp_path / "img.ome.zarr",
+                       None if case == "junk checkpoint" else (12, 30, 30), labelled)
+    before, files = tree_digest(img), _listing(img)
+    args = {"junk checkpoint": ["--segmenter", str(junk)],
+            "NaN in the sample": ["--segmenter", models[0]],
+            "NaN in a block": ["--segmenter", models[0], "--intensity-range", "0", "1000"]}[case]
+    line = _one_line(capsys, main(["-q", "run", str(img), "--workers", "0", "--refiner",
+                                   models[1], *args]))
+    assert ("safetensors" if case == "junk checkpoint" else "NaN or Inf") in line
+    if case == "NaN in a block":  # the block's own voxel, counted once (not its margin's copy)
+        assert "1 voxel in block 8-16_0-64_0-64" in line
+    assert _listing(img) == files
+    assert tree_digest(img) == before
+    if labelled:
+        assert _labels_attr(img) == ["mine"]
+
+
+def test_a_refused_run_keeps_what_an_earlier_run_made(tmp_path, models, capsys):
+    """Only what the refused run created goes: an earlier run's finished segment stage (its
+    ``volref/`` group, its listed label image) stays as it was."""
+    img = _float_image(tmp_path / "img.ome.zarr", labelled=True)
+    assert main(["-q", "segment", str(img), "--workers", "0", "--segmenter", models[0]]) == 0
+    before = tree_digest(img)
+    code = main(["-q", "refine", str(img), "--workers", "0", "--refiner", models[1],
+                 "--labels", "nothere", "--class-map", "background=0,ims=1,cristae=2,matrix=3"])
+    _one_line(capsys, code, "nothere")
+    assert tree_digest(img) == before
+    assert _labels_attr(img) == ["mine", "volref-initial", "volref-uncertainty"]
+
+
+def test_a_run_refused_the_lock_removes_nothing(tmp_path, models, capsys, monkeypatch):
+    """What appeared since the refused run looked is the lock holder's work: it stays."""
+    import volref.pipeline.run
+    from volref.engine.lock import StoreLockedError
+
+    def held(root, where):  # another run made its volref/ and a label image, and holds the lock
+        root.require_group("volref")
+        root.require_group("labels").create_group("volref-initial")
+        raise StoreLockedError(f"{where} is being written by another volref run")
+
+    img = _float_image(tmp_path / "img.ome.zarr")
+    monkeypatch.setattr(volref.pipeline.run, "lock", held)
+    code = main(["-q", "run", str(img), "--workers", "0", "--segmenter", models[0]])
+    _one_line(capsys, code, "another volref run")
+    assert (img / "volref").is_dir() and (img / "labels" / "volref-initial").is_dir()
 
 
 def test_synth_overwrite_replaces_only_volrefs_own_stores(tmp_path, capsys):

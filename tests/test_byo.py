@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -14,13 +15,14 @@ import pandas as pd
 import pytest
 import zarr
 
-from tests.helpers import OUTPUTS, TINY_MAE, cli_tiny
+from tests.helpers import OUTPUTS, TINY_MAE, cli_tiny, tree_digest
 from volref.cli.main import main
-from volref.errors import SettingsError
+from volref.errors import ImageDataError, SettingsError
 from volref.stages.labels import (
     IDENTITY_MAP,
     UnmappedLabelError,
     check_fits,
+    check_uncertainty,
     format_class_map,
     normalised_entropy,
     parse_class_map,
@@ -210,6 +212,83 @@ def test_without_an_uncertainty_refine_says_which_command_makes_one(byo_phantom,
     assert refine(byo_phantom, tmp_path / "o.zarr", models, "--labels", "theirs",
                   "--class-map", THEIRS_MAP, "--uncertainty", "scores", "--method", "crf") == 2
     assert "--method crf refines the probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()  # a refused command leaves no output store
+
+
+def test_check_uncertainty_refuses_what_clipping_would_hide():
+    ok = np.array([0.0, 0.5, 1.0 + 1e-7], dtype=np.float32)  # rounding is clipped, not refused
+    check_uncertainty(ok, "u")
+    check_uncertainty(np.array([0, 255], dtype=np.uint8), "u")
+    check_uncertainty(np.array([[200], [3]], dtype=np.int32), "p", probabilities=True)  # scores
+    for bad, needle in ((np.array([0.5, np.nan], dtype=np.float32), "NaN or Inf values"),
+                        (np.array([0.5, np.inf], dtype=np.float64), "NaN or Inf"),
+                        (np.full(3, 7.0, dtype=np.float32), "from 7 to 7"),
+                        (np.array([-0.5, 0.5], dtype=np.float32), "from -0.5 to 0.5"),
+                        (np.array([1, 2], dtype=np.int16), "int16")):
+        with pytest.raises(ImageDataError, match=re.escape(needle)):
+            check_uncertainty(bad, "u")
+    with pytest.raises(ImageDataError, match="per-class probabilities must lie in"):
+        check_uncertainty(np.full((4, 2), 1.5, dtype=np.float32), "p", probabilities=True)
+
+
+@pytest.mark.parametrize("case", ["NaN", "7.0 everywhere", "int16", "probabilities above 1",
+                                  "NaN only in the finest level"])
+def test_a_bad_uncertainty_is_refused_naming_it(byo_phantom, models, tmp_path, capsys, case):
+    """``--uncertainty`` another tool wrote is checked: NaN, values outside [0, 1] or a dtype
+    volref cannot read are one line naming the image, exit 2, nothing left behind — before any
+    block on the coarsest level, and by each block for what only the finest level shows."""
+    image = tmp_path / "byo.ome.zarr"
+    shutil.copytree(byo_phantom, image)
+    shape = zarr.open_group(image, mode="r")["s0"].shape[-3:]
+    data = np.full(shape, 0.25, dtype=np.float32)
+    axes, levels = "zyx", None
+    if case in ("NaN", "NaN only in the finest level"):
+        data[9, 100, 150] = np.nan
+    elif case == "7.0 everywhere":
+        data[:] = 7.0
+    elif case == "int16":
+        data = data.astype(np.int16)
+    elif case == "probabilities above 1":
+        data, axes = np.full((4, *shape), 1.5, dtype=np.float32), "czyx"
+    if case == "NaN only in the finest level":
+        levels = (2,)
+    group = zarr.open_group(image, mode="r+").create_group("bad")
+    ome_zarr_writer().write_image(data, group, axes=axes, scale_factors=levels)
+    if levels:  # a coarsest level that hides the NaN (as a nearest-neighbour pyramid may)
+        coarse = group[sorted(group.array_keys())[-1]]
+        coarse[:] = np.float32(0.25)
+    before = tree_digest(image)
+    out = tmp_path / "o.zarr"
+    assert refine(image, out, models, "--labels", "theirs", "--class-map", THEIRS_MAP,
+                  "--uncertainty", "bad") == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "bad" in lines[0], err
+    assert {"NaN": "NaN or Inf values", "7.0 everywhere": "from 7 to 7",
+            "int16": "int16 values", "probabilities above 1": "per-class probabilities",
+            "NaN only in the finest level": "NaN or Inf"}[case] in lines[0], err
+    # the block that read it refused: the run's one line is its refusal
+    assert lines[0].startswith("volref: error: refine: ") == (case == "NaN only in the finest level")
+    assert not out.exists()
+    assert tree_digest(image) == before
+
+
+def test_a_refused_refine_leaves_no_new_store_nor_its_parents(byo_phantom, models, tmp_path,
+                                                              capsys):
+    out = tmp_path / "new" / "deeper" / "o.zarr"
+    # without -q too: the refusal is the one line on stderr (no "cluster: ..." line before it)
+    assert main(["refine", str(byo_phantom), "--output", str(out), "--workers", "0",
+                 *cli_tiny(models), "--labels", "nothere", "--class-map", THEIRS_MAP,
+                 "--uncertainty", "scores"]) == 2
+    err = capsys.readouterr().err
+    assert "nothere" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()
+    # a folder that was there before is the user's: only the new store goes
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("mine")
+    assert refine(byo_phantom, tmp_path / "kept" / "o.zarr", models, "--labels", "theirs",
+                  "--class-map", THEIRS_MAP) == 2
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]
 
 
 # ---------------------------------------------------------------- train refiner

@@ -3,6 +3,7 @@ in-process runner."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,8 +19,14 @@ from scipy import ndimage
 from volref.engine.cluster import close_cluster
 from volref.engine.grid import BlockGrid, plan_blocks
 from volref.engine.manifest import Manifest
-from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
-from volref.errors import ConfigError
+from volref.engine.runner import (
+    BlocksFailedError,
+    BlocksRefusedError,
+    BlockTask,
+    Executor,
+    run_blocks,
+)
+from volref.errors import ConfigError, ImageDataError
 from volref.pipeline.blocks import Source
 from volref.stages.instances import STRUCTURE, block_labels, face_pairs, label_block, resolve
 
@@ -84,11 +91,10 @@ def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0) -> np.ndarra
     blocks = list(grid)
     parts = [block_labels(mask[b.slices], b.start, mask.shape) for b in blocks]
     number = {b.index: i for i, b in enumerate(blocks)}
-    bases = [grid.linear(b.index) * int(np.prod(grid.block)) for b in blocks]
     edges = [(number[a.index], number[b.index],
               face_pairs(parts[number[a.index]].faces[(ax, 1)], parts[number[b.index]].faces[(ax, 0)]))
              for a, b, ax in grid.neighbours()]
-    tables, n = resolve([(p.n, p.keys, p.sizes) for p in parts], bases, edges, min_voxels)
+    tables, n = resolve([(p.n, p.keys, p.sizes) for p in parts], edges, min_voxels)
     out = np.zeros(mask.shape, dtype=np.uint32)
     for b, table in zip(blocks, tables):
         local, _ = label_block(mask[b.slices])
@@ -137,6 +143,47 @@ def test_inline_runner_skips_finished_and_summarises_failures():
     assert events[-1]["event"] == "end" and events[0]["done"] == 1
     with pytest.raises(BlocksFailedError, match="1 block\\(s\\) failed: 3: ValueError: boom"):
         run_blocks(ex, "s", [BlockTask(str(i), _fail_on, (i,)) for i in range(5)])
+
+
+def _refuse_odd(x):
+    if x % 2:
+        raise ImageDataError(f"bad voxels in {x}")
+    if x == 4:
+        raise ValueError("boom")
+    return x
+
+
+def test_blocks_that_refuse_their_input_are_one_line_without_an_error_log(caplog):
+    """A user's error (a :class:`VolrefError`) from blocks is the run's one line, the first in
+    block order, with no ERROR log line; a crash beside it is still logged."""
+    ex = Executor(None)
+    with caplog.at_level(logging.DEBUG, logger="volref.engine.runner"), \
+            pytest.raises(BlocksRefusedError) as info:
+        run_blocks(ex, "s", [BlockTask(str(i), _refuse_odd, (i,)) for i in range(6)])
+    assert str(info.value) == "s: bad voxels in 1 (and 3 more block(s))"
+    assert isinstance(info.value.__cause__, ImageDataError)
+    assert isinstance(info.value, BlocksFailedError) and sorted(info.value.failed) == [
+        "1", "3", "4", "5"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["s block 4 failed: ValueError('boom')"]
+
+
+def test_on_a_cluster_a_refusal_is_not_retried_nor_logged_by_the_worker(caplog):
+    """On Dask workers a refusal comes back as a value: no retry (it cannot help), no "Compute
+    Failed" log line of the worker, the same one line as in this process."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client, \
+            caplog.at_level(logging.INFO), pytest.raises(BlocksRefusedError) as info:
+        run_blocks(Executor(client), "s", [BlockTask(str(i), _refuse_odd, (i,))
+                                           for i in range(6)])
+    assert str(info.value) == "s: bad voxels in 1 (and 3 more block(s))"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("Compute Failed" in e and "boom" in e for e in errors)  # a crash: logged
+    assert [e for e in errors if "Compute Failed" not in e] == [
+        "s block 4 failed: ValueError('boom')"]
+    assert not any("bad voxels" in e for e in errors)
 
 
 def test_a_cluster_slow_to_stop_is_a_warning_and_its_workers_are_killed(caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def test_cli_run_summary_and_one_block(phantom_copy, models, capsys):
     assert main(["-q", "run", str(phantom_copy), "--segmenter", seg, "--refiner", mae,
                  "--workers", "0", "--csv"]) == 0
     out = capsys.readouterr().out
-    assert "segment" in out and "mitochondria; mean per mitochondrion" in out
+    assert "segment" in out and re.search(r"\d+ mitochondri(on|a); mean per mitochondrion", out)
     assert (phantom_copy / "volref" / "metrics.csv").exists()
     assert main(["-q", "run", str(phantom_copy), "--segmenter", seg, "--refiner", mae,
                  "--block", "0,0,0"]) == 0
@@ -170,7 +171,7 @@ def test_ground_truth_mitochondria_keep_one_id_across_blocks(small_phantom, tmp_
     src = zarr.open_group(small_phantom, mode="r")
     truth = src["labels/ground-truth-instances/s0"][:]
     vol = open_image(small_phantom)
-    root, _ = open_target(small_phantom, vol.multiscale, tmp_path / "gt.zarr")
+    root = open_target(small_phantom, vol.multiscale, tmp_path / "gt.zarr").root
     _, arrays = create_label_image(root, "volref-refined", label_levels(vol.multiscale, "uint8"),
                                    vol.multiscale.axes, version=vol.multiscale.version,
                                    info=LabelInfo(CLASS_COLORS, CLASS_PROPERTIES))

@@ -254,8 +254,9 @@ INTENSITY_OPTIONS = (
                  metavar="LO HI",
                  help="Map intensities LO and HI to the ensemble's 0 and 1 (where the 1st and "
                       "99.8th percentiles of its training volumes sat) instead of measuring the "
-                      "image's background level and noise."),
+                      "image's background and stain levels."),
     click.option("--intensity-window", is_flag=True,
+                 default=default_of(SegmentSettings, "intensity_window"),
                  help="Use the image's omero display window (start, end) as --intensity-range."),
 )
 CSV_OPTION = click.option("--csv", is_flag=True, help=f"Also write {METRICS_CSV_PATH}.")
@@ -313,12 +314,12 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
                        gpus=gpu_count(), tls=_tls_files(tls_ca_file, tls_cert, tls_key))
     start = time.perf_counter()
 
-    def connected(c: Any) -> None:
-        if ctx.obj["progress"]:
-            click.echo(f"cluster: {c.description}" +
-                       (f", dashboard {c.dashboard}" if c.dashboard else ""), err=True)
-
     with EngineProgress(enabled=ctx.obj["progress"]) as progress:
+
+        def connected(c: Any) -> None:
+            progress.header(f"cluster: {c.description}" +
+                            (f", dashboard {c.dashboard}" if c.dashboard else ""))
+
         result = run(image, stages=stages, output=output, settings=settings, cluster=spec,
                      channel=channel, timepoint=timepoint, observer=progress,
                      on_connect=connected)

@@ -155,6 +155,12 @@ class EngineProgress:
         self._lines: PeriodicLines | None = None
         self._lock = threading.Lock()
         self._state: dict[str, _Running] = {}
+        self._header: str | None = None
+
+    def header(self, line: str) -> None:
+        """A line printed when the first stage starts (the cluster and its dashboard): a command
+        refused while its stages are planned prints its one-line error and nothing else."""
+        self._header = line
 
     def __enter__(self) -> EngineProgress:
         if self.enabled and self.console.is_terminal:
@@ -172,6 +178,10 @@ class EngineProgress:
 
     def __call__(self, event: dict) -> None:
         stage = event["stage"]
+        if self._header is not None and event["event"] == "start":
+            if self.enabled:
+                self.console.print(self._header, markup=False, highlight=False, soft_wrap=True)
+            self._header = None
         with self._lock:
             if event["event"] == "start":
                 self._state[stage] = _Running(event["done"], event["total"],

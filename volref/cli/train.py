@@ -81,6 +81,24 @@ def command_line() -> str:
     return "volref " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str):
+    """``--device``: resolved before any data is read, so a device that is not there fails first
+    (one line, exit 2)."""
+    from volref.errors import ConfigError
+    from volref.train.device import resolve_device
+
+    try:
+        return resolve_device(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, callback=_device,
+    help="Where to train: auto (the first GPU when torch sees one, else the CPU), cpu, cuda or "
+         "cuda:N. Checkpoints are the same files on any device; a run resumes on another.")
+
+
 @click.group()
 def train() -> None:
     """Train the segmentation ensemble or the MAE refiner on OME-Zarr volumes."""
@@ -105,8 +123,11 @@ def train() -> None:
               help="Crops per training step.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random seed of the weights and the drawn crops.")
+@click.option("--bf16", is_flag=True, help="Train with bf16 autocast (default: float32).")
+@device_option
 @click.pass_context
-def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, seed):
+def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, seed, bf16,
+              device):
     """Train K 2.5-D U-Nets on different subsets, seeds and simulated annotators.
 
     Interrupted runs resume from the last finished epoch when started again with the same OUT.
@@ -116,10 +137,10 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 
     volumes = [load_volume(d, labels=labels, degraded=degraded or None) for d in data]
     recipe = SegmenterRecipe(members=members, epochs=epochs, steps_per_epoch=steps,
-                             batch=batch, seed=seed)
+                             batch=batch, seed=seed, bf16=bf16)
     with TrainingProgress("segmenter", ctx.obj["progress"]) as progress:
         path = train_segmenter(volumes, recipe, out, observer=progress,
-                               data_names=list(data), command=command_line())
+                               data_names=list(data), command=command_line(), device=device)
     click.echo(f"wrote {path}")
 
 
@@ -155,9 +176,10 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 @click.option("--image-depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="mae-x: blocks of the image encoder.")
 @with_options(label_options("Train on", "Every --data archive holds it."))
+@device_option
 @click.pass_context
 def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, blob_fraction,
-            method, image_depth, labels, class_map, uncertainty):
+            method, image_depth, labels, class_map, uncertainty, device):
     """Train the MAE (or a baseline) on the ensemble's own predictions (labels/volref-initial),
     or on a segmentation of your own (--labels, --class-map, --uncertainty, as for volref
     refine).
@@ -184,5 +206,5 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
         path = train_refiner(pool, recipe, out, observer=progress, data_names=list(data),
                              command=command_line(),
                              segmentation=inputs.to_dict() if inputs.labels is not None
-                             else None)
+                             else None, device=device)
     click.echo(f"wrote {path}")

@@ -11,7 +11,13 @@
 from volref.engine.cluster import ClusterSpec, TLSFiles, connect
 from volref.engine.grid import Block, BlockGrid, plan_blocks
 from volref.engine.manifest import Manifest
-from volref.engine.runner import BlocksFailedError, BlockTask, Executor, run_blocks
+from volref.engine.runner import (
+    BlocksFailedError,
+    BlocksRefusedError,
+    BlockTask,
+    Executor,
+    run_blocks,
+)
 
-__all__ = ["Block", "BlockGrid", "BlockTask", "BlocksFailedError", "ClusterSpec", "Executor",
-           "Manifest", "TLSFiles", "connect", "plan_blocks", "run_blocks"]
+__all__ = ["Block", "BlockGrid", "BlockTask", "BlocksFailedError", "BlocksRefusedError",
+           "ClusterSpec", "Executor", "Manifest", "TLSFiles", "connect", "plan_blocks", "run_blocks"]

@@ -56,6 +56,28 @@ class ConnectionLostBlocksError(BlocksFailedError, ConnectionError):
                              "blocks are recorded")
 
 
+class BlocksRefusedError(BlocksFailedError):
+    """Blocks refused their input (each raised a :class:`VolrefError`: NaN intensities, label
+    values the class map does not name, ...): a retry cannot help until the input is fixed, so
+    the message is the first refusal's (in block order), on one line, and the run that made
+    this stage's records discards them (see :func:`volref.pipeline.store.refused_leaves_no_trace`).
+    ``first`` is that refusal; it is also the ``__cause__``."""
+
+    def __init__(self, stage: str, failed: dict[str, str], first: VolrefError) -> None:
+        self.stage, self.failed, self.first = stage, failed, first
+        more = f" (and {len(failed) - 1} more block(s))" if len(failed) > 1 else ""
+        VolrefError.__init__(self, f"{stage}: {first}{more}")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """What a task on a worker returns instead of raising when it refuses its input (a
+    :class:`VolrefError` that is not an ``OSError``): a retry cannot help, and the worker does
+    not log it as a failed computation (the run's one line says it)."""
+
+    error: VolrefError
+
+
 @dataclass(frozen=True)
 class BlockTask:
     key: str  # the block's region name (manifest key)
@@ -138,6 +160,9 @@ class Executor:
         if self.client is None:
             return [f.result() for f in futures]
         gathered: list[Any] = self.client.gather(list(futures))
+        for value in gathered:
+            if isinstance(value, Refused):
+                raise value.error
         return gathered
 
     def compute(self, work: Any) -> Any:
@@ -162,7 +187,11 @@ class Executor:
             if fut.status == "error":
                 yield key, None, fut.exception()
             else:
-                yield key, fut.result(), None
+                value = fut.result()
+                if isinstance(value, Refused):
+                    yield key, None, value.error
+                else:
+                    yield key, value, None
             fut.release()
 
 
@@ -170,7 +199,8 @@ def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
                finished: dict[str, Any] | None = None,
                observer: Observer | None = None) -> StageReport:
     """Run every task whose key is not in ``finished``; raise :class:`BlocksFailedError` at the
-    end if any failed after its retries. Results of finished blocks (their manifest payloads)
+    end if any failed after its retries (:class:`BlocksRefusedError` when blocks refused their
+    input). Results of finished blocks (their manifest payloads)
     and of new ones are returned together, keyed by block."""
     finished = finished or {}
     todo = [t for t in tasks if t.key not in finished]
@@ -182,19 +212,24 @@ def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
     start = time.perf_counter()
     failed: dict[str, str] = {}
     lost: set[str] = set()  # failed for want of a connection
+    refused: dict[str, VolrefError] = {}  # refused their input
     if executor.inline:
         futures = {}
         for t in todo:  # run and report one by one, so progress moves
             fut = executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu)
             futures[fut] = t.key
-            _collect(report, failed, t.key, fut.value, fut.error, notify, stage, lost)
+            _collect(report, failed, t.key, fut.value, fut.error, notify, stage, lost,
+                     refused)
     else:
         futures = {executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu): t.key
                    for t in todo}
         for key, value, error in executor.as_completed(futures):
-            _collect(report, failed, key, value, error, notify, stage, lost)
+            _collect(report, failed, key, value, error, notify, stage, lost, refused)
     report.seconds = time.perf_counter() - start
     notify({"event": "end", "stage": stage, **report.to_dict(), "failed": len(failed)})
+    if refused:
+        first = refused[next(t.key for t in todo if t.key in refused)]
+        raise BlocksRefusedError(stage, failed, first) from first
     if failed and lost == set(failed):
         raise ConnectionLostBlocksError(stage, {k: failed[k].split(": ", 1)[-1] for k in failed})
     if failed:
@@ -203,12 +238,18 @@ def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
 
 
 def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
-             error: BaseException | None, notify: Observer, stage: str, lost: set[str]) -> None:
+             error: BaseException | None, notify: Observer, stage: str, lost: set[str],
+             refused: dict[str, VolrefError]) -> None:
     if error is not None:
-        log.error("%s block %s failed: %r", stage, key, error)
         failed[key] = f"{type(error).__name__}: {error}"
         if isinstance(error, ConnectionError):
             lost.add(key)
+        if not isinstance(error, VolrefError):  # a bug or the system's: logged in full
+            log.error("%s block %s failed: %r", stage, key, error)
+        else:  # the user's: the run's one line says it
+            log.debug("%s block %s failed: %s", stage, key, error)
+            if not isinstance(error, OSError):  # its input, not a store that may come back
+                refused[key] = error
     else:
         report.computed += 1
         report.results[key] = value
@@ -219,9 +260,17 @@ def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
 def run_task(fn: Callable[..., Any], *args: Any) -> Any:
     """A block task on a worker: ``fn(*args)``, then the worker's free heap pages go back to
     the OS (:mod:`volref.engine.allocator`), so a worker's resident memory after a task is what
-    it holds, not what the largest task before it freed."""
+    it holds, not what the largest task before it freed. A refusal of the task's input (or of
+    a task it depends on) is returned as :class:`Refused`, not raised."""
+    refused = next((a for a in args if isinstance(a, Refused)), None)
+    if refused is not None:
+        return refused
     try:
         return fn(*args)
+    except VolrefError as exc:
+        if isinstance(exc, OSError):  # a store that may come back: retried, then reported
+            raise
+        return Refused(exc)
     finally:
         release_free_memory()
 

@@ -382,6 +382,43 @@ def writable(path: Path) -> bool:
     return bool(mode & 0o222) and os.access(path, os.W_OK | os.X_OK)
 
 
+def first_missing(location: str | os.PathLike[str]) -> Path | None:
+    """The outermost directory that creating the local store ``location`` would make (the store
+    itself or its first missing parent); None when it exists or is remote."""
+    if is_url(location):
+        return None
+    path = local_path(location).absolute()
+    if path.exists():
+        return None
+    top = path
+    for parent in path.parents:
+        if parent.exists():
+            break
+        top = parent
+    return top
+
+
+def discard_new_store(location: str | os.PathLike[str], made: Path) -> None:
+    """Remove the store at ``location`` that this process created a moment ago (``made``: what
+    :func:`first_missing` said before), and the parents it made that are still empty: a refused
+    command leaves no trace. Anything volref did not create, or a parent another process has
+    written into since, is left alone."""
+    import shutil
+
+    path = local_path(location).absolute()
+    if path.is_dir() and store_owned(path):
+        shutil.rmtree(path, ignore_errors=True)
+    if path == made:
+        return
+    for parent in path.parents:
+        try:
+            parent.rmdir()  # only while empty
+        except OSError:
+            return
+        if parent == made:
+            return
+
+
 def _existing_parent(path: Path) -> Path:
     path = path.absolute()
     for parent in path.parents:

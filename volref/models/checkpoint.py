@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from volref.errors import VolrefError
@@ -32,14 +32,30 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; zip (torch.sav
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  meta: dict[str, Any]) -> Path:
-    """Write tensors + JSON-able metadata atomically (write to a temporary name, then rename)."""
+    """Write tensors + JSON-able metadata atomically (write to a temporary name, then rename),
+    from CPU copies of the tensors, with the metadata's keys in sorted order: the same tensors
+    and metadata give the same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(flat, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    data = save(flat, metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.write_bytes(_sorted_metadata(data))
     os.replace(tmp, path)
     return path
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with its header's ``__metadata__`` keys sorted. safetensors
+    writes them in a hash map's order, which changes from one write to the next (6 orders of 3
+    keys in 30 writes of one process, safetensors 0.8)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the tensors' data stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

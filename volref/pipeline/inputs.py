@@ -25,7 +25,13 @@ from volref.io.inputs import StoredInput, find_image, find_label_image
 from volref.layout import INITIAL, UNCERTAINTY_PATH, label_path, levels_of
 from volref.pipeline.blocks import Source
 from volref.pipeline.stage import StageContext, require_done
-from volref.stages.labels import ClassTable, check_fits, to_classes, to_uncertainty
+from volref.stages.labels import (
+    ClassTable,
+    check_fits,
+    check_uncertainty,
+    to_classes,
+    to_uncertainty,
+)
 from volref.stages.settings import LabelSettings
 
 log = logging.getLogger(__name__)
@@ -58,10 +64,14 @@ class UncertaintyIn:
 
     source: Source
     channel_axis: int | None = None
+    where: str = ""  # another tool's image (checked as it is read); "": volref's own
 
     def read(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
         """Normalised entropy ``(z, y, x)`` float32 in [0, 1]; past the volume: 0."""
-        return to_uncertainty(self.source.read(start, stop, "constant"), self.channel_axis)
+        raw = self.source.read(start, stop, "constant")
+        if self.where:
+            check_uncertainty(raw, self.where, self.channel_axis is not None)
+        return to_uncertainty(raw, self.channel_axis)
 
 
 def segment_record(ctx: StageContext, what: str) -> Manifest:
@@ -95,7 +105,8 @@ def user_inputs(ctx: StageContext, settings: LabelSettings
                               "labels_array": _describe(found)}
     if settings.uncertainty is not None:
         given = find_image(stores, settings.uncertainty, shape)
-        unc = UncertaintyIn(_source(given), given.channel_axis)
+        _check_uncertainty(given)
+        unc = UncertaintyIn(_source(given), given.channel_axis, given.where)
         record["uncertainty_array"] = _describe(given)
     else:
         upstream = Manifest(ctx.meta, "segment")
@@ -148,3 +159,12 @@ def _check_values(found: StoredInput, table: ClassTable) -> None:
     if coarse.size > CHECK_VOXELS:
         return
     to_classes(np.unique(np.asarray(coarse[found.lead])), table, found.where)  # raises
+
+
+def _check_uncertainty(found: StoredInput) -> None:
+    """A first look, before any block runs: the coarsest level's values (a mean pyramid keeps
+    a NaN and values far outside [0, 1]; every block checks its own voxels)."""
+    coarse = found.coarsest
+    if coarse.size > CHECK_VOXELS:
+        return
+    check_uncertainty(np.asarray(coarse[found.lead]), found.where, found.channel_axis is not None)

@@ -136,10 +136,8 @@ def instances(ctx: StageContext, executor: Executor, *, observer: Observer | Non
             "computed": len(blocks), "seconds": time.perf_counter() - start})
     # step 3 here
     number = {b.index: i for i, b in enumerate(blocks)}
-    block_voxels = int(np.prod(grid.block))
-    bases = [grid.linear(b.index) * block_voxels for b in blocks]
     edges = [(number[a], number[b], v) for (a, b, _, _), v in zip(pairs, pair_values)]
-    tables, n = resolve(summaries, bases, edges, min_voxels)
+    tables, n = resolve(summaries, edges, min_voxels)
     log.info("instances: %s from %s", mitochondria(n),
              counted(sum(s[0] for s in summaries), "block-local piece", "block-local pieces"))
     # step 4 on the workers

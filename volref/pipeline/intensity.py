@@ -7,8 +7,9 @@ In order of precedence:
    display window is chosen for viewing (or set to the data's minimum and maximum by the
    writer), which is the content-dependent stretch the default avoids; phantoms written by
    ``volref synth`` have none;
-3. the model card's ``intensity`` scale with the background level and noise of a sample of the
-   volume (:mod:`volref.stages.normalise`) — the default for the shipped ensemble;
+3. the model card's ``intensity`` scale with the background and stain levels (or the noise) of
+   a sample of the volume (:mod:`volref.stages.normalise`) — the default for the shipped
+   ensemble;
 4. a checkpoint whose card has no scale was trained on percentile-stretched volumes: it gets
    the 1-99.8 % percentiles of the coarsest level, as it was trained.
 

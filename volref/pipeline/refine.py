@@ -60,6 +60,7 @@ from volref.pipeline.stage import (
     Halo,
     StageContext,
     StagePlan,
+    check_block_finite,
     check_finite,
     check_model,
     finish_stage,
@@ -242,8 +243,11 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
         lo, hi = job.halo.region(block)
         labels = job.initial.read(lo, hi)
         unc = job.uncertainty.read(lo, hi)
-        image = normalise(job.image.read(lo, hi, "mirror"), job.intensity) \
-            if job.image is not None and job.intensity is not None else None
+        image = None
+        if job.image is not None and job.intensity is not None:
+            raw = job.image.read(lo, hi, "mirror")
+            check_block_finite(raw, lo, block)
+            image = normalise(raw, job.intensity)
         with MODEL_LOCK:
             out = refine_region(mae, labels, unc, s, device=dev, image=image)
         written = job.refined.write(block, out.labels)
@@ -272,6 +276,7 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
     ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
     raw = job.image.read((z0 - 1, ys - h, xs - h), (z1 + 1, ye + h, xe + h), "mirror")
+    check_block_finite(raw, (z0 - 1, ys - h, xs - h), block)
     stack = normalise(raw, job.intensity)
     with MODEL_LOCK:
         probs = segment_probabilities(ens, stack, seg, device=dev)

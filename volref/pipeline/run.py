@@ -30,7 +30,7 @@ from volref.pipeline.refine import RefineStage
 from volref.pipeline.segment import SegmentStage
 from volref.pipeline.settings import RunSettings  # noqa: F401 - part of the run API
 from volref.pipeline.stage import Stage, StageContext, run_planned
-from volref.pipeline.store import open_target
+from volref.pipeline.store import open_target, refused_leaves_no_trace
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,12 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
     block_grid(vol, settings, stages)  # a bad block shape fails before a cluster starts
     if "measure" in stages:  # so does an axis unit that cannot be converted to micrometres
         spacing_um(vol.scale, vol.units, where=vol.location)
-    root, where = open_target(location, vol.multiscale, output)
+    target = open_target(location, vol.multiscale, output)
+    root, where = target.root, target.where
     reports: list[StageReport] = []
     peaks: dict[str, dict[str, int]] = {}
-    with lock(root, where), connect(cluster, client) as conn:
+    with refused_leaves_no_trace(target, stages), lock(root, where), \
+            connect(cluster, client) as conn:
         if on_connect is not None:
             on_connect(conn)
         executor = Executor(conn.client)
@@ -139,10 +141,10 @@ def run_block(location: str | os.PathLike, index: Sequence[int], *,
     vol = open_image(location, channel=channel, timepoint=timepoint)
     grid = block_grid(vol, settings, stages)
     block = grid[index]
-    root, where = open_target(location, vol.multiscale, output)
+    target = open_target(location, vol.multiscale, output)
     out: dict[str, Any] = {"block": block.key}
-    with lock(root, where):
-        return _run_block(vol, root, grid, block, stages, settings, out)
+    with refused_leaves_no_trace(target, stages), lock(target.root, target.where):
+        return _run_block(vol, target.root, grid, block, stages, settings, out)
 
 
 def _run_block(vol, root, grid, block, stages, settings, out) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from volref.pipeline.stage import (
     Halo,
     StageContext,
     StagePlan,
+    check_block_finite,
     check_finite,
     check_model,
     finish_stage,
@@ -153,7 +154,7 @@ def segment_block(job: SegmentJob, block: Block) -> dict[str, Any]:
     start = time.perf_counter()
     lo, hi = job.halo.region(block)
     raw = job.image.read(lo, hi, "mirror")
-    check_finite(raw, f"block {block.key}")
+    check_block_finite(raw, lo, block)
     stack = normalise(raw, job.intensity)
     dev = device()
     ensemble = cached_model(load_segmenter, *job.model, dev)

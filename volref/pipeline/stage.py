@@ -173,8 +173,21 @@ def check_finite(data: np.ndarray, where: str) -> None:
     if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
-            raise ImageDataError(f"the image has NaN or Inf intensities ({bad} voxels in {where}); "
+            raise ImageDataError(f"the image has NaN or Inf intensities ({bad} "
+                                 f"voxel{'s' if bad > 1 else ''} in {where}); "
                                  "volref needs finite values: fix or mask them first")
+
+
+def check_block_finite(raw: np.ndarray, lo: tuple[int, ...], block: Block) -> None:
+    """Refuse NaN or Inf intensities in what a block task read (``raw``, from ``lo``): counted
+    in the block's own voxels (its margin mirrors or overlaps them), or, when only its margin
+    holds them, said so (the neighbouring block counts them)."""
+    if raw.dtype.kind != "f" or np.isfinite(raw).all():
+        return
+    own = raw[tuple(slice(s - o, e - o) for s, e, o in zip(block.start, block.stop, lo))]
+    check_finite(own, f"block {block.key}")
+    raise ImageDataError(f"the image has NaN or Inf intensities (in the margin block {block.key} "
+                         "reads around it); volref needs finite values: fix or mask them first")
 
 
 def require_done(ctx: StageContext, stage: str, what: str, command: str) -> Manifest:

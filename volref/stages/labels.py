@@ -144,3 +144,30 @@ def to_uncertainty(values: np.ndarray, channel_axis: int | None = None) -> np.nd
         return clipped
     raise ImageDataError(f"an uncertainty image holds {dt.name} values: give floats in [0, 1], "
                          "unsigned integers (scaled to their maximum) or per-class probabilities")
+
+
+#: how far float uncertainties or probabilities may stray outside [0, 1] (rounding) before
+#: they are refused rather than clipped
+SLACK = 1e-6
+
+
+def check_uncertainty(values: np.ndarray, where: str, probabilities: bool = False) -> None:
+    """Refuse an uncertainty (or, with ``probabilities``, per-class probabilities) that holds
+    NaN or Inf, or floats outside [0, 1]: clipped, they would refine with a wrong confidence
+    and no warning. Unsigned integers are scaled (or normalised) and always fit; a dtype
+    :func:`to_uncertainty` cannot read is refused too."""
+    what = "per-class probabilities" if probabilities else "an uncertainty"
+    kind = values.dtype.kind
+    if kind not in "fu" and not (probabilities and kind == "i"):
+        raise ImageDataError(f"{where} holds {values.dtype.name} values: give floats in [0, 1], "
+                             "unsigned integers (scaled to their maximum) or per-class "
+                             "probabilities")
+    if kind != "f" or values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        raise ImageDataError(f"{where} holds NaN or Inf values; {what} must be finite values "
+                             "in [0, 1]")
+    lo, hi = float(values.min()), float(values.max())
+    if lo < -SLACK or hi > 1 + SLACK:
+        raise ImageDataError(f"{where} holds values from {lo:g} to {hi:g}; {what} must lie in "
+                             "[0, 1] (normalised entropy, or probabilities per class)")

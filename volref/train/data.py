@@ -21,7 +21,7 @@ from volref.io import background_sample, label_names, open_image
 from volref.io.inputs import InputNotFound, find_image, find_label_image
 from volref.io.ngff import read_multiscale
 from volref.layout import DEGRADED, GROUND_TRUTH, INITIAL, UNCERTAINTY_PATH
-from volref.stages.labels import check_fits, to_classes, to_uncertainty
+from volref.stages.labels import check_fits, check_uncertainty, to_classes, to_uncertainty
 from volref.stages.normalise import (
     PHANTOM_SCALE,
     IntensityRange,
@@ -221,7 +221,9 @@ def load_predictions(location: str | os.PathLike,
         lab = to_classes(np.asarray(found.array[found.lead]), inputs.table, found.where)
     if inputs.uncertainty is not None:
         given = find_image(stores, inputs.uncertainty, vol.shape)
-        return lab, to_uncertainty(np.asarray(given.array[given.lead]), given.channel_axis)
+        raw = np.asarray(given.array[given.lead])
+        check_uncertainty(raw, given.where, given.channel_axis is not None)
+        return lab, to_uncertainty(raw, given.channel_axis)
     try:
         given = find_image(stores, UNCERTAINTY_PATH, vol.shape)
     except InputNotFound:

@@ -13,7 +13,10 @@ near a mitochondrion. Tiles are kept when more than 30 % of their pixels are mit
 
 CPU budget: the paper's 128x128 tiles cost ~14 GFLOP each; on a CPU volref trains on 64x64 crops
 placed at random offsets of the 32x32 position lattice (the same fixed sin-cos embeddings serve
-128x128 tiles at inference) with bf16 autocast. The recipe records which was used.
+128x128 tiles at inference) with bf16 autocast. The recipe records which was used, the card
+the device (``--device``, :mod:`volref.train.device`: on a GPU the paper's 128x128 tiles are
+cheap). A background thread makes the next batches meanwhile (:mod:`volref.train.prefetch`):
+the same batches, in the same order, with or without it.
 
 The paper's two learned baselines train the same way on the same tiles (``method``): ``mae-x``
 (the MAE with an image encoder; it also gets the image crops, and starts from a trained MAE with
@@ -42,6 +45,8 @@ from volref.models.checkpoint import save_model
 from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.mae import MAEConfig, MaskedAutoencoder
 from volref.models.registry import CNNAE_KIND, REFINER_KIND, file_hash, load_refiner
+from volref.train.device import autocast, describe, pinned, resolve_device, to_device
+from volref.train.prefetch import Prefetch
 from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
@@ -203,15 +208,19 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
 
 def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
                   observer: Observer | None = None, data_names: list[str] | None = None,
-                  command: str | None = None, segmentation: dict[str, Any] | None = None) -> Path:
+                  command: str | None = None, segmentation: dict[str, Any] | None = None,
+                  device: str | torch.device | None = "cpu", prefetch: int = 2) -> Path:
     """Train (or resume) a tile refiner (``recipe.method``); writes ``OUT/<MODEL_FILES[method]>``
     with its model card (``segmentation``: which segmentation of the data it learnt from, when not
-    the ensemble's)."""
+    the ensemble's). ``device``: where to train (``auto``: a GPU when torch sees one; ``volref
+    train refiner`` defaults to it); ``prefetch``: batches made ahead by a background thread (0:
+    in the loop; the result is the same)."""
+    dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    model = recipe.build()
+    model = recipe.build().to(dev)  # initial weights drawn on the CPU, then moved
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.95))
     state_path = out / "state.safetensors"
@@ -235,28 +244,34 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
         if any(not k.startswith("image_") for k in missing):
             raise VolrefError(f"{recipe.init}: weights missing for {missing[:3]}")
         log.info("refiner: starting from %s", recipe.init)
-    weights = torch.tensor(recipe.class_weights, dtype=torch.float32)
+    weights = torch.tensor(recipe.class_weights, dtype=torch.float32, device=dev)
     total = recipe.epochs * recipe.steps_per_epoch
     step = info["epoch"] * recipe.steps_per_epoch
+
+    def draw() -> list[Any]:  # in the prefetch thread: rng is its alone meanwhile
+        return pinned(make_batch(pool, recipe, rng), dev)
+
     for epoch in range(info["epoch"], recipe.epochs):
         model.train()
         running, start = 0.0, time.perf_counter()
-        for _ in range(recipe.steps_per_epoch):
-            for grp in opt.param_groups:
-                grp["lr"] = cosine_lr(recipe.lr, step, total, floor=0.05)
-            labels, mask, keep, offset, image = make_batch(pool, recipe, rng)
-            extra = {} if image is None else {"image": image}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                logits = model(labels, mask, offset, **extra)
-            loss = model.forward_loss(logits, labels, mask, keep, weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item()
-            step += 1
-            if observer:
-                observer({"epoch": epoch + 1, "epochs": recipe.epochs, "step": step,
-                          "steps": total, "loss": loss.item()})
+        with Prefetch(draw, recipe.steps_per_epoch, prefetch) as batches:
+            for batch in batches:
+                for grp in opt.param_groups:
+                    grp["lr"] = cosine_lr(recipe.lr, step, total, floor=0.05)
+                labels, mask, keep, offset, image = to_device(batch, dev)
+                extra = {} if image is None else {"image": image}
+                with autocast(dev, recipe.bf16):
+                    logits = model(labels, mask, offset, **extra)
+                loss = model.forward_loss(logits, labels, mask, keep, weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = loss.item()
+                running += value
+                step += 1
+                if observer:
+                    observer({"epoch": epoch + 1, "epochs": recipe.epochs, "step": step,
+                              "steps": total, "loss": value})
         info["losses"].append(running / recipe.steps_per_epoch)
         info["epoch"] = epoch + 1
         info["seconds"] += time.perf_counter() - start
@@ -267,10 +282,11 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
             "seed": recipe.seed,
             "init_sha256": init_sha256,
             "data": data_names or [], "training_tiles": int(len(pool.labels)),
+            "device": describe(dev),
             **({"labels": segmentation} if segmentation is not None else {}),
             "command": command, "loss_per_epoch": info["losses"],
             "train_seconds": info["seconds"]}
     kind = CNNAE_KIND if recipe.method == "cnn-ae" else REFINER_KIND
-    return save_model(out / MODEL_FILES[recipe.method], model.eval(), kind,
+    return save_model(out / MODEL_FILES[recipe.method], model.cpu().eval(), kind,
                       recipe.model_config.to_dict(), card)
 

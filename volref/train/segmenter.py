@@ -4,6 +4,9 @@ Each member ``k`` trains on all volumes but one (when there are several), from i
 labels drawn by its own simulated annotator in degraded areas (:mod:`volref.train.data`).
 Checkpoints after every epoch (``member-k/state.safetensors``) make an interrupted run resume;
 the finished ensemble is one file, ``segmenter.safetensors``, with a JSON model card beside it.
+Training runs on ``device`` (:mod:`volref.train.device`; the card records it) while a background
+thread draws the next crops (:mod:`volref.train.prefetch`): the same crops, in the same order,
+with or without it.
 
 ::
 
@@ -32,6 +35,8 @@ from volref.models.registry import save_segmenter
 from volref.models.unet import UNet, UNetConfig
 from volref.stages.normalise import PHANTOM_SCALE
 from volref.train.data import IGNORE, IntensityJitter, Volume, sample_crops
+from volref.train.device import autocast, describe, pinned, resolve_device, to_device
+from volref.train.prefetch import Prefetch
 from volref.train.schedule import Observer, cosine_lr
 from volref.train.state import load_state, save_state
 
@@ -50,6 +55,7 @@ class SegmenterRecipe:
     seed: int = 0
     class_weights: tuple[float, ...] = (0.5, 1.5, 1.5, 1.0)
     dice_weight: float = 0.5
+    bf16: bool = False  # bf16 autocast (on the training device)
     unet: UNetConfig = field(default_factory=UNetConfig)
     # other acquisitions' contrast, noise and slice steps (None: the crops as they are)
     jitter: IntensityJitter | None = field(default_factory=IntensityJitter)
@@ -62,21 +68,30 @@ class SegmenterRecipe:
 
 def train_segmenter(volumes: list[Volume], recipe: SegmenterRecipe, out: str | os.PathLike,
                     observer: Observer | None = None, data_names: list[str] | None = None,
-                    command: str | None = None) -> Path:
-    """Train (or resume) every member, then write the ensemble. Returns its path."""
+                    command: str | None = None, device: str | torch.device | None = "cpu",
+                    prefetch: int = 2) -> Path:
+    """Train (or resume) every member, then write the ensemble. Returns its path.
+
+    ``device``: where to train (``auto``: a GPU when torch sees one; ``volref train segmenter``
+    defaults to it); ``prefetch``: batches drawn ahead by a background thread (0: in the loop;
+    the result is the same).
+    """
+    dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     members, history = [], {}
     for k in range(recipe.members):
         subset = volumes if len(volumes) == 1 else [v for i, v in enumerate(volumes)
                                                     if i != k % len(volumes)]
-        model, losses = _train_member(k, subset, recipe, out / f"member-{k}", observer)
+        model, losses = _train_member(k, subset, recipe, out / f"member-{k}", observer, dev,
+                                      prefetch)
         members.append(model)
         history[f"member-{k}"] = losses
     card = {
         "volref": __version__,
         "recipe": recipe.to_dict(),
         "data": data_names or [v.name for v in volumes],
+        "device": describe(dev),
         "seed": recipe.seed,
         "command": command,
         "loss_per_epoch": history,
@@ -104,12 +119,13 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
 
 
 def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder: Path,
-                  observer: Observer | None) -> tuple[UNet, list[float]]:
+                  observer: Observer | None, device: torch.device,
+                  prefetch: int) -> tuple[UNet, list[float]]:
     folder.mkdir(parents=True, exist_ok=True)
     seed = recipe.seed * 1000 + k
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = UNet(recipe.unet)
+    model = UNet(recipe.unet).to(device)  # initial weights drawn on the CPU, then moved
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = recipe.epochs * recipe.steps_per_epoch
     state_path = folder / "state.safetensors"
@@ -117,31 +133,39 @@ def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder
     if state_path.exists():
         info = load_state(state_path, model, opt, rng)
         log.info("member %d: resuming after epoch %d", k, info["epoch"])
-    weights = torch.tensor(recipe.class_weights, dtype=torch.float32)
+    weights = torch.tensor(recipe.class_weights, dtype=torch.float32, device=device)
     step = info["epoch"] * recipe.steps_per_epoch
+
+    def draw() -> list[torch.Tensor]:  # in the prefetch thread: rng is its alone meanwhile
+        x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices,
+                            jitter=recipe.jitter)
+        return pinned([torch.from_numpy(x), torch.from_numpy(y)], device)
+
     for epoch in range(info["epoch"], recipe.epochs):
         model.train()
         running, start = 0.0, time.perf_counter()
-        for _ in range(recipe.steps_per_epoch):
-            for g in opt.param_groups:  # cosine schedule with a short warm-up, from the step count
-                g["lr"] = cosine_lr(recipe.lr, step, total)
-            x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices,
-                                jitter=recipe.jitter)
-            logits = model(torch.from_numpy(x))
-            loss = loss_fn(logits, torch.from_numpy(y).long(), weights, recipe.dice_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item()
-            step += 1
-            if observer:
-                observer({"member": k, "members": recipe.members, "epoch": epoch + 1,
-                          "epochs": recipe.epochs, "step": step, "steps": total,
-                          "loss": loss.item()})
+        with Prefetch(draw, recipe.steps_per_epoch, prefetch) as batches:
+            for batch in batches:
+                for g in opt.param_groups:  # cosine schedule with a short warm-up, by step
+                    g["lr"] = cosine_lr(recipe.lr, step, total)
+                x, y = to_device(batch, device)
+                with autocast(device, recipe.bf16):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y.long(), weights, recipe.dice_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = loss.item()
+                running += value
+                step += 1
+                if observer:
+                    observer({"member": k, "members": recipe.members, "epoch": epoch + 1,
+                              "epochs": recipe.epochs, "step": step, "steps": total,
+                              "loss": value})
         info["losses"].append(running / recipe.steps_per_epoch)
         info["epoch"] = epoch + 1
         save_state(state_path, model, opt, rng, info)
         log.info("member %d epoch %d: loss %.4f (%.0f s)", k, epoch + 1, info["losses"][-1],
                  time.perf_counter() - start)
-    return model.eval(), info["losses"]
+    return model.cpu().eval(), info["losses"]
 
