@@ -129,7 +129,8 @@ class IntensityJitter:
         gains = 1.0 + self.slice_gain * rng.standard_normal(x.shape[0])
         shift = self.offset * sigma * rng.standard_normal()
         extra = self.noise * sigma * rng.random() if rng.random() < 0.5 else 0.0
-        out = bg + (x - bg) * (c * gains)[:, None, None] + shift
+        per_slice = np.asarray(c * gains, dtype=np.float64)
+        out = bg + (x - bg) * per_slice[:, None, None] + shift
         if extra > 0:
             out = out + extra * rng.standard_normal(x.shape)
         return out.astype(np.float32)
