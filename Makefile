@@ -61,9 +61,10 @@ weights: $(STAMP)
 	for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q synth $(TRAIN)/train-$$s.ome.zarr \
 		--shape 48 512 512 --density 1.2 --degraded-fraction 0.3 --degraded-length 150 350 \
 		--seed $$s --overwrite; done
-	# the shipped ensemble was trained on percentile-stretched volumes, its card's intensity scale
-	# measured afterwards (python -m benchmarks.intensity_scale --write FILE); volref train now
-	# normalises by that scale and writes it into the card itself
+	# the ensemble: intensities mapped by background and stain level, as volref segment maps them,
+	# with IntensityJitter (contrast, noise, offset, per-slice gain); the card gets its scale.
+	# The shipped refiners (MAE, CNN-AE, MAE+X) were trained on the previous ensemble's labels of
+	# these phantoms; the steps below retrain them on this one's.
 	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter $(TRAIN_DATA) \
 		--out seg --members 5 --epochs 8 --steps 80 --seed 0
 	cd $(TRAIN) && for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q segment \
