@@ -493,7 +493,7 @@ def report(image, out, output, tiles, gallery, channel, timepoint):
 @click.option("--output", "out_deprecated", type=click.Path(file_okay=False), default=None,
               hidden=True, help="Deprecated name of --out (--output names a results store in "
                                 "the other commands).")
-@click.option("--methods", default="crf,cnn-ae,mae-x,mae", show_default=True,
+@click.option("--methods", default="crf,cnn-ae,mae-x,mae,fused", show_default=True,
               help="Comma-separated refinement methods to compare with the initial labels.")
 @click.option("--every", type=click.IntRange(min=1), default=4, show_default=True,
               help="Use every N-th z-slice.")
@@ -520,9 +520,17 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     from pathlib import Path
 
     from volref.cli.train import command_line
+    from volref.evaluate.methods import MethodSettings
     from volref.evaluate.table2 import REFINERS, Table2Settings, evaluate_table2, to_markdown, write
     from volref.models.checkpoint import CheckpointError
-    from volref.models.registry import load_refiner, load_segmenter
+    from volref.models.registry import (
+        DEFAULT_REFINER,
+        DEFAULT_SEGMENTER,
+        load_refiner,
+        load_segmenter,
+    )
+    from volref.pipeline.refine import fusion_for
+    from volref.pipeline.stage import check_model
     from volref.report.evaluation import table2_bars, table2_panel
 
     if out is None and out_deprecated is not None:
@@ -535,7 +543,7 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     if bad:
         raise click.BadParameter(f"unknown method {', '.join(bad)} (choose from "
                                  f"{', '.join(REFINERS)})", param_hint="--methods")
-    paths = {"mae": mae, "mae-x": mae_x, "cnn-ae": cnn_ae}
+    paths = {"mae": mae, "mae-x": mae_x, "cnn-ae": cnn_ae, "fused": mae}
     models = {}
     for m in chosen:
         if m == "crf":
@@ -547,7 +555,12 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
                               "or leave it out of --methods") from None
         except CheckpointError as exc:
             raise VolrefError(str(exc)) from None
-    ensemble = load_segmenter(segmenter) if "crf" in chosen else None
+    ensemble = load_segmenter(segmenter) if {"crf", "fused"} & set(chosen) else None
+    method_settings = MethodSettings()
+    if "fused" in chosen:
+        method_settings = MethodSettings(fusion=fusion_for(None, check_model(
+            segmenter, DEFAULT_SEGMENTER, load_segmenter), check_model(
+            mae, DEFAULT_REFINER, load_refiner)))
     settings = Table2Settings(every=every, max_tiles=max_tiles)
     bar = None
 
@@ -563,7 +576,8 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
             bar.__exit__(None, None, None)
 
     result, examples = evaluate_table2(stores, models, ensemble, methods=chosen,
-                                       settings=settings, progress=progress)
+                                       settings=settings, method_settings=method_settings,
+                                       progress=progress)
     result["command"] = command_line()
     write(result, out)
     table2_bars(result, Path(out) / "table2.png")

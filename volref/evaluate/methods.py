@@ -4,6 +4,8 @@ would see it: the tile plus the context the method reaches into.
 * ``mae`` / ``mae-x`` / ``cnn-ae``: the tile refiners of :mod:`volref.stages.refine`, run over the
   global tile grid of a window (the tile plus :func:`~volref.stages.refine.context` pixels on
   every side, background and zero uncertainty past the slice), scored on the tile.
+* ``fused``: the MAE run as ``mae``, the class of each pixel it rebuilds chosen from its and the
+  ensemble's probabilities (:mod:`volref.models.fusion`).
 * ``crf``: the dense CRF of :mod:`volref.stages.crf` on the ensemble's probabilities and the
   image of the tile plus ``crf_margin`` pixels, when the tile holds a removed patch (as
   :func:`~volref.stages.crf.crf_region` does for a volume), scored on the tile.
@@ -20,6 +22,7 @@ from torch import nn
 
 from volref.classes import BACKGROUND
 from volref.io.region import read_padded
+from volref.models.fusion import Fusion
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.refine import context, refine_region
 from volref.stages.settings import RefineSettings
@@ -30,6 +33,7 @@ class MethodSettings:
     refine: RefineSettings = field(default_factory=RefineSettings)
     crf: CRFSettings = field(default_factory=CRFSettings)
     crf_margin: int = 32
+    fusion: Fusion | None = None  # fused: how the MAE's and the ensemble's probabilities combine
 
 
 def window(a: np.ndarray, y0: int, x0: int, y1: int, x1: int, fill) -> np.ndarray:
@@ -47,7 +51,8 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     """The ``tile x tile`` labels at ``(y, x)`` of a slice after ``method``.
 
     ``initial``, ``uncertainty``, ``image``: the whole slice ``(Y, X)``; ``probabilities``: a
-    callable returning the slice's ensemble probabilities ``(C, Y, X)`` (only ``crf`` calls it).
+    callable returning the slice's ensemble probabilities ``(C, Y, X)`` (``crf`` and ``fused``
+    call it).
     """
     if method == "initial":
         return initial[y:y + tile, x:x + tile].copy()
@@ -71,4 +76,14 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     img = None
     if getattr(model, "needs_image", False):  # mirrored past the slice, as volref refine reads
         img = window(image, *box, "mirror")[None]
-    return refine_region(model, lab, unc, rs, image=img).labels[0]
+    combine = None
+    if method == "fused":
+        if settings.fusion is None:
+            raise KeyError("no fusion for method 'fused' (MethodSettings.fusion)")
+        fusion = settings.fusion
+        ens = window(probabilities(), y, x, y + tile, x + tile, "mirror")
+
+        def combine(z: int, sel: np.ndarray, p: np.ndarray) -> np.ndarray:
+            return fusion.classes(ens[:, sel], p)
+
+    return refine_region(model, lab, unc, rs, image=img, combine=combine).labels[0]

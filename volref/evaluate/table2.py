@@ -57,8 +57,8 @@ from volref.stages.refine import removal_mask
 from volref.stages.segment import segment_probabilities
 from volref.stages.settings import SegmentSettings
 
-METHODS = ("initial", "crf", "cnn-ae", "mae-x", "mae", "control")
-REFINERS = ("crf", "cnn-ae", "mae-x", "mae")
+METHODS = ("initial", "crf", "cnn-ae", "mae-x", "mae", "fused", "control")
+REFINERS = ("crf", "cnn-ae", "mae-x", "mae", "fused")
 DICE_KEYS = {"mitochondrion": None, "ims": IMS, "cristae": CRISTAE, "matrix": MATRIX}
 
 #: the paper's Table 2 (METHOD.md): per method, the five metrics' means

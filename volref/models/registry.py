@@ -38,7 +38,9 @@ REFINER_KIND = "volref-mae"  # the MAE and MAE+X (its config's image_depth > 0)
 CNNAE_KIND = "volref-cnn-ae"
 #: the shipped file of each learned refinement method (``volref refine --method``)
 DEFAULT_REFINERS = {"mae": DEFAULT_REFINER, "mae-x": WEIGHTS / "mae-x.safetensors",
-                    "cnn-ae": WEIGHTS / "cnn-ae.safetensors"}
+                    "cnn-ae": WEIGHTS / "cnn-ae.safetensors", "fused": DEFAULT_REFINER}
+#: how ``--method fused`` combines the ensemble's and the MAE's probabilities
+DEFAULT_FUSION = WEIGHTS / "fusion.json"
 
 
 def file_hash(path: str | os.PathLike) -> str:

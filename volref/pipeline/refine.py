@@ -29,8 +29,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
@@ -46,7 +48,9 @@ from volref.io import (
     store_pyramid,
 )
 from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, label_path
+from volref.models.fusion import Fusion, read_fusion
 from volref.models.registry import (
+    DEFAULT_FUSION,
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
     load_refiner,
@@ -70,7 +74,7 @@ from volref.pipeline.stage import (
 from volref.pipeline.store import record_provenance
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
-from volref.stages.refine import context, refine_region
+from volref.stages.refine import Combine, context, refine_region
 from volref.stages.segment import segment_probabilities
 from volref.stages.settings import METHODS, LabelSettings, RefineSettings, SegmentSettings
 
@@ -91,6 +95,8 @@ class RefineJob:
     segment: SegmentSettings | None = None  # crf: how the ensemble ran
     crf: CRFSettings = CRFSettings()
     halo: Halo = Halo()  # what a block task reads around its block (labels, uncertainty)
+    ensemble: tuple[str, str] | None = None  # fused: the ensemble whose probabilities it fuses
+    fusion: Fusion | None = None  # fused: how the two models' probabilities combine
 
 
 #: crf: pixels of context around each tile (past the near-mitochondrion test's reach)
@@ -117,15 +123,20 @@ class RefineStage:
     settings: RefineSettings = field(default_factory=RefineSettings)
     model: str | os.PathLike | None = None
     method: str = "mae"
-    segmenter: str | os.PathLike | None = None  # crf: the ensemble that made the labels
+    segmenter: str | os.PathLike | None = None  # crf, fused: the ensemble that made the labels
     labels: LabelSettings = field(default_factory=LabelSettings)  # what is refined
     name: str = "refine"
+    fusion: str | os.PathLike | None = None  # fused: the fusion file (default: the shipped one)
 
     def model_key(self) -> tuple[str, str]:
         """The checkpoint this method runs (crf: the ensemble), checked once."""
         if self.method == "crf":
-            return check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
+            return self.ensemble_key()
         return check_model(self.model, DEFAULT_REFINERS.get(self.method), load_refiner)
+
+    def ensemble_key(self) -> tuple[str, str]:
+        """The ensemble whose probabilities crf and fused read, checked once."""
+        return check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
 
     def effective_settings(self) -> RefineSettings:
         """The settings blocks run with: the model decides the tile size (crf: as given)."""
@@ -173,10 +184,14 @@ class RefineStage:
                                   "of it")
         else:
             found = refiner_method(cached_model(load_refiner, *model_key, "cpu"))
-            if found != method:
+            if found != ("mae" if method == "fused" else method):
                 raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
             settings = model_settings(model_key, settings)
-        needs_image = method in ("mae-x", "crf")
+        needs_image = method in ("mae-x", "crf", "fused")
+        ensemble_key = fusion = None
+        if method == "fused":
+            ensemble_key = self.ensemble_key()
+            fusion = fusion_for(self.fusion, ensemble_key, model_key)
         intensity = None
         if needs_image and "intensity" in made_with:
             intensity = IntensityRange(**made_with["intensity"])
@@ -193,6 +208,8 @@ class RefineStage:
             record["intensity"] = intensity.to_dict()
         if method == "crf":
             record["crf"] = CRFSettings().to_dict()
+        if fusion is not None and ensemble_key is not None:
+            record.update(segmenter_sha256=ensemble_key[1], fusion=fusion.to_dict())
         manifest = Manifest(meta, self.name)
 
         def create(over: bool) -> list[zarr.Array]:
@@ -210,7 +227,8 @@ class RefineStage:
                         image=ctx.image() if needs_image else None,
                         intensity=intensity,
                         segment=SegmentSettings.from_dict(made_with.get("settings", {}))
-                        if method == "crf" else None, halo=halo)
+                        if method in ("crf", "fused") else None, halo=halo,
+                        ensemble=ensemble_key, fusion=fusion)
         return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
                          [store_pyramid(None, arrays, "nearest")], resumed)
 
@@ -248,8 +266,12 @@ def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
             raw = job.image.read(lo, hi, "mirror")
             check_block_finite(raw, lo, block)
             image = normalise(raw, job.intensity)
+        combine = None
+        if job.method == "fused":
+            combine = fused_classes(job, block, dev)
+            image = None  # read for the ensemble only
         with MODEL_LOCK:
-            out = refine_region(mae, labels, unc, s, device=dev, image=image)
+            out = refine_region(mae, labels, unc, s, device=dev, image=image, combine=combine)
         written = job.refined.write(block, out.labels)
         stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
                  "removed_px": int(out.removed.sum()), "device": dev}
@@ -263,15 +285,30 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     """``--method crf`` on one block: the ensemble's probabilities over the block plus the CRF's
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
-    s, seg, m = job.settings, job.segment, job.halo.before[1]
-    if seg is None or job.image is None or job.intensity is None:  # RefineStage.plan sets them
-        raise RuntimeError("a crf job needs the segment settings, the image and its intensity")
+    s, m = job.settings, job.halo.before[1]
     dev = device()
-    ens = cached_model(load_segmenter, *job.model, dev)
-    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
     lo, hi = job.halo.region(block)  # the CRF's margin
     labels = job.initial.read(lo, hi)
     unc = job.uncertainty.read(lo, hi)
+    probs, image = ensemble_probabilities(job, job.model, block, m, dev)
+    out = crf_region(probs, image, labels, unc, tile=s.tile,
+                     margin=m, tau=s.tau, near_px=s.near_px, settings=job.crf)
+    written = job.refined.write(block, out)
+    return {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
+            "device": dev, "chunks": {STAGE_OUTPUTS["refine"][0]: written}}
+
+
+def ensemble_probabilities(job: RefineJob, model: tuple[str, str], block: Block, margin: int,
+                           dev: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's class probabilities ``(nz, C, Y, X)`` over the block plus ``margin`` px in
+    y and x, and the normalised image there: computed on the segment stage's global tile grid,
+    so they equal what segment saw whatever the block."""
+    seg, m = job.segment, margin
+    if seg is None or job.image is None or job.intensity is None:  # RefineStage.plan sets them
+        raise RuntimeError(f"a {job.method} job needs the segment settings, the image and its "
+                           "intensity")
+    ens = cached_model(load_segmenter, *model, dev)
+    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
     t, h = seg.tile, seg.halo
     ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
     ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
@@ -282,8 +319,36 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
         probs = segment_probabilities(ens, stack, seg, device=dev)
     win = (slice(y0 - m - ys, y1 + m - ys), slice(x0 - m - xs, x1 + m - xs))
     image = stack[1:-1, h:-h, h:-h][(slice(None),) + win]
-    out = crf_region(probs[(slice(None), slice(None)) + win], image, labels, unc, tile=s.tile,
-                     margin=m, tau=s.tau, near_px=s.near_px, settings=job.crf)
-    written = job.refined.write(block, out)
-    return {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
-            "device": dev, "chunks": {STAGE_OUTPUTS["refine"][0]: written}}
+    return probs[(slice(None), slice(None)) + win], image
+
+
+def fused_classes(job: RefineJob, block: Block, dev: str) -> Combine:
+    """``--method fused``: the ensemble's probabilities over the block, and the rule that gives
+    each pixel the MAE rebuilds its class from them and the MAE's (:mod:`volref.models.fusion`)."""
+    if job.ensemble is None or job.fusion is None:  # RefineStage.plan sets them
+        raise RuntimeError("a fused job needs the ensemble and the fusion")
+    probs, _ = ensemble_probabilities(job, job.ensemble, block, 0, dev)
+    fusion = job.fusion
+
+    def combine(z: int, sel: np.ndarray, refiner: np.ndarray) -> np.ndarray:
+        return fusion.classes(probs[z][:, sel], refiner)
+
+    return combine
+
+
+def fusion_for(path: str | os.PathLike | None, ensemble: tuple[str, str],
+               refiner: tuple[str, str]) -> Fusion:
+    """The fusion in ``path`` (default: the shipped one), refused when it was fitted for other
+    models than the ensemble and MAE that run."""
+    path = Path(path) if path is not None else DEFAULT_FUSION
+    try:
+        fusion, card = read_fusion(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for what, key, (model_path, sha) in (("ensemble", "segmenter_sha256", ensemble),
+                                          ("MAE", "refiner_sha256", refiner)):
+        if card.get(key) not in (None, sha):
+            raise ConfigError(f"{path} was fitted for another {what} than {model_path}: fit one "
+                              f"for it (volref train fusion --{'segmenter' if what == 'ensemble' else 'refiner'} "
+                              f"{model_path})")
+    return fusion

@@ -24,9 +24,10 @@ class RunSettings(Settings):
     refiner: str | None = None
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
-    method: str = "mae"  # refinement method: mae, or a baseline (mae-x, cnn-ae, crf)
+    method: str = "mae"  # refinement method: mae, fused, or a baseline (mae-x, cnn-ae, crf)
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False
     csv: bool = False
     min_voxels: int = 1000
     labels: LabelSettings = field(default_factory=LabelSettings)
+    fusion: str | None = None  # method fused: the fusion file (default: the shipped one)

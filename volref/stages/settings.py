@@ -56,7 +56,7 @@ class SegmentSettings(Settings):
 BLENDS = ("window", "centre")
 SMOOTH_TRUNCATE = 3.0  # the smoothing Gaussian's reach, in sigmas
 #: refinement methods: the MAE and the paper's baselines (volref refine --method)
-METHODS = ("mae", "mae-x", "cnn-ae", "crf")
+METHODS = ("mae", "mae-x", "cnn-ae", "crf", "fused")
 
 
 @dataclass(frozen=True)
