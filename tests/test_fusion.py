@@ -115,3 +115,20 @@ def test_fused_refuses_a_fusion_fitted_for_other_models(reference, small_phantom
                                    fusion=str(other))
     with pytest.raises(ConfigError, match="fitted for another ensemble"):
         run(small_phantom, output=store, stages=("refine",), settings=settings, cluster=INLINE)
+
+
+def test_ensemble_probabilities_of_some_tiles_equal_those_of_all(models):
+    from volref.models.registry import load_segmenter
+    from volref.stages.segment import SegmentSettings, segment_probabilities
+
+    ens = load_segmenter(models[0])
+    settings = SegmentSettings(tile=64, halo=16)
+    stack = np.random.default_rng(2).random((4, 128 + 32, 192 + 32), dtype=np.float32)
+    full = segment_probabilities(ens, stack, settings)
+    needed = np.zeros((2, 2, 3), bool)
+    needed[0, 1, 2] = needed[1, 0, 0] = True
+    some = segment_probabilities(ens, stack, settings, needed=needed)
+    for z, ty, tx in np.argwhere(needed):
+        win = (z, slice(None), slice(64 * ty, 64 * ty + 64), slice(64 * tx, 64 * tx + 64))
+        np.testing.assert_array_equal(some[win], full[win])
+    assert np.count_nonzero(some.sum(axis=1)) == 2 * 64 * 64  # the other tiles were not run

@@ -217,11 +217,16 @@ REFINER_OPTIONS = (
     click.option("--method", type=click.Choice(list(METHODS)),
                  default=default_of(RunSettings, "method"),
                  show_default=True,
-                 help="The MAE, or one of the paper's baselines: MAE+X (with an image "
-                      "encoder), CNN denoising autoencoder, dense CRF (on the ensemble's "
-                      "probabilities and the image; re-runs the --segmenter ensemble)."),
+                 help="The paper's MAE; fused (the MAE's and the --segmenter ensemble's "
+                      "probabilities combined where the MAE rebuilds); or one of the paper's "
+                      "baselines: MAE+X (with an image encoder), CNN denoising autoencoder, "
+                      "dense CRF (on the ensemble's probabilities and the image). fused and crf "
+                      "re-run the ensemble over each block."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
                  help="Checkpoint of the --method model (default: the shipped weights)."),
+    click.option("--fusion", type=click.Path(dir_okay=False), default=None,
+                 help="--method fused: the fusion file (volref train fusion; default: the "
+                      "shipped one, fitted for the shipped ensemble and MAE)."),
     click.option("--tau", type=click.FloatRange(0, 1), default=default_of(RefineSettings, "tau"),
                  show_default=True,
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
@@ -358,7 +363,7 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
                            intensity_range=o.get("intensity_range") or None,
                            intensity_window=o.get("intensity_window", False)),
                        refine=refine,
-                       method=o.get("method", d.method),
+                       method=o.get("method", d.method), fusion=o.get("fusion"),
                        block_shape=block_shape or None,
                        overwrite=overwrite, csv=o.get("csv", d.csv),
                        min_voxels=o.get("min_voxels", d.min_voxels), labels=labels)

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -298,23 +298,33 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
             "device": dev, "chunks": {STAGE_OUTPUTS["refine"][0]: written}}
 
 
-def ensemble_probabilities(job: RefineJob, model: tuple[str, str], block: Block, margin: int,
-                           dev: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ensemble's class probabilities ``(nz, C, Y, X)`` over the block plus ``margin`` px in
-    y and x, and the normalised image there: computed on the segment stage's global tile grid,
-    so they equal what segment saw whatever the block."""
+def ensemble_input(job: RefineJob, block: Block, margin: int) -> tuple[np.ndarray, int, int]:
+    """The normalised image the ensemble reads for the block plus ``margin`` px in y and x, on
+    the segment stage's global tile grid (one slice and the halo around it), and the grid
+    origin ``(ys, xs)`` of that stack."""
     seg, m = job.segment, margin
     if seg is None or job.image is None or job.intensity is None:  # RefineStage.plan sets them
         raise RuntimeError(f"a {job.method} job needs the segment settings, the image and its "
                            "intensity")
-    ens = cached_model(load_segmenter, *model, dev)
     (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
     t, h = seg.tile, seg.halo
     ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
     ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
     raw = job.image.read((z0 - 1, ys - h, xs - h), (z1 + 1, ye + h, xe + h), "mirror")
     check_block_finite(raw, (z0 - 1, ys - h, xs - h), block)
-    stack = normalise(raw, job.intensity)
+    return normalise(raw, job.intensity), ys, xs
+
+
+def ensemble_probabilities(job: RefineJob, model: tuple[str, str], block: Block, margin: int,
+                           dev: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's class probabilities ``(nz, C, Y, X)`` over the block plus ``margin`` px in
+    y and x, and the normalised image there: computed on the segment stage's global tile grid,
+    so they equal what segment saw whatever the block."""
+    stack, ys, xs = ensemble_input(job, block, margin)  # refuses a job without segment settings
+    seg = cast(SegmentSettings, job.segment)
+    m, h = margin, seg.halo
+    (_, y0, x0), (_, y1, x1) = block.start, block.stop
+    ens = cached_model(load_segmenter, *model, dev)
     with MODEL_LOCK:
         probs = segment_probabilities(ens, stack, seg, device=dev)
     win = (slice(y0 - m - ys, y1 + m - ys), slice(x0 - m - xs, x1 + m - xs))
@@ -325,13 +335,24 @@ def ensemble_probabilities(job: RefineJob, model: tuple[str, str], block: Block,
 def fused_classes(job: RefineJob, block: Block, dev: str) -> Combine:
     """``--method fused``: the ensemble's probabilities over the block, and the rule that gives
     each pixel the MAE rebuilds its class from them and the MAE's (:mod:`volref.models.fusion`)."""
-    if job.ensemble is None or job.fusion is None:  # RefineStage.plan sets them
-        raise RuntimeError("a fused job needs the ensemble and the fusion")
-    probs, _ = ensemble_probabilities(job, job.ensemble, block, 0, dev)
-    fusion = job.fusion
+    if job.ensemble is None or job.fusion is None or job.segment is None:  # set by plan
+        raise RuntimeError("a fused job needs the ensemble, the fusion and the segment settings")
+    stack, ys, xs = ensemble_input(job, block, 0)
+    ens = cached_model(load_segmenter, *job.ensemble, dev)
+    fusion, seg = job.fusion, job.segment
+    t, (_, y0, x0) = seg.tile, block.start
+    oy, ox = y0 - ys, x0 - xs  # the block in the stack's grid
 
     def combine(z: int, sel: np.ndarray, refiner: np.ndarray) -> np.ndarray:
-        return fusion.classes(probs[z][:, sel], refiner)
+        # only the ensemble's tiles that hold a rebuilt pixel run (the caller holds MODEL_LOCK)
+        grid = np.zeros((stack.shape[1] - 2 * seg.halo, stack.shape[2] - 2 * seg.halo), bool)
+        grid[oy:oy + sel.shape[0], ox:ox + sel.shape[1]] = sel
+        needed = np.asarray(grid.reshape(grid.shape[0] // t, t, grid.shape[1] // t, t)
+                            .any(axis=(1, 3)))
+        probs = segment_probabilities(ens, stack[z:z + 3], seg, device=dev,
+                                      needed=needed[None])[0]
+        return fusion.classes(probs[:, oy:oy + sel.shape[0], ox:ox + sel.shape[1]][:, sel],
+                              refiner)
 
     return combine
 
