@@ -214,11 +214,10 @@ def engine_options(stage_options):
 SEGMENTER_OPTION = click.option("--segmenter", type=click.Path(dir_okay=False), default=None,
                                 help="Ensemble checkpoint (default: the shipped weights).")
 REFINER_OPTIONS = (
-    click.option("--method", type=click.Choice(list(METHODS)),
-                 default=default_of(RunSettings, "method"),
-                 show_default=True,
-                 help="The paper's MAE; fused (the MAE's and the --segmenter ensemble's "
-                      "probabilities combined where the MAE rebuilds); or one of the paper's "
+    click.option("--method", type=click.Choice(list(METHODS)), default=None,
+                 help="fused (default: the MAE's and the --segmenter ensemble's probabilities "
+                      "combined where the MAE rebuilds; the paper's mae, with a warning, for "
+                      "models the fusion was not fitted for); the paper's MAE; or one of its "
                       "baselines: MAE+X (with an image encoder), CNN denoising autoencoder, "
                       "dense CRF (on the ensemble's probabilities and the image). fused and crf "
                       "re-run the ensemble over each block."),

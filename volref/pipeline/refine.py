@@ -25,6 +25,7 @@ writes its own chunks::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -51,6 +52,7 @@ from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, labe
 from volref.models.fusion import Fusion, read_fusion
 from volref.models.registry import (
     DEFAULT_FUSION,
+    DEFAULT_REFINER,
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
     load_refiner,
@@ -76,7 +78,13 @@ from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.refine import Combine, context, refine_region
 from volref.stages.segment import segment_probabilities
-from volref.stages.settings import METHODS, LabelSettings, RefineSettings, SegmentSettings
+from volref.stages.settings import (
+    DEFAULT_METHOD,
+    METHODS,
+    LabelSettings,
+    RefineSettings,
+    SegmentSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +130,7 @@ class RefineStage:
 
     settings: RefineSettings = field(default_factory=RefineSettings)
     model: str | os.PathLike | None = None
-    method: str = "mae"
+    method: str | None = None  # None: fused, or mae for models the fusion was not fitted for
     segmenter: str | os.PathLike | None = None  # crf, fused: the ensemble that made the labels
     labels: LabelSettings = field(default_factory=LabelSettings)  # what is refined
     name: str = "refine"
@@ -130,9 +138,18 @@ class RefineStage:
 
     def model_key(self) -> tuple[str, str]:
         """The checkpoint this method runs (crf: the ensemble), checked once."""
-        if self.method == "crf":
+        if self.chosen == "crf":
             return self.ensemble_key()
-        return check_model(self.model, DEFAULT_REFINERS.get(self.method), load_refiner)
+        return check_model(self.model, DEFAULT_REFINERS.get(self.chosen), load_refiner)
+
+    @property
+    def chosen(self) -> str:
+        """The method that runs: ``method``, or by default ``fused`` when the fusion fits the
+        ensemble and MAE in use, else the paper's ``mae`` (with a warning)."""
+        if self.method is not None:
+            return self.method
+        return default_method(*(None if p is None else str(p)
+                                for p in (self.model, self.segmenter, self.fusion)))
 
     def ensemble_key(self) -> tuple[str, str]:
         """The ensemble whose probabilities crf and fused read, checked once."""
@@ -140,7 +157,7 @@ class RefineStage:
 
     def effective_settings(self) -> RefineSettings:
         """The settings blocks run with: the model decides the tile size (crf: as given)."""
-        if self.method == "crf":
+        if self.chosen == "crf":
             return self.settings
         return model_settings(self.model_key(), self.settings)
 
@@ -150,7 +167,7 @@ class RefineStage:
     def halo(self, settings: RefineSettings, model_key: tuple[str, str]) -> Halo:
         """The tiles' reach plus the near-mitochondrion test's, on the tile grid (crf: its
         margin); in y and x only."""
-        if self.method == "crf":
+        if self.chosen == "crf":
             return Halo.around(0, CRF_MARGIN)
         patch = cached_model(load_refiner, *model_key, "cpu").config.patch
         return Halo.around(0, context(settings, patch))
@@ -158,7 +175,7 @@ class RefineStage:
     def plan(self, ctx: StageContext) -> StagePlan:
         """Check the method's model against the segment record, open or resume the refined
         labels, and list the block tasks."""
-        method, vol, root, grid = self.method, ctx.vol, ctx.root, ctx.grid
+        method, vol, root, grid = self.chosen, ctx.vol, ctx.root, ctx.grid
         if method not in METHODS:
             raise ConfigError(f"unknown refinement method {method!r} (choose from "
                               f"{', '.join(METHODS)})")
@@ -191,6 +208,11 @@ class RefineStage:
         ensemble_key = fusion = None
         if method == "fused":
             ensemble_key = self.ensemble_key()
+            if not byo and made_with.get("model_sha256") not in (None, ensemble_key[1]):
+                raise ConfigError("--method fused combines the MAE with the probabilities of the "
+                                  f"ensemble that made {label_path(INITIAL)}; {ensemble_key[0]} "
+                                  "is another one (pass that ensemble with --segmenter, and a "
+                                  "fusion fitted for it with --fusion)")
             fusion = fusion_for(self.fusion, ensemble_key, model_key)
         intensity = None
         if needs_image and "intensity" in made_with:
@@ -373,3 +395,17 @@ def fusion_for(path: str | os.PathLike | None, ensemble: tuple[str, str],
                               f"for it (volref train fusion --{'segmenter' if what == 'ensemble' else 'refiner'} "
                               f"{model_path})")
     return fusion
+
+
+@functools.lru_cache(maxsize=16)
+def default_method(model: str | None, segmenter: str | None, fusion: str | None) -> str:
+    """``fused`` when the fusion (default: the shipped one) was fitted for this ensemble and
+    MAE; else the paper's ``mae``, with a warning that says why and how to fit one."""
+    try:
+        fusion_for(fusion, check_model(segmenter, DEFAULT_SEGMENTER, load_segmenter),
+                   check_model(model, DEFAULT_REFINER, load_refiner))
+    except ConfigError as exc:
+        log.warning("refining with the paper's MAE (--method mae), not the default fused "
+                    "refinement: %s", exc)
+        return "mae"
+    return DEFAULT_METHOD

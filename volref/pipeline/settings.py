@@ -24,7 +24,9 @@ class RunSettings(Settings):
     refiner: str | None = None
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
-    method: str = "mae"  # refinement method: mae, fused, or a baseline (mae-x, cnn-ae, crf)
+    # refinement method: mae, fused, or a baseline (mae-x, cnn-ae, crf); None: fused where the
+    # shipped fusion fits the models, else mae
+    method: str | None = None
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False
     csv: bool = False

@@ -57,6 +57,9 @@ BLENDS = ("window", "centre")
 SMOOTH_TRUNCATE = 3.0  # the smoothing Gaussian's reach, in sigmas
 #: refinement methods: the MAE and the paper's baselines (volref refine --method)
 METHODS = ("mae", "mae-x", "cnn-ae", "crf", "fused")
+#: what refine runs when no method is named (the paper's MAE where the fusion does not fit the
+#: models in use: volref.pipeline.refine.default_method)
+DEFAULT_METHOD = "fused"
 
 
 @dataclass(frozen=True)
