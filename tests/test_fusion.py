@@ -147,3 +147,48 @@ def test_default_is_fused_where_the_fusion_fits_the_models_else_the_mae(models, 
         assert RefineStage(model=mae, segmenter=seg).chosen == "mae"
     assert "fitted for another ensemble" in caplog.text
     assert RefineStage().chosen == "fused"  # the shipped models and fusion
+
+
+#: sha256 of the shipped MAE's labels for the region below, made by the code before ``fused``
+#: existed (commit 0de97d2): ``--method mae`` must keep giving these bytes
+PAPER_MAE_SHA256 = "7a9c05843e245e0a66ac0dadfb666627e77727ce115dd02ddbe88d81fa589baa"
+
+
+def test_paper_mae_gives_the_same_bytes_as_before_fused_existed():
+    import hashlib
+
+    import torch
+
+    from volref.models.registry import load_refiner
+    from volref.stages.refine import RefineSettings, context, refine_region
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = RefineSettings(precision="fp32")
+        c = context(settings, 4)
+        yy, xx = np.mgrid[0:128, 0:128]
+        r = np.hypot(yy - 64, (xx - 64) / 1.6)  # an elliptic mitochondrion with one crista
+        lab = np.zeros((128, 128), np.uint8)
+        lab[r < 40] = 1
+        lab[r < 34] = 3
+        lab[(r < 30) & (np.abs(yy - 64) < 3)] = 2
+        unc = np.zeros((128, 128), np.float32)
+        unc[50:80, 20:60] = 0.9  # a low-SNR spot over one end
+        seen = []
+
+        def argmax(z, sel, p):
+            seen.append(p)
+            return p.argmax(axis=0)
+
+        plain = refine_region(load_refiner(), np.pad(lab, c)[None], np.pad(unc, c)[None],
+                              settings).labels
+        hooked = refine_region(load_refiner(), np.pad(lab, c)[None], np.pad(unc, c)[None],
+                               settings, combine=argmax).labels
+    finally:
+        torch.set_num_threads(threads)
+    assert hashlib.sha256(plain.tobytes()).hexdigest() == PAPER_MAE_SHA256
+    assert (plain == hooked).all() and (plain != lab).sum() > 100
+    # no near-tie a CPU's last bits could flip: the bytes are the machine's, not luck
+    top2 = np.sort(seen[0], axis=0)[-2:]
+    assert (top2[1] - top2[0]).min() > 1e-3
