@@ -24,8 +24,10 @@ from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
 from volref.layout import METRICS_CSV_PATH
+from volref.methods import REGISTRY, help_text, table_order
 from volref.pipeline.settings import RunSettings
 from volref.settings import PRECISIONS, default_of
+from volref.stages.changes import change_lines
 from volref.stages.settings import BLENDS, METHODS, RefineSettings, SegmentSettings
 from volref.synth.config import NOISE_RANGE, VOXEL_UM_RANGE, SynthConfig
 
@@ -217,9 +219,7 @@ REFINER_OPTIONS = (
     click.option("--method", type=click.Choice(list(METHODS)),
                  default=default_of(RunSettings, "method"),
                  show_default=True,
-                 help="The MAE, or one of the paper's baselines: MAE+X (with an image "
-                      "encoder), CNN denoising autoencoder, dense CRF (on the ensemble's "
-                      "probabilities and the image; re-runs the --segmenter ensemble)."),
+                 help="Refinement method: " + help_text() + "."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
                  help="Checkpoint of the --method model (default: the shipped weights)."),
     click.option("--tau", type=click.FloatRange(0, 1), default=default_of(RefineSettings, "tau"),
@@ -331,6 +331,10 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
     if result.peak_memory:
         peak = max(result.peak_memory.values()) / 2**30
         click.echo(f"  peak memory per worker: {peak:.2f} GiB ({len(result.peak_memory)} workers)")
+    refined = result.report("refine")
+    if refined is not None and "changes" in refined.results:
+        for line in change_lines(refined.results["changes"]):
+            click.echo(f"  {line}")
     measured = result.report("measure")
     if measured is not None:
         click.echo(metrics_summary(measured.results["table"]))
@@ -423,8 +427,10 @@ def segment(ctx, **options):
                  *label_options("Refine", "Looked up in the --output store, then in IMAGE's "
                                           "archive.")])
 def refine(ctx, **options):
-    """MAE refinement: labels/volref-refined from labels/volref-initial (--method: or a
-    baseline), or from any tool's label image (--labels, --class-map, --uncertainty).
+    """Refinement (--method: the MAE by default, or a baseline): labels/volref-refined from
+    labels/volref-initial, or from any tool's label image (--labels, --class-map,
+    --uncertainty). Prints what it changed (the share of voxels, and of the initial
+    mitochondrion voxels turned to background) and warns when it removes much.
 
     \b
     Another tool's four-class segmentation, its values mapped to volref's classes:
@@ -486,6 +492,20 @@ def report(image, out, output, tiles, gallery, channel, timepoint):
     click.echo(f"wrote {index}")
 
 
+def _weights_dest(method: str) -> str:
+    return method.replace("-", "_") + "_weights"
+
+
+def weight_options(f: Any) -> Any:
+    """``--NAME PATH`` for every refinement method with a model file: its checkpoint."""
+    for spec in reversed(list(REGISTRY.values())):
+        if spec.weights is not None:
+            f = click.option(f"--{spec.name}", _weights_dest(spec.name),
+                             type=click.Path(exists=True, dir_okay=False), default=None,
+                             help=f"{spec.label} checkpoint (default: the shipped weights).")(f)
+    return f
+
+
 @cli.command()
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
@@ -493,23 +513,18 @@ def report(image, out, output, tiles, gallery, channel, timepoint):
 @click.option("--output", "out_deprecated", type=click.Path(file_okay=False), default=None,
               hidden=True, help="Deprecated name of --out (--output names a results store in "
                                 "the other commands).")
-@click.option("--methods", default="crf,cnn-ae,mae-x,mae", show_default=True,
+@click.option("--methods", default=",".join(table_order()), show_default=True,
               help="Comma-separated refinement methods to compare with the initial labels.")
 @click.option("--every", type=click.IntRange(min=1), default=4, show_default=True,
               help="Use every N-th z-slice.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=150, show_default=True,
               help="At most this many implausible and control tiles (a seeded draw).")
 @click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Ensemble whose probabilities the CRF refines (default: shipped).")
-@click.option("--mae", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="MAE checkpoint (default: the shipped weights).")
-@click.option("--mae-x", "mae_x", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="MAE+X checkpoint (default: the shipped weights).")
-@click.option("--cnn-ae", "cnn_ae", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CNN denoising-autoencoder checkpoint (default: the shipped weights).")
+              help="Ensemble whose probabilities the methods that need them refine (default: "
+                   "shipped).")
+@weight_options
 @click.pass_context
-def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmenter, mae, mae_x,
-             cnn_ae):
+def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmenter, **weights):
     """The paper's Table 2 on held-out phantoms (STORES, segmented by volref segment).
 
     Selects implausible tiles (in degraded areas, initial labels outside the control group's
@@ -520,7 +535,7 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     from pathlib import Path
 
     from volref.cli.train import command_line
-    from volref.evaluate.table2 import REFINERS, Table2Settings, evaluate_table2, to_markdown, write
+    from volref.evaluate.table2 import Table2Settings, evaluate_table2, to_markdown, write
     from volref.models.checkpoint import CheckpointError
     from volref.models.registry import load_refiner, load_segmenter
     from volref.report.evaluation import table2_bars, table2_panel
@@ -531,23 +546,23 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     if out is None:
         raise click.UsageError("Missing option '--out' (the folder to write).")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in REFINERS]
+    bad = [m for m in chosen if m not in REGISTRY]
     if bad:
         raise click.BadParameter(f"unknown method {', '.join(bad)} (choose from "
-                                 f"{', '.join(REFINERS)})", param_hint="--methods")
-    paths = {"mae": mae, "mae-x": mae_x, "cnn-ae": cnn_ae}
+                                 f"{', '.join(table_order())})", param_hint="--methods")
     models = {}
     for m in chosen:
-        if m == "crf":
+        if REGISTRY[m].weights is None:  # runs the ensemble
             continue
         try:
-            models[m] = load_refiner(paths[m], method=m)
+            models[m] = load_refiner(weights[_weights_dest(m)], method=m)
         except FileNotFoundError:
             raise VolrefError(f"no model for {m}: train one (volref train refiner --method {m}) "
                               "or leave it out of --methods") from None
         except CheckpointError as exc:
             raise VolrefError(str(exc)) from None
-    ensemble = load_segmenter(segmenter) if "crf" in chosen else None
+    ensemble = load_segmenter(segmenter) if any(REGISTRY[m].probabilities for m in chosen) \
+        else None
     settings = Table2Settings(every=every, max_tiles=max_tiles)
     bar = None
 

@@ -1,10 +1,17 @@
-"""``refine``: MAE refinement of ``labels/volref-initial`` into ``labels/volref-refined``.
+"""``refine``: refinement of ``labels/volref-initial`` into ``labels/volref-refined``.
 
-``method`` picks the refiner: the MAE (default), or one of the paper's baselines — ``mae-x``
-(MAE with an image encoder: reads the image too), ``cnn-ae`` (convolutional denoising
-autoencoder: repaints whole tiles) or ``crf`` (dense CRF on the ensemble's probabilities and the
-image: re-runs the ensemble that made the initial labels over the block, since only labels and
-uncertainty are stored, and relabels each 128-px tile that holds a removed patch).
+``method`` names an entry of the method registry (:mod:`volref.methods`): the MAE (default), or
+one of the paper's baselines — ``mae-x`` (MAE with an image encoder: reads the image too),
+``cnn-ae`` (convolutional denoising autoencoder: repaints whole tiles) or ``crf`` (dense CRF on
+the ensemble's probabilities and the image: re-runs the ensemble that made the initial labels
+over the block, since only labels and uncertainty are stored, and relabels each 128-px tile that
+holds a removed patch). The entry says what the method reads and which block function of
+:data:`BLOCKS` runs it.
+
+Every block also counts what refinement changed (:mod:`volref.stages.changes`); the stage sums
+the counts into a "do no harm" summary — the share of voxels changed and of the initial
+mitochondrion voxels turned to background — that the run prints, records in the provenance and
+warns about above a threshold.
 
 Reads the initial labels and the uncertainty where ``segment`` wrote them (the image's archive or
 ``output``) — or, with ``labels``, a label image another tool wrote, mapped to volref's classes,
@@ -28,9 +35,11 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zarr
 
 from volref.classes import CLASS_COLORS, CLASS_PROPERTIES
@@ -46,12 +55,15 @@ from volref.io import (
     store_pyramid,
 )
 from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, label_path
+from volref.methods import DEFAULT_METHOD, REGISTRY, Method
+from volref.methods import method as method_spec
 from volref.models.registry import (
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
     load_refiner,
     load_segmenter,
     refiner_method,
+    runs,
 )
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
 from volref.pipeline.inputs import LabelsIn, UncertaintyIn, own_inputs, user_inputs
@@ -68,11 +80,12 @@ from volref.pipeline.stage import (
     tasks_of,
 )
 from volref.pipeline.store import record_provenance
+from volref.stages.changes import count_changes, summarise_changes
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.refine import context, refine_region
 from volref.stages.segment import segment_probabilities
-from volref.stages.settings import METHODS, LabelSettings, RefineSettings, SegmentSettings
+from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +98,16 @@ class RefineJob:
     settings: RefineSettings
     model: tuple[str, str]  # the refiner (crf: the ensemble), path and sha256
     manifest: Manifest
-    method: str = "mae"
-    image: Source | None = None  # mae-x and crf read the image
+    method: str = DEFAULT_METHOD
+    image: Source | None = None  # methods that need the image read it
     intensity: IntensityRange | None = None  # as the segment stage normalised it
     segment: SegmentSettings | None = None  # crf: how the ensemble ran
     crf: CRFSettings = CRFSettings()
     halo: Halo = Halo()  # what a block task reads around its block (labels, uncertainty)
+
+    @property
+    def spec(self) -> Method:
+        return REGISTRY[self.method]
 
 
 #: crf: pixels of context around each tile (past the near-mitochondrion test's reach)
@@ -116,20 +133,25 @@ class RefineStage:
 
     settings: RefineSettings = field(default_factory=RefineSettings)
     model: str | os.PathLike | None = None
-    method: str = "mae"
+    method: str = DEFAULT_METHOD
     segmenter: str | os.PathLike | None = None  # crf: the ensemble that made the labels
     labels: LabelSettings = field(default_factory=LabelSettings)  # what is refined
     name: str = "refine"
 
+    @property
+    def spec(self) -> Method:
+        """The method's registry entry (:class:`~volref.errors.ConfigError` if unknown)."""
+        return method_spec(self.method)
+
     def model_key(self) -> tuple[str, str]:
         """The checkpoint this method runs (crf: the ensemble), checked once."""
-        if self.method == "crf":
+        if self.spec.model == "ensemble":
             return check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
         return check_model(self.model, DEFAULT_REFINERS.get(self.method), load_refiner)
 
     def effective_settings(self) -> RefineSettings:
         """The settings blocks run with: the model decides the tile size (crf: as given)."""
-        if self.method == "crf":
+        if self.spec.model == "ensemble":
             return self.settings
         return model_settings(self.model_key(), self.settings)
 
@@ -139,7 +161,7 @@ class RefineStage:
     def halo(self, settings: RefineSettings, model_key: tuple[str, str]) -> Halo:
         """The tiles' reach plus the near-mitochondrion test's, on the tile grid (crf: its
         margin); in y and x only."""
-        if self.method == "crf":
+        if self.spec.block == "crf":
             return Halo.around(0, CRF_MARGIN)
         patch = cached_model(load_refiner, *model_key, "cpu").config.patch
         return Halo.around(0, context(settings, patch))
@@ -148,35 +170,35 @@ class RefineStage:
         """Check the method's model against the segment record, open or resume the refined
         labels, and list the block tasks."""
         method, vol, root, grid = self.method, ctx.vol, ctx.root, ctx.grid
-        if method not in METHODS:
-            raise ConfigError(f"unknown refinement method {method!r} (choose from "
-                              f"{', '.join(METHODS)})")
+        spec = self.spec
         meta = ctx.meta
         byo = self.labels.labels is not None
-        if byo and method == "crf":
-            raise ConfigError("--method crf refines the probabilities of the ensemble that made "
-                              f"{label_path(INITIAL)}: refine another tool's labels (--labels) "
-                              "with mae, mae-x or cnn-ae")
+        if byo and spec.probabilities:
+            others = [m.name for m in REGISTRY.values() if not m.probabilities]
+            raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
+                              f"that made {label_path(INITIAL)}: refine another tool's labels "
+                              f"(--labels) with {', '.join(others[:-1])} or {others[-1]}")
         initial, unc, inputs = user_inputs(ctx, self.labels) if byo else own_inputs(ctx)
         upstream = Manifest(meta, "segment")
         made_with = upstream.settings() if upstream.done else {}
         settings = self.settings
         model_key = self.model_key()
-        if method == "crf":
+        if spec.model == "ensemble":
             if made_with.get("model_sha256") not in (None, model_key[1]):
-                raise ConfigError("--method crf refines the probabilities of the ensemble that "
-                                  f"made {label_path(INITIAL)}; {model_key[0]} is another one "
-                                  "(pass that ensemble with --segmenter)")
+                raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
+                                  f"that made {label_path(INITIAL)}; {model_key[0]} is another "
+                                  "one (pass that ensemble with --segmenter)")
             if any(b % settings.tile for b in grid.block[1:]):
-                raise ConfigError(f"--method crf relabels {settings.tile}-px tiles: the block's "
-                                  f"y and x ({grid.block[1]}, {grid.block[2]}) must be multiples "
-                                  "of it")
+                raise ConfigError(f"--method {method} relabels {settings.tile}-px tiles: the "
+                                  f"block's y and x ({grid.block[1]}, {grid.block[2]}) must be "
+                                  "multiples of it")
         else:
-            found = refiner_method(cached_model(load_refiner, *model_key, "cpu"))
-            if found != method:
-                raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
+            model = cached_model(load_refiner, *model_key, "cpu")
+            if not runs(spec, model):
+                raise ConfigError(f"{model_key[0]} is a {refiner_method(model)} model, not "
+                                  f"{method}")
             settings = model_settings(model_key, settings)
-        needs_image = method in ("mae-x", "crf")
+        needs_image = spec.image
         intensity = None
         if needs_image and "intensity" in made_with:
             intensity = IntensityRange(**made_with["intensity"])
@@ -191,7 +213,7 @@ class RefineStage:
                   "method": method}
         if byo and intensity is not None:  # plain refine: covered by the segment digest
             record["intensity"] = intensity.to_dict()
-        if method == "crf":
+        if spec.block == "crf":
             record["crf"] = CRFSettings().to_dict()
         manifest = Manifest(meta, self.name)
 
@@ -210,18 +232,31 @@ class RefineStage:
                         image=ctx.image() if needs_image else None,
                         intensity=intensity,
                         segment=SegmentSettings.from_dict(made_with.get("settings", {}))
-                        if method == "crf" else None, halo=halo)
+                        if spec.probabilities else None, halo=halo)
         return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
                          [store_pyramid(None, arrays, "nearest")], resumed)
 
     def run(self, ctx: StageContext, executor: Executor,
             observer: Observer | None = None) -> StageReport:
-        return finish_stage(executor, ctx, self.plan(ctx), observer)
+        """Plan, run the blocks, then sum what they changed into ``results["changes"]`` (see
+        :func:`~volref.stages.changes.summarise_changes`), recorded in the provenance; its
+        warning, if any, is logged."""
+        plan = self.plan(ctx)
+        report = finish_stage(executor, ctx, plan, observer)
+        keys = {t.key for t in plan.tasks}
+        changes = summarise_changes({k: v for k, v in report.results.items() if k in keys})
+        report.results["changes"] = changes
+        if changes["warning"]:
+            log.warning("%s", changes["warning"])
+        prov = dict(ctx.meta.attrs.get("volref", {}).get("provenance", {}).get(self.name, {}))
+        prov.pop("volref", None)
+        record_provenance(ctx.root, self.name, {**prov, "changes": changes})
+        return report
 
 
 def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                 model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
-                overwrite: bool = False, method: str = "mae",
+                overwrite: bool = False, method: str = DEFAULT_METHOD,
                 segmenter: str | os.PathLike | None = None,
                 labels: LabelSettings | None = None
                 ) -> tuple[RefineJob, list[BlockTask], StagePlan]:
@@ -231,35 +266,51 @@ def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     return plan.job, plan.tasks, plan
 
 
+#: what a block function returns: the block's initial labels, its refined labels (same shape)
+#: and its stats for the manifest
+BlockResult = tuple[np.ndarray, np.ndarray, dict[str, Any]]
+
+
 def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
-    """Refine one block, write its chunks, then record it. Returns tile counts and timings."""
+    """Refine one block with its method's block function (:data:`BLOCKS`), write its chunks,
+    count what changed, then record it. Returns tile counts, change counts and timings."""
     start = time.perf_counter()
-    if job.method == "crf":
-        stats = _crf_block(job, block)
-    else:
-        s = job.settings
-        dev = device()
-        mae = cached_model(load_refiner, *job.model, dev)
-        lo, hi = job.halo.region(block)
-        labels = job.initial.read(lo, hi)
-        unc = job.uncertainty.read(lo, hi)
-        image = None
-        if job.image is not None and job.intensity is not None:
-            raw = job.image.read(lo, hi, "mirror")
-            check_block_finite(raw, lo, block)
-            image = normalise(raw, job.intensity)
-        with MODEL_LOCK:
-            out = refine_region(mae, labels, unc, s, device=dev, image=image)
-        written = job.refined.write(block, out.labels)
-        stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
-                 "removed_px": int(out.removed.sum()), "device": dev}
-        stats["chunks"] = {STAGE_OUTPUTS["refine"][0]: written}
+    initial, refined, stats = BLOCKS[job.spec.block](job, block)
+    written = job.refined.write(block, refined)
+    stats["chunks"] = {STAGE_OUTPUTS["refine"][0]: written}
+    stats["changes"] = count_changes(initial, refined)
     stats.update(seconds=round(time.perf_counter() - start, 3), worker=worker_address())
     job.manifest.record(block.key, stats)
     return stats
 
 
-def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
+def _core(labels: np.ndarray, lo: tuple[int, ...], block: Block,
+          shape: tuple[int, ...]) -> np.ndarray:
+    """The block's own voxels of ``labels`` read from ``lo`` (the block plus its halo)."""
+    return labels[tuple(slice(b - a, b - a + n) for a, b, n in zip(lo, block.start, shape))]
+
+
+def _tiles_block(job: RefineJob, block: Block) -> BlockResult:
+    """A tile refiner (the MAE, MAE+X, the CNN-AE) over the global tile grid on one block:
+    :func:`~volref.stages.refine.refine_region`."""
+    dev = device()
+    model = cached_model(load_refiner, *job.model, dev)
+    lo, hi = job.halo.region(block)
+    labels = job.initial.read(lo, hi)
+    unc = job.uncertainty.read(lo, hi)
+    image = None
+    if job.image is not None and job.intensity is not None:
+        raw = job.image.read(lo, hi, "mirror")
+        check_block_finite(raw, lo, block)
+        image = normalise(raw, job.intensity)
+    with MODEL_LOCK:
+        out = refine_region(model, labels, unc, job.settings, device=dev, image=image)
+    stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
+             "removed_px": int(out.removed.sum()), "device": dev}
+    return _core(labels, lo, block, out.labels.shape), out.labels, stats
+
+
+def _crf_block(job: RefineJob, block: Block) -> BlockResult:
     """``--method crf`` on one block: the ensemble's probabilities over the block plus the CRF's
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
@@ -284,6 +335,11 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     image = stack[1:-1, h:-h, h:-h][(slice(None),) + win]
     out = crf_region(probs[(slice(None), slice(None)) + win], image, labels, unc, tile=s.tile,
                      margin=m, tau=s.tau, near_px=s.near_px, settings=job.crf)
-    written = job.refined.write(block, out)
-    return {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
-            "device": dev, "chunks": {STAGE_OUTPUTS["refine"][0]: written}}
+    stats = {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
+             "device": dev}
+    return _core(labels, lo, block, out.shape), out, stats
+
+
+#: the block function of each ``block`` kind of the method registry (:mod:`volref.methods`)
+BLOCKS: dict[str, Callable[[RefineJob, Block], BlockResult]] = {
+    "tiles": _tiles_block, "crf": _crf_block}

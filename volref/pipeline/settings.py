@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from volref.methods import DEFAULT_METHOD
 from volref.settings import Settings
 from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 
@@ -24,7 +25,7 @@ class RunSettings(Settings):
     refiner: str | None = None
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
-    method: str = "mae"  # refinement method: mae, or a baseline (mae-x, cnn-ae, crf)
+    method: str = DEFAULT_METHOD  # refinement method: a name of volref.methods.REGISTRY
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False
     csv: bool = False
