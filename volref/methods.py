@@ -28,7 +28,8 @@ from volref.errors import ConfigError
 
 #: what a method may read besides the labels and their uncertainty
 INPUTS = ("image", "probabilities")
-#: how a method's pixels change: only those of removed patches, or every pixel of a tile it runs
+#: which pixels a method may change: only those of removed patches, or every pixel of a tile that
+#: holds a removed patch
 REPLACES = ("removed", "tile")
 #: the models a method can run: a masked autoencoder (MAE, MAE+X), the CNN denoising
 #: autoencoder, or the segmentation ensemble (whose probabilities it refines)
@@ -91,7 +92,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("crf", "dense CRF", "a dense CRF on the ensemble's probabilities and the image, "
            "per tile with a removed patch (a paper baseline; re-runs the ensemble)",
            model="ensemble", block="crf", needs=frozenset({"image", "probabilities"}),
-           paper=(6.14, 0.81, 12.95, 13.46, 8.46)),
+           replaces="tile", paper=(6.14, 0.81, 12.95, 13.46, 8.46)),
 )}
 
 #: ``volref refine`` and ``volref run`` without ``--method``
@@ -129,3 +130,19 @@ def method(name: str) -> Method:
 def help_text() -> str:
     """One line per method for ``--help`` and the README: ``name: summary``."""
     return "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
+
+
+def markdown_table() -> str:
+    """The registry as the README lists it (``tests/test_methods.py`` checks the README holds
+    exactly this)."""
+    rows = ["| method | what it is | reads besides labels + uncertainty | model file | "
+            "`volref train refiner` | changes |", "|---|---|---|---|---|---|"]
+    for m in REGISTRY.values():
+        reads = ", ".join(sorted(m.needs)) or "—"
+        weights = f"`{m.weights}`" if m.weights else "the ensemble's"
+        changes = "whole tiles that hold a removed patch" if m.replaces == "tile" else \
+            "removed patches only"
+        name = f"`{m.name}` (default)" if m.name == DEFAULT_METHOD else f"`{m.name}`"
+        rows.append(f"| {name} | {m.summary} | {reads} | {weights} | "
+                    f"{'yes' if m.trainable else 'no'} | {changes} |")
+    return "\n".join(rows) + "\n"

@@ -353,13 +353,15 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
                     methods: Sequence[str] = REFINERS,
                     settings: Table2Settings = Table2Settings(), method_settings=None,
                     progress: Callable[[str, int, int], None] | None = None,
-                    n_examples: int = 6) -> tuple[dict, list[dict]]:
+                    n_examples: int = 6, whole: bool = True) -> tuple[dict, list[dict]]:
     """Table 2 on ``stores``: select tiles, refine the implausible ones by every method, measure.
 
     ``models``: method name -> tile refiner (``mae``, ``mae-x``, ``cnn-ae``); ``ensemble``: the
     segmenter whose probabilities the CRF refines (needed only for ``crf``). Returns the result
     (JSON-ready) and ``n_examples`` implausible tiles for a figure (image, initial, removed
-    pixels, truth and every method's labels)."""
+    pixels, truth and every method's labels). ``whole``: also run every method on every
+    evaluated slice whole for ``dice_whole`` (False: the tiles alone, faster; no
+    ``dice_whole``)."""
     ms = method_settings or MethodSettings()
     slices = [s for store in stores for s in load_slices(store, settings, ensemble)]
     implausible, control, bounds = select(slices, settings)
@@ -393,8 +395,8 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
                 examples[shown.index(i)]["labels"][method] = lab
             if progress:
                 progress(method, i + 1, len(implausible))
-    whole = {"initial": whole_dice([(sl.initial, sl.truth) for sl in slices])}
-    for method in methods:
+    dice_all = {"initial": whole_dice([(sl.initial, sl.truth) for sl in slices])}
+    for method in methods if whole else ():
         labels = []
         for j, sl in enumerate(slices):
             labels.append(refine_slice(method, models, initial=sl.initial,
@@ -402,7 +404,7 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
                                        probabilities=sl.probabilities, tile=t, settings=ms))
             if progress:
                 progress(f"{method} (whole slices)", j + 1, len(slices))
-        whole[method] = whole_dice([(lab, sl.truth) for lab, sl in zip(labels, slices)])
+        dice_all[method] = whole_dice([(lab, sl.truth) for lab, sl in zip(labels, slices)])
     table = {name: summarise(v) for name, v in results.items()}
     table["control"] = summarise([r.metrics for r in control])
     dice_deg = {name: degraded_dice(p) for name, p in pairs.items()}
@@ -411,7 +413,8 @@ def evaluate_table2(stores: Sequence[str | os.PathLike], models: dict, ensemble,
         "default_method": DEFAULT_METHOD,
         "methods": methods_out,
         "dice_degraded": {name: dice_deg[name] for name in METHODS if name in dice_deg},
-        "dice_whole": {name: whole[name] for name in METHODS if name in whole},
+        **({"dice_whole": {name: dice_all[name] for name in METHODS if name in dice_all}}
+           if whole else {}),
         "tiles": {"implausible": len(implausible), "control": len(control),
                   "slices": len(slices), "stores": [str(s) for s in stores]},
         "plausible_bounds": {m: list(b) for m, b in bounds.items()},
