@@ -14,7 +14,12 @@ which block function runs it: ``block`` names one of
 
 Adding a method = one :class:`Method` below plus, for a new ``block``, its block function in
 :data:`volref.pipeline.refine.BLOCKS` and its tile function in
-:data:`volref.evaluate.methods.TILES`.
+:data:`volref.evaluate.methods.TILES`. What a block function gets (``RefineJob``): the labels and
+uncertainty sources, the method's model, the normalised image's source when ``needs`` holds
+``image``, and, when it holds ``probabilities``, the ensemble that made the labels (checked to
+be that one; ``job.ensemble``) with the segment stage's settings (``job.segment``) — a method
+that recomputes the probabilities from the image, as ``crf`` does, needs ``image`` too. The
+engine writes the labels it returns and counts what they change.
 
 Order: the command line lists the methods in registry order; tables and figures list them
 reversed (the paper's baselines first, the default last, beside the paper's MAE).

@@ -104,6 +104,9 @@ class RefineJob:
     segment: SegmentSettings | None = None  # crf: how the ensemble ran
     crf: CRFSettings = CRFSettings()
     halo: Halo = Halo()  # what a block task reads around its block (labels, uncertainty)
+    #: methods that read the ensemble's probabilities: the ensemble (path, sha256); for crf
+    #: the same as ``model``
+    ensemble: tuple[str, str] | None = None
 
     @property
     def spec(self) -> Method:
@@ -183,16 +186,18 @@ class RefineStage:
         made_with = upstream.settings() if upstream.done else {}
         settings = self.settings
         model_key = self.model_key()
-        if spec.model == "ensemble":
-            if made_with.get("model_sha256") not in (None, model_key[1]):
-                raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
-                                  f"that made {label_path(INITIAL)}; {model_key[0]} is another "
-                                  "one (pass that ensemble with --segmenter)")
-            if any(b % settings.tile for b in grid.block[1:]):
-                raise ConfigError(f"--method {method} relabels {settings.tile}-px tiles: the "
-                                  f"block's y and x ({grid.block[1]}, {grid.block[2]}) must be "
-                                  "multiples of it")
-        else:
+        ensemble = model_key if spec.model == "ensemble" else None
+        if spec.probabilities and ensemble is None:  # a tile refiner that reads them too
+            ensemble = check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
+        if ensemble is not None and made_with.get("model_sha256") not in (None, ensemble[1]):
+            raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
+                              f"that made {label_path(INITIAL)}; {ensemble[0]} is another "
+                              "one (pass that ensemble with --segmenter)")
+        if spec.block == "crf" and any(b % settings.tile for b in grid.block[1:]):
+            raise ConfigError(f"--method {method} relabels {settings.tile}-px tiles: the "
+                              f"block's y and x ({grid.block[1]}, {grid.block[2]}) must be "
+                              "multiples of it")
+        if spec.model != "ensemble":
             model = cached_model(load_refiner, *model_key, "cpu")
             if not runs(spec, model):
                 raise ConfigError(f"{model_key[0]} is a {refiner_method(model)} model, not "
@@ -215,6 +220,8 @@ class RefineStage:
             record["intensity"] = intensity.to_dict()
         if spec.block == "crf":
             record["crf"] = CRFSettings().to_dict()
+        if ensemble is not None and ensemble != model_key:
+            record["ensemble_sha256"] = ensemble[1]
         manifest = Manifest(meta, self.name)
 
         def create(over: bool) -> list[zarr.Array]:
@@ -232,7 +239,7 @@ class RefineStage:
                         image=ctx.image() if needs_image else None,
                         intensity=intensity,
                         segment=SegmentSettings.from_dict(made_with.get("settings", {}))
-                        if spec.probabilities else None, halo=halo)
+                        if spec.probabilities else None, halo=halo, ensemble=ensemble)
         return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
                          [store_pyramid(None, arrays, "nearest")], resumed)
 
