@@ -9,6 +9,9 @@ which block function runs it: ``block`` names one of
 
 * ``"tiles"`` — a tile refiner (:func:`volref.stages.refine.refine_region`: the MAE and the
   learned baselines) over the global tile grid;
+* ``"fused"`` — the MAE over the global tile grid, each pixel it rebuilds given its class by a
+  fusion of its and the ensemble's probabilities (:mod:`volref.models.fusion`); the ensemble
+  re-runs on the tiles that hold a rebuilt pixel;
 * ``"crf"`` — the dense CRF on the ensemble's probabilities and the image
   (:func:`volref.stages.crf.crf_region`), which re-runs the ensemble over the block.
 
@@ -36,10 +39,10 @@ INPUTS = ("image", "probabilities")
 #: which pixels a method may change: only those of removed patches, or every pixel of a tile that
 #: holds a removed patch
 REPLACES = ("removed", "tile")
-#: the models a method can run: a masked autoencoder (MAE, MAE+X), the CNN denoising
-#: autoencoder, or the segmentation ensemble (whose probabilities it refines)
-MODELS = ("mae", "cnn-ae", "ensemble")
-BLOCKS = ("tiles", "crf")
+#: the models a method can run: the masked autoencoder, the MAE with an image encoder (MAE+X),
+#: the CNN denoising autoencoder, or the segmentation ensemble (whose probabilities it refines)
+MODELS = ("mae", "mae-x", "cnn-ae", "ensemble")
+BLOCKS = ("tiles", "fused", "crf")
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,14 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("fused", "fused", "the MAE's and the ensemble's probabilities combined where the MAE "
+           "rebuilds (a logistic fusion fitted on validation phantoms, volref train fusion; "
+           "re-runs the ensemble)", model="mae", block="fused", weights="refiner.safetensors",
+           needs=frozenset({"image", "probabilities"})),
     Method("mae", "MAE", "the paper's masked autoencoder, a shape prior on labels that "
            "rebuilds uncertain patches near mitochondria", model="mae", weights="refiner.safetensors",
            trainable=True, paper=(5.05, 0.18, 11.41, 8.71, 0.36)),
-    Method("mae-x", "MAE+X", "the MAE with an image encoder (a paper baseline)", model="mae",
+    Method("mae-x", "MAE+X", "the MAE with an image encoder (a paper baseline)", model="mae-x",
            weights="mae-x.safetensors", needs=frozenset({"image"}), trainable=True,
            paper=(8.64, 1.02, 13.13, 15.31, 0.65)),
     Method("cnn-ae", "CNN-AE", "a convolutional denoising autoencoder that repaints whole "

@@ -222,6 +222,9 @@ REFINER_OPTIONS = (
                  help="Refinement method: " + help_text() + "."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
                  help="Checkpoint of the --method model (default: the shipped weights)."),
+    click.option("--fusion", type=click.Path(dir_okay=False), default=None,
+                 help="--method fused: the fusion file (volref train fusion; default: the "
+                      "shipped one, fitted for the shipped ensemble and MAE)."),
     click.option("--tau", type=click.FloatRange(0, 1), default=default_of(RefineSettings, "tau"),
                  show_default=True,
                  help="Patches whose mean uncertainty exceeds this are rebuilt."),
@@ -362,7 +365,7 @@ def run_settings(stages: tuple[str, ...], block_shape: tuple[int, int, int] | No
                            intensity_range=o.get("intensity_range") or None,
                            intensity_window=o.get("intensity_window", False)),
                        refine=refine,
-                       method=o.get("method", d.method),
+                       method=o.get("method", d.method), fusion=o.get("fusion"),
                        block_shape=block_shape or None,
                        overwrite=overwrite, csv=o.get("csv", d.csv),
                        min_voxels=o.get("min_voxels", d.min_voxels), labels=labels)
@@ -493,13 +496,19 @@ def report(image, out, output, tiles, gallery, channel, timepoint):
 
 
 def _weights_dest(method: str) -> str:
-    return method.replace("-", "_") + "_weights"
+    """The parameter of ``volref evaluate``'s checkpoint option for ``method``: that of the
+    trainable method whose model file it runs (``fused`` runs the MAE's: ``--mae``)."""
+    spec = REGISTRY[method]
+    owner = next((m.name for m in REGISTRY.values() if m.trainable and m.weights == spec.weights
+                  and m.model == spec.model), method)
+    return owner.replace("-", "_") + "_weights"
 
 
 def weight_options(f: Any) -> Any:
-    """``--NAME PATH`` for every refinement method with a model file: its checkpoint."""
+    """``--NAME PATH`` for every trainable refinement method: its checkpoint (also for the
+    methods that run the same model file)."""
     for spec in reversed(list(REGISTRY.values())):
-        if spec.weights is not None:
+        if spec.trainable:
             f = click.option(f"--{spec.name}", _weights_dest(spec.name),
                              type=click.Path(exists=True, dir_okay=False), default=None,
                              help=f"{spec.label} checkpoint (default: the shipped weights).")(f)
@@ -535,9 +544,17 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     from pathlib import Path
 
     from volref.cli.train import command_line
+    from volref.evaluate.methods import MethodSettings
     from volref.evaluate.table2 import Table2Settings, evaluate_table2, to_markdown, write
     from volref.models.checkpoint import CheckpointError
-    from volref.models.registry import load_refiner, load_segmenter
+    from volref.models.registry import (
+        DEFAULT_REFINERS,
+        DEFAULT_SEGMENTER,
+        load_refiner,
+        load_segmenter,
+    )
+    from volref.pipeline.refine import fusion_for
+    from volref.pipeline.stage import check_model
     from volref.report.evaluation import table2_bars, table2_panel
 
     if out is None and out_deprecated is not None:
@@ -563,6 +580,12 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
             raise VolrefError(str(exc)) from None
     ensemble = load_segmenter(segmenter) if any(REGISTRY[m].probabilities for m in chosen) \
         else None
+    method_settings = MethodSettings()
+    fused = [m for m in chosen if REGISTRY[m].block == "fused"]
+    if fused:
+        method_settings = MethodSettings(fusion=fusion_for(None, check_model(
+            segmenter, DEFAULT_SEGMENTER, load_segmenter), check_model(
+            weights[_weights_dest(fused[0])], DEFAULT_REFINERS[fused[0]], load_refiner)))
     settings = Table2Settings(every=every, max_tiles=max_tiles)
     bar = None
 
@@ -578,7 +601,8 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
             bar.__exit__(None, None, None)
 
     result, examples = evaluate_table2(stores, models, ensemble, methods=chosen,
-                                       settings=settings, progress=progress)
+                                       settings=settings, method_settings=method_settings,
+                                       progress=progress)
     result["command"] = command_line()
     write(result, out)
     table2_bars(result, Path(out) / "table2.png")

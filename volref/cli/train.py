@@ -194,13 +194,13 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
     inputs = label_settings({"labels": labels, "class_map": class_map,
                              "uncertainty": uncertainty})
     spec = REGISTRY[method]
-    mae = MAEConfig(image_depth=image_depth if spec.image else 0)
+    mae = MAEConfig(image_depth=image_depth if spec.model == "mae-x" else 0)
     if init and spec.model == "cnn-ae":
         raise click.UsageError("--init continues a MAE or MAE+X; the CNN-AE trains from scratch")
     recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
                            lr=lr, bf16=not fp32, seed=seed, init=init, method=method, mae=mae,
                            blob_fraction=blob_fraction)
-    images = [load_image(d) for d in data] if spec.image else None
+    images = [load_image(d) for d in data] if spec.model == "mae-x" else None
     pool = tile_pool([load_predictions(d, inputs) for d in data], recipe.crop,
                      recipe.min_mito_fraction,
                      images=images)
@@ -210,3 +210,30 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
                              segmentation=inputs.to_dict() if inputs.labels is not None
                              else None, device=device)
     click.echo(f"wrote {path}")
+
+
+@train.command("fusion")
+@click.option("--data", "data", multiple=True, required=True,
+              help="A phantom with ground truth and degraded areas, segmented by volref segment "
+                   "(repeatable): validation phantoms, never the ones you evaluate on.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="The fusion file to write (JSON).")
+@click.option("--every", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Fit on every N-th z-slice.")
+@click.option("--balance", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Class weights (N / (C N_c)) ** BALANCE: 0 none, 1 every class alike.")
+@click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The ensemble (default: the shipped one).")
+@click.option("--refiner", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The MAE (default: the shipped one).")
+def fusion(data, out, every, balance, segmenter, refiner):
+    """Fit the fused refinement (volref refine --method fused): how the ensemble's and the MAE's
+    class probabilities combine where the MAE rebuilds, on phantoms with ground truth."""
+    from volref.train.fusion import train_fusion
+
+    _, card = train_fusion(list(data), out, every=every, balance=balance, segmenter=segmenter,
+                           refiner=refiner, command=command_line(), log=click.echo)
+    fit = card["fit"]
+    click.echo(f"fitted on {sum(fit['pixels'])} rebuilt pixels: loss {fit['loss_start']:.4f} -> "
+               f"{fit['loss']:.4f}")
+    click.echo(f"wrote {out}")

@@ -5,6 +5,8 @@ reaches into.
 * ``mae`` / ``mae-x`` / ``cnn-ae``: the tile refiners of :mod:`volref.stages.refine`, run over the
   global tile grid of a window (the tile plus :func:`~volref.stages.refine.context` pixels on
   every side, background and zero uncertainty past the slice), scored on the tile.
+* ``fused``: the MAE run as ``mae``, the class of each pixel it rebuilds chosen from its and the
+  ensemble's probabilities (:mod:`volref.models.fusion`).
 * ``crf``: the dense CRF of :mod:`volref.stages.crf` on the ensemble's probabilities and the
   image of the tile plus ``crf_margin`` pixels, when the tile holds a removed patch (as
   :func:`~volref.stages.crf.crf_region` does for a volume), scored on the tile.
@@ -22,8 +24,9 @@ from torch import nn
 from volref.classes import BACKGROUND
 from volref.io.region import read_padded
 from volref.methods import REGISTRY, Method
+from volref.models.fusion import Fusion
 from volref.stages.crf import CRFSettings, crf_region
-from volref.stages.refine import context, refine_region
+from volref.stages.refine import Combine, context, refine_region
 from volref.stages.settings import RefineSettings
 
 
@@ -32,6 +35,7 @@ class MethodSettings:
     refine: RefineSettings = field(default_factory=RefineSettings)
     crf: CRFSettings = field(default_factory=CRFSettings)
     crf_margin: int = 32
+    fusion: Fusion | None = None  # fused: how the MAE's and the ensemble's probabilities combine
 
 
 def window(a: np.ndarray, y0: int, x0: int, y1: int, x1: int, fill) -> np.ndarray:
@@ -50,7 +54,7 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
 
     ``initial``, ``uncertainty``, ``image``: the whole slice ``(Y, X)``; ``probabilities``: a
     callable returning the slice's ensemble probabilities ``(C, Y, X)`` (only methods that need
-    them call it).
+    them call it: ``crf``, ``fused``).
     """
     return refine_window(method, models, initial=initial, uncertainty=uncertainty, image=image,
                          probabilities=probabilities, box=(y, x, y + tile, x + tile),
@@ -102,9 +106,10 @@ def _crf_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarr
 
 def _tiles_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
                   uncertainty: np.ndarray, image: np.ndarray, probabilities,
-                  box: tuple[int, int, int, int], tile: int,
-                  settings: MethodSettings) -> np.ndarray:
-    """A tile refiner (MAE, MAE+X, CNN-AE) over the global tile grid of the box's window."""
+                  box: tuple[int, int, int, int], tile: int, settings: MethodSettings,
+                  combine: Combine | None = None) -> np.ndarray:
+    """A tile refiner (MAE, MAE+X, CNN-AE) over the global tile grid of the box's window
+    (``combine``: as :func:`~volref.stages.refine.refine_region`'s)."""
     if spec.name not in models:
         raise KeyError(f"no model for method {spec.name!r}")
     model: Any = models[spec.name]
@@ -117,8 +122,27 @@ def _tiles_window(spec: Method, models: Mapping[str, nn.Module], initial: np.nda
     img = None
     if getattr(model, "needs_image", False):  # mirrored past the slice, as volref refine reads
         img = window(image, *win, "mirror")[None]
-    return refine_region(model, lab, unc, rs, image=img).labels[0]
+    return refine_region(model, lab, unc, rs, image=img, combine=combine).labels[0]
+
+
+def _fused_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
+                  uncertainty: np.ndarray, image: np.ndarray, probabilities,
+                  box: tuple[int, int, int, int], tile: int,
+                  settings: MethodSettings) -> np.ndarray:
+    """The MAE as :func:`_tiles_window`, each pixel it rebuilds given its class from its and the
+    ensemble's probabilities (``settings.fusion``)."""
+    if settings.fusion is None:
+        raise KeyError(f"no fusion for method {spec.name!r} (MethodSettings.fusion)")
+    fusion = settings.fusion
+    ens = window(probabilities(), *box, "mirror")
+
+    def combine(z: int, sel: np.ndarray, p: np.ndarray) -> np.ndarray:
+        return fusion.classes(ens[:, sel], p)
+
+    return _tiles_window(spec, models, initial, uncertainty, image, probabilities, box, tile,
+                         settings, combine)
 
 
 #: the tile function of each ``block`` kind of the method registry (:mod:`volref.methods`)
-TILES: dict[str, Callable[..., np.ndarray]] = {"tiles": _tiles_window, "crf": _crf_window}
+TILES: dict[str, Callable[..., np.ndarray]] = {"tiles": _tiles_window, "fused": _fused_window,
+                                               "crf": _crf_window}

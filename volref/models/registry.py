@@ -41,6 +41,8 @@ CNNAE_KIND = "volref-cnn-ae"
 #: the shipped file of each refinement method that runs a tile refiner (``volref refine
 #: --method``), as the registry names it
 DEFAULT_REFINERS = {m.name: WEIGHTS / m.weights for m in REGISTRY.values() if m.weights}
+#: how ``--method fused`` combines the ensemble's and the MAE's probabilities
+DEFAULT_FUSION = WEIGHTS / "fusion.json"
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -123,9 +125,15 @@ def load_refiner(path: str | os.PathLike | None = None, device: str | torch.devi
 
 def runs(spec: Method, model: MaskedAutoencoder | CNNAutoencoder) -> bool:
     """Whether refinement method ``spec`` can run the loaded tile refiner ``model``: a model of
-    its kind that reads the image exactly when the method does."""
-    kind = "cnn-ae" if isinstance(model, CNNAutoencoder) else "mae"
-    return spec.model == kind and spec.image == bool(getattr(model, "needs_image", False))
+    its kind (a MAE with an image encoder is a ``mae-x``)."""
+    return spec.model == model_kind(model)
+
+
+def model_kind(model: MaskedAutoencoder | CNNAutoencoder) -> str:
+    """The kind of a loaded tile refiner, as the method registry names models."""
+    if isinstance(model, CNNAutoencoder):
+        return "cnn-ae"
+    return "mae-x" if model.needs_image else "mae"
 
 
 def refiner_method(model: MaskedAutoencoder | CNNAutoencoder) -> str:

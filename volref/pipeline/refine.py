@@ -37,7 +37,8 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -57,7 +58,9 @@ from volref.io import (
 from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, label_path
 from volref.methods import DEFAULT_METHOD, REGISTRY, Method
 from volref.methods import method as method_spec
+from volref.models.fusion import Fusion, read_fusion
 from volref.models.registry import (
+    DEFAULT_FUSION,
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
     load_refiner,
@@ -83,7 +86,7 @@ from volref.pipeline.store import record_provenance
 from volref.stages.changes import count_changes, summarise_changes
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
-from volref.stages.refine import context, refine_region
+from volref.stages.refine import Combine, context, refine_region
 from volref.stages.segment import segment_probabilities
 from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 
@@ -107,6 +110,7 @@ class RefineJob:
     #: methods that read the ensemble's probabilities: the ensemble (path, sha256); for crf
     #: the same as ``model``
     ensemble: tuple[str, str] | None = None
+    fusion: Fusion | None = None  # fused: how the two models' probabilities combine
 
     @property
     def spec(self) -> Method:
@@ -137,9 +141,10 @@ class RefineStage:
     settings: RefineSettings = field(default_factory=RefineSettings)
     model: str | os.PathLike | None = None
     method: str = DEFAULT_METHOD
-    segmenter: str | os.PathLike | None = None  # crf: the ensemble that made the labels
+    segmenter: str | os.PathLike | None = None  # crf, fused: the ensemble that made the labels
     labels: LabelSettings = field(default_factory=LabelSettings)  # what is refined
     name: str = "refine"
+    fusion: str | os.PathLike | None = None  # fused: the fusion file (default: the shipped one)
 
     @property
     def spec(self) -> Method:
@@ -149,8 +154,12 @@ class RefineStage:
     def model_key(self) -> tuple[str, str]:
         """The checkpoint this method runs (crf: the ensemble), checked once."""
         if self.spec.model == "ensemble":
-            return check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
+            return self.ensemble_key()
         return check_model(self.model, DEFAULT_REFINERS.get(self.method), load_refiner)
+
+    def ensemble_key(self) -> tuple[str, str]:
+        """The ensemble whose probabilities crf and fused read, checked once."""
+        return check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
 
     def effective_settings(self) -> RefineSettings:
         """The settings blocks run with: the model decides the tile size (crf: as given)."""
@@ -188,7 +197,7 @@ class RefineStage:
         model_key = self.model_key()
         ensemble = model_key if spec.model == "ensemble" else None
         if spec.probabilities and ensemble is None:  # a tile refiner that reads them too
-            ensemble = check_model(self.segmenter, DEFAULT_SEGMENTER, load_segmenter)
+            ensemble = self.ensemble_key()
         if ensemble is not None and made_with.get("model_sha256") not in (None, ensemble[1]):
             raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
                               f"that made {label_path(INITIAL)}; {ensemble[0]} is another "
@@ -203,6 +212,9 @@ class RefineStage:
                 raise ConfigError(f"{model_key[0]} is a {refiner_method(model)} model, not "
                                   f"{method}")
             settings = model_settings(model_key, settings)
+        fusion = None
+        if spec.block == "fused" and ensemble is not None:
+            fusion = fusion_for(self.fusion, ensemble, model_key)
         needs_image = spec.image
         intensity = None
         if needs_image and "intensity" in made_with:
@@ -221,7 +233,9 @@ class RefineStage:
         if spec.block == "crf":
             record["crf"] = CRFSettings().to_dict()
         if ensemble is not None and ensemble != model_key:
-            record["ensemble_sha256"] = ensemble[1]
+            record["segmenter_sha256"] = ensemble[1]
+        if fusion is not None:
+            record["fusion"] = fusion.to_dict()
         manifest = Manifest(meta, self.name)
 
         def create(over: bool) -> list[zarr.Array]:
@@ -239,7 +253,8 @@ class RefineStage:
                         image=ctx.image() if needs_image else None,
                         intensity=intensity,
                         segment=SegmentSettings.from_dict(made_with.get("settings", {}))
-                        if spec.probabilities else None, halo=halo, ensemble=ensemble)
+                        if spec.probabilities else None, halo=halo, ensemble=ensemble,
+                        fusion=fusion)
         return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
                          [store_pyramid(None, arrays, "nearest")], resumed)
 
@@ -297,50 +312,46 @@ def _core(labels: np.ndarray, lo: tuple[int, ...], block: Block,
     return labels[tuple(slice(b - a, b - a + n) for a, b, n in zip(lo, block.start, shape))]
 
 
-def _tiles_block(job: RefineJob, block: Block) -> BlockResult:
+def _tiles_block(job: RefineJob, block: Block,
+                 combine: Combine | None = None) -> BlockResult:
     """A tile refiner (the MAE, MAE+X, the CNN-AE) over the global tile grid on one block:
-    :func:`~volref.stages.refine.refine_region`."""
+    :func:`~volref.stages.refine.refine_region` (``combine``: as its)."""
     dev = device()
     model = cached_model(load_refiner, *job.model, dev)
     lo, hi = job.halo.region(block)
     labels = job.initial.read(lo, hi)
     unc = job.uncertainty.read(lo, hi)
     image = None
-    if job.image is not None and job.intensity is not None:
+    if getattr(model, "needs_image", False) and job.image is not None \
+            and job.intensity is not None:
         raw = job.image.read(lo, hi, "mirror")
         check_block_finite(raw, lo, block)
         image = normalise(raw, job.intensity)
     with MODEL_LOCK:
-        out = refine_region(model, labels, unc, job.settings, device=dev, image=image)
+        out = refine_region(model, labels, unc, job.settings, device=dev, image=image,
+                            combine=combine)
     stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
              "removed_px": int(out.removed.sum()), "device": dev}
     return _core(labels, lo, block, out.labels.shape), out.labels, stats
+
+
+def _fused_block(job: RefineJob, block: Block) -> BlockResult:
+    """``--method fused`` on one block: the MAE as :func:`_tiles_block`, each pixel it rebuilds
+    given its class by :func:`fused_classes` (the image is read for the ensemble only)."""
+    return _tiles_block(job, block, combine=fused_classes(job, block, device()))
 
 
 def _crf_block(job: RefineJob, block: Block) -> BlockResult:
     """``--method crf`` on one block: the ensemble's probabilities over the block plus the CRF's
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
-    s, seg, m = job.settings, job.segment, job.halo.before[1]
-    if seg is None or job.image is None or job.intensity is None:  # RefineStage.plan sets them
-        raise RuntimeError("a crf job needs the segment settings, the image and its intensity")
+    s, m = job.settings, job.halo.before[1]
     dev = device()
-    ens = cached_model(load_segmenter, *job.model, dev)
-    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
     lo, hi = job.halo.region(block)  # the CRF's margin
     labels = job.initial.read(lo, hi)
     unc = job.uncertainty.read(lo, hi)
-    t, h = seg.tile, seg.halo
-    ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
-    ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
-    raw = job.image.read((z0 - 1, ys - h, xs - h), (z1 + 1, ye + h, xe + h), "mirror")
-    check_block_finite(raw, (z0 - 1, ys - h, xs - h), block)
-    stack = normalise(raw, job.intensity)
-    with MODEL_LOCK:
-        probs = segment_probabilities(ens, stack, seg, device=dev)
-    win = (slice(y0 - m - ys, y1 + m - ys), slice(x0 - m - xs, x1 + m - xs))
-    image = stack[1:-1, h:-h, h:-h][(slice(None),) + win]
-    out = crf_region(probs[(slice(None), slice(None)) + win], image, labels, unc, tile=s.tile,
+    probs, image = ensemble_probabilities(job, job.model, block, m, dev)
+    out = crf_region(probs, image, labels, unc, tile=s.tile,
                      margin=m, tau=s.tau, near_px=s.near_px, settings=job.crf)
     stats = {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
              "device": dev}
@@ -349,4 +360,81 @@ def _crf_block(job: RefineJob, block: Block) -> BlockResult:
 
 #: the block function of each ``block`` kind of the method registry (:mod:`volref.methods`)
 BLOCKS: dict[str, Callable[[RefineJob, Block], BlockResult]] = {
-    "tiles": _tiles_block, "crf": _crf_block}
+    "tiles": _tiles_block, "fused": _fused_block, "crf": _crf_block}
+
+
+def ensemble_input(job: RefineJob, block: Block, margin: int) -> tuple[np.ndarray, int, int]:
+    """The normalised image the ensemble reads for the block plus ``margin`` px in y and x, on
+    the segment stage's global tile grid (one slice and the halo around it), and the grid
+    origin ``(ys, xs)`` of that stack."""
+    seg, m = job.segment, margin
+    if seg is None or job.image is None or job.intensity is None:  # RefineStage.plan sets them
+        raise RuntimeError(f"a {job.method} job needs the segment settings, the image and its "
+                           "intensity")
+    (z0, y0, x0), (z1, y1, x1) = block.start, block.stop
+    t, h = seg.tile, seg.halo
+    ys, xs = (y0 - m) // t * t, (x0 - m) // t * t  # on the ensemble's tile grid
+    ye, xe = -(-(y1 + m) // t) * t, -(-(x1 + m) // t) * t
+    raw = job.image.read((z0 - 1, ys - h, xs - h), (z1 + 1, ye + h, xe + h), "mirror")
+    check_block_finite(raw, (z0 - 1, ys - h, xs - h), block)
+    return normalise(raw, job.intensity), ys, xs
+
+
+def ensemble_probabilities(job: RefineJob, model: tuple[str, str], block: Block, margin: int,
+                           dev: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's class probabilities ``(nz, C, Y, X)`` over the block plus ``margin`` px in
+    y and x, and the normalised image there: computed on the segment stage's global tile grid,
+    so they equal what segment saw whatever the block."""
+    stack, ys, xs = ensemble_input(job, block, margin)  # refuses a job without segment settings
+    seg = cast(SegmentSettings, job.segment)
+    m, h = margin, seg.halo
+    (_, y0, x0), (_, y1, x1) = block.start, block.stop
+    ens = cached_model(load_segmenter, *model, dev)
+    with MODEL_LOCK:
+        probs = segment_probabilities(ens, stack, seg, device=dev)
+    win = (slice(y0 - m - ys, y1 + m - ys), slice(x0 - m - xs, x1 + m - xs))
+    image = stack[1:-1, h:-h, h:-h][(slice(None),) + win]
+    return probs[(slice(None), slice(None)) + win], image
+
+
+def fused_classes(job: RefineJob, block: Block, dev: str) -> Combine:
+    """``--method fused``: the ensemble's probabilities over the block, and the rule that gives
+    each pixel the MAE rebuilds its class from them and the MAE's (:mod:`volref.models.fusion`)."""
+    if job.ensemble is None or job.fusion is None or job.segment is None:  # set by plan
+        raise RuntimeError("a fused job needs the ensemble, the fusion and the segment settings")
+    stack, ys, xs = ensemble_input(job, block, 0)
+    ens = cached_model(load_segmenter, *job.ensemble, dev)
+    fusion, seg = job.fusion, job.segment
+    t, (_, y0, x0) = seg.tile, block.start
+    oy, ox = y0 - ys, x0 - xs  # the block in the stack's grid
+
+    def combine(z: int, sel: np.ndarray, refiner: np.ndarray) -> np.ndarray:
+        # only the ensemble's tiles that hold a rebuilt pixel run (the caller holds MODEL_LOCK)
+        grid = np.zeros((stack.shape[1] - 2 * seg.halo, stack.shape[2] - 2 * seg.halo), bool)
+        grid[oy:oy + sel.shape[0], ox:ox + sel.shape[1]] = sel
+        needed = np.asarray(grid.reshape(grid.shape[0] // t, t, grid.shape[1] // t, t)
+                            .any(axis=(1, 3)))
+        probs = segment_probabilities(ens, stack[z:z + 3], seg, device=dev,
+                                      needed=needed[None])[0]
+        return fusion.classes(probs[:, oy:oy + sel.shape[0], ox:ox + sel.shape[1]][:, sel],
+                              refiner)
+
+    return combine
+
+
+def fusion_for(path: str | os.PathLike | None, ensemble: tuple[str, str],
+               refiner: tuple[str, str]) -> Fusion:
+    """The fusion in ``path`` (default: the shipped one), refused when it was fitted for other
+    models than the ensemble and MAE that run."""
+    path = Path(path) if path is not None else DEFAULT_FUSION
+    try:
+        fusion, card = read_fusion(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for what, key, (model_path, sha) in (("ensemble", "segmenter_sha256", ensemble),
+                                          ("MAE", "refiner_sha256", refiner)):
+        if card.get(key) not in (None, sha):
+            raise ConfigError(f"{path} was fitted for another {what} than {model_path}: fit one "
+                              f"for it (volref train fusion --{'segmenter' if what == 'ensemble' else 'refiner'} "
+                              f"{model_path})")
+    return fusion

@@ -74,7 +74,7 @@ def stages_of(settings: RunSettings, names: Sequence[str] = STAGES) -> list[Stag
     every: dict[str, Stage] = {
         "segment": SegmentStage(settings.segment, settings.segmenter),
         "refine": RefineStage(settings.refine, settings.refiner, settings.method,
-                              settings.segmenter, settings.labels),
+                              settings.segmenter, settings.labels, fusion=settings.fusion),
         "instances": InstancesStage(settings.min_voxels),
         "measure": MeasureStage(settings.csv),
     }

@@ -31,3 +31,4 @@ class RunSettings(Settings):
     csv: bool = False
     min_voxels: int = 1000
     labels: LabelSettings = field(default_factory=LabelSettings)
+    fusion: str | None = None  # method fused: the fusion file (default: the shipped one)

@@ -59,6 +59,8 @@ from volref.stages.settings import (  # noqa: F401 - the settings' home is stage
 
 T = TypeVar("T")
 R = TypeVar("R")
+#: ``(z, sel, probabilities) -> classes``: how rebuilt pixels get their class (refine_region)
+Combine = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
                  near_px: float) -> np.ndarray:
@@ -114,7 +116,8 @@ def tile_origins(core: int, length: int, settings: RefineSettings) -> range:
 @torch.no_grad()
 def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
                   settings: RefineSettings, device: str | torch.device = "cpu",
-                  image: np.ndarray | None = None) -> Refined:
+                  image: np.ndarray | None = None,
+                  combine: Combine | None = None) -> Refined:
     """Refine the core of a region of slices, the model in ``settings.precision``.
 
     ``labels``/``uncertainty``: ``(nz, Y + 2c, X + 2c)`` with ``c = context(settings, patch)``,
@@ -127,6 +130,10 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     normalised ``image`` tiles (same shape as ``labels``; mirrored past the volume); one whose
     ``replaces`` is ``"tile"`` (the CNN-AE) replaces every pixel of the tiles it runs on, not
     only the removed patches.
+
+    ``combine(z, sel, probabilities)``: the classes of the pixels the model sets in slice ``z``
+    of the core (``sel``: a ``(Y, X)`` mask; ``probabilities``: ``(C, n)``, the model's after
+    blending and smoothing); None: their argmax.
     """
     needs_image = getattr(model, "needs_image", False)
     if needs_image and image is None:
@@ -180,7 +187,9 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         if settings.smooth > 0:
             a = smoothed(a, w, lab[z], model_set, settings.smooth)
         sel = model_set[core]
-        out[z][sel] = a[(slice(None),) + core][:, sel].argmax(axis=0).astype(np.uint8)
+        chosen = a[(slice(None),) + core][:, sel]
+        out[z][sel] = (chosen.argmax(axis=0) if combine is None
+                       else combine(z, sel, chosen)).astype(np.uint8)
         rebuilt[z][sel] = True
 
     b = settings.batch_for(device)

@@ -52,22 +52,26 @@ def segment_slices(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSetti
 
 
 def segment_probabilities(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
-                          device: str | torch.device = "cpu") -> np.ndarray:
+                          device: str | torch.device = "cpu",
+                          needed: np.ndarray | None = None) -> np.ndarray:
     """The ensemble's mean class probabilities ``(nz, C, Y, X)`` float32 of the middle slices of
     ``stack`` (as :func:`segment_slices`, whose labels are their argmax): for the baselines that
-    need them (the dense CRF), not for the pipeline's own path."""
+    need them (the dense CRF, the fused refinement), not for the segment stage.
+
+    ``needed``: ``(nz, tiles in y, tiles in x)`` bool, the tiles of the grid to compute (the
+    others stay 0); None: all. A tile's values do not depend on which others run."""
     def predict(net: Ensemble, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (net.mean_probabilities(x).float(),)
 
     (probabilities,) = _tiled(ensemble, stack, settings, device, predict,
-                              ((ensemble.n_classes,), np.float32))
+                              ((ensemble.n_classes,), np.float32), needed=needed)
     return probabilities
 
 
 def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
            device: str | torch.device,
            predict: Callable[[Any, torch.Tensor], tuple[torch.Tensor, ...]],
-           *outputs: tuple[tuple[int, ...], type]
+           *outputs: tuple[tuple[int, ...], type], needed: np.ndarray | None = None
            ) -> list[np.ndarray]:
     """Run ``predict(net, windows) -> tensors (N, *lead, w, w)`` over the global tile grid of
     the middle slices of ``stack``; ``outputs`` gives each result's leading shape and dtype."""
@@ -85,7 +89,8 @@ def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
     net = in_precision(ensemble, settings.precision)
     dtype = PRECISIONS[settings.precision]
     w = t + 2 * h
-    places = [(z, y0, x0) for z in range(nz) for y0 in range(0, ny, t) for x0 in range(0, nx, t)]
+    places = [(z, y0, x0) for z in range(nz) for y0 in range(0, ny, t) for x0 in range(0, nx, t)
+              if needed is None or needed[z, y0 // t, x0 // t]]
     # batches run across slices (a small block fills them too); every forward pass has the same
     # shape (the last batch padded with zeros), so a tile's result never depends on which other
     # tiles share its batch

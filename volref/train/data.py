@@ -95,12 +95,55 @@ def slice_stack(image: np.ndarray, z: int, n: int = 3) -> np.ndarray:
     return image[idx]
 
 
+@dataclass(frozen=True)
+class IntensityJitter:
+    """How far a training crop's intensities are moved from the volume's mapping, in units of the
+    model card's scale (background at ``PHANTOM_SCALE.background``, one noise sigma
+    ``PHANTOM_SCALE.noise`` wide): what differs between acquisitions after the background mapping
+    has taken out gain and offset.
+
+    Attributes
+    ----------
+    contrast
+        Range of the factor on the stain's distance from the background (how bright mitochondria
+        are against the cytosol, which the mapping does not fix).
+    noise
+        Up to this many extra noise sigmas (Gaussian) are added to half the crops.
+    offset
+        Sigma, in noise sigmas, of a shift of the whole crop (the background estimate's error).
+    slice_gain
+        Sigma of an independent gain on each input slice about the background (thin or bleaching
+        stacks step in brightness from slice to slice).
+    """
+
+    contrast: tuple[float, float] = (0.7, 1.4)
+    noise: float = 1.0
+    offset: float = 0.5
+    slice_gain: float = 0.06
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``x`` ``(slices, y, x)`` jittered (a new float32 array); draws a fixed number of values
+        from ``rng`` per call, so the crops after it do not depend on their content."""
+        bg, sigma = PHANTOM_SCALE.background, PHANTOM_SCALE.noise
+        c = rng.uniform(*self.contrast)
+        gains = 1.0 + self.slice_gain * rng.standard_normal(x.shape[0])
+        shift = self.offset * sigma * rng.standard_normal()
+        extra = self.noise * sigma * rng.random() if rng.random() < 0.5 else 0.0
+        per_slice = np.asarray(c * gains, dtype=np.float64)
+        out = bg + (x - bg) * per_slice[:, None, None] + shift
+        if extra > 0:
+            out = out + extra * rng.standard_normal(x.shape)
+        return out.astype(np.float32)
+
+
 def sample_crops(volumes: list[Volume], n: int, size: int, rng: np.random.Generator,
-                 in_slices: int = 3, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 in_slices: int = 3, ambiguity: bool = True,
+                 jitter: IntensityJitter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` random crops: inputs ``(n, in_slices, size, size)``, labels ``(n, size, size)``.
 
     Crops are drawn with a bias toward mitochondria (half the crops are centred on one), flipped
-    and rotated at random, and labelled by a simulated annotator (if ``ambiguity``).
+    and rotated at random, labelled by a simulated annotator (if ``ambiguity``) and, with
+    ``jitter``, given another acquisition's contrast, noise and slice-to-slice brightness.
     """
     xs = np.empty((n, in_slices, size, size), dtype=np.float32)
     ys = np.empty((n, size, size), dtype=np.uint8)
@@ -130,11 +173,11 @@ def sample_crops(volumes: list[Volume], n: int, size: int, rng: np.random.Genera
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
         if flip:
             x, y = x[:, :, ::-1], y[:, ::-1]
-        xs[i], ys[i] = x, y
+        xs[i], ys[i] = (x if jitter is None else jitter.apply(x, rng)), y
     return xs, ys
 
 
-__all__ = ["IGNORE", "IMS", "Volume", "annotator_labels", "load_volume", "sample_crops",
+__all__ = ["IGNORE", "IMS", "IntensityJitter", "Volume", "annotator_labels", "load_volume", "sample_crops",
            "slice_stack"]
 
 

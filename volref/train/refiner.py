@@ -84,7 +84,8 @@ class RefinerRecipe:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.spec.model == "mae" and self.spec.image != (self.mae.image_depth > 0):
+        if self.spec.model != "cnn-ae" and (self.spec.model == "mae-x") != \
+                (self.mae.image_depth > 0):
             raise ValueError("mae-x is the MAE with an image encoder: image_depth > 0 for "
                              "mae-x and only for it")
 
@@ -181,7 +182,7 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
     ratio = rng.uniform(*recipe.mask_ratio)
     labels = np.empty((n, s, s), dtype=np.uint8)
     keep = np.empty((n, s, s), dtype=bool)
-    with_image = recipe.spec.image
+    with_image = recipe.spec.model == "mae-x"
     if with_image and pool.image is None:
         raise VolrefError("mae-x trains on the image too: the tile pool has no image crops")
     image = np.empty((n, s, s), dtype=np.float32) if with_image else None
@@ -238,7 +239,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
     elif recipe.init is not None:
         start_from = load_refiner(recipe.init)
         want = recipe.model_config
-        if recipe.spec.image:  # MAE+X starts from a plain MAE (or from a MAE+X)
+        if recipe.spec.model == "mae-x":  # MAE+X starts from a plain MAE (or from a MAE+X)
             ok = start_from.config in (want, dataclasses.replace(cast(MAEConfig, want),
                                                                  image_depth=0))
         else:

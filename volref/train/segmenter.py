@@ -34,7 +34,7 @@ from volref import __version__
 from volref.models.registry import save_segmenter
 from volref.models.unet import UNet, UNetConfig
 from volref.stages.normalise import PHANTOM_SCALE
-from volref.train.data import IGNORE, Volume, sample_crops
+from volref.train.data import IGNORE, IntensityJitter, Volume, sample_crops
 from volref.train.device import autocast, describe, pinned, resolve_device, to_device
 from volref.train.prefetch import Prefetch
 from volref.train.schedule import Observer, cosine_lr, optimizer_step
@@ -57,6 +57,8 @@ class SegmenterRecipe:
     dice_weight: float = 0.5
     bf16: bool = False  # bf16 autocast (on the training device)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    # other acquisitions' contrast, noise and slice steps (None: the crops as they are)
+    jitter: IntensityJitter | None = field(default_factory=IntensityJitter)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,7 +137,8 @@ def _train_member(k: int, volumes: list[Volume], recipe: SegmenterRecipe, folder
     step = info["epoch"] * recipe.steps_per_epoch
 
     def draw() -> list[torch.Tensor]:  # in the prefetch thread: rng is its alone meanwhile
-        x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices)
+        x, y = sample_crops(volumes, recipe.batch, recipe.crop, rng, recipe.unet.in_slices,
+                            jitter=recipe.jitter)
         return pinned([torch.from_numpy(x), torch.from_numpy(y)], device)
 
     for epoch in range(info["epoch"], recipe.epochs):
