@@ -504,6 +504,12 @@ def _weights_dest(method: str) -> str:
     return owner.replace("-", "_") + "_weights"
 
 
+def _also(method: str) -> str:
+    """``", also fused's"``: the other methods that run ``method``'s model file."""
+    others = [m for m in REGISTRY if m != method and _weights_dest(m) == _weights_dest(method)]
+    return "".join(f", also {m}'s" for m in others)
+
+
 def weight_options(f: Any) -> Any:
     """``--NAME PATH`` for every trainable refinement method: its checkpoint (also for the
     methods that run the same model file)."""
@@ -511,7 +517,8 @@ def weight_options(f: Any) -> Any:
         if spec.trainable:
             f = click.option(f"--{spec.name}", _weights_dest(spec.name),
                              type=click.Path(exists=True, dir_okay=False), default=None,
-                             help=f"{spec.label} checkpoint (default: the shipped weights).")(f)
+                             help=f"{spec.label} checkpoint{_also(spec.name)} (default: the "
+                                  "shipped weights).")(f)
     return f
 
 

@@ -185,8 +185,8 @@ class RefineStage:
         spec = self.spec
         meta = ctx.meta
         byo = self.labels.labels is not None
-        if byo and spec.probabilities:
-            others = [m.name for m in REGISTRY.values() if not m.probabilities]
+        if byo and spec.model == "ensemble":  # it relabels from the ensemble alone
+            others = [m.name for m in REGISTRY.values() if m.model != "ensemble"]
             raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
                               f"that made {label_path(INITIAL)}: refine another tool's labels "
                               f"(--labels) with {', '.join(others[:-1])} or {others[-1]}")
