@@ -2,7 +2,7 @@
 and over whole slices: initial labels, the paper's MAE, and ``fused`` (the MAE's and the
 ensemble's probabilities combined where the MAE rebuilds, :mod:`volref.models.fusion`).
 
-    python -m experiments.fused_refinement --stores H1.ome.zarr H2.ome.zarr ... \\
+    python -m experiments.fused_refinement --store H1.ome.zarr H2.ome.zarr ... \\
         [--every 2] [--fusion F] [--json OUT]
 
 Stores: phantoms with degraded areas (``volref synth --degraded-fraction``), segmented by
@@ -70,13 +70,14 @@ def table(rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__, "every 8th slice")
-    ap.add_argument("--stores", nargs="+", required=True)
+    ap = parser(__doc__, "every 4th slice")
+    ap.add_argument("--store", nargs="+", required=True, dest="stores",
+                    help="segmented phantoms with ground truth and degraded areas")
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--fusion", default=str(DEFAULT_FUSION))
     args = ap.parse_args(argv)
     if args.quick:
-        args.every = 8
+        args.every = 4
     torch.manual_seed(0)
     fusion, card = read_fusion(args.fusion)
     rows = scores(labels_of(args.stores, args.every, fusion))

@@ -207,7 +207,7 @@ def test_table2_summaries_dice_and_verdict():
         return {m: {"mean": v, "sem": 0.0} for m in METRICS}
 
     methods = {"initial": row(10.0), "crf": row(6.0), "mae": row(4.0), "control": row(3.0)}
-    v = verdict(methods, {"initial": d, "mae": d, "crf": bad})
+    v = verdict(methods, {"initial": d, "mae": d, "crf": bad}, method="mae")
     assert v["mae_closer_than_initial"] == 5 and v["mae_closer_than_crf"] == 5
     assert v["mae_best_dice_mitochondrion"] and v["mae_best_dice_cristae"]
 
@@ -316,7 +316,7 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
 
     from tests.helpers import INLINE, tiny
     from volref.evaluate.methods import MethodSettings
-    from volref.evaluate.table2 import evaluate_table2, write
+    from volref.evaluate.table2 import evaluate_table2, to_markdown, write
     from volref.layout import GROUND_TRUTH, INITIAL, finest, label_path
     from volref.methods import DEFAULT_METHOD
     from volref.metrics import dice
@@ -353,7 +353,8 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     assert saved["tiles"] == result["tiles"] and saved["dice_whole"] == whole
     markdown = (tmp_path / "table2.md").read_text()
     assert markdown.startswith("| method |") and "Dice over the whole evaluated slices" in markdown
-    assert f"| {DEFAULT_METHOD} (default) |" in markdown
+    assert "(default)" not in markdown  # the default method was not evaluated
+    assert "| mae (default) |" in to_markdown({**result, "default_method": "mae"})
     assert table2_bars(result, tmp_path / "bars.png").stat().st_size > 0
     if examples:
         assert set(examples[0]["labels"]) == {"crf", "mae"}

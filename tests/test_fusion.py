@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from tests.helpers import INLINE, tiny
+from volref.engine.cluster import ClusterSpec
 from volref.errors import ConfigError
 from volref.models.fusion import Fusion, read_fusion, save_fusion
 from volref.models.registry import file_hash
@@ -84,16 +85,16 @@ def fused_files(models, tmp_path):
     return str(path)
 
 
-def test_fused_refinement_same_bytes_for_any_block_shape(reference, small_phantom, models,
+def test_fused_refinement_same_bytes_for_any_block_shape_and_worker_count(reference, small_phantom, models,
                                                          fused_files, tmp_path):
     out, _, expected = reference
     refined = []
-    for shape in ((8, 64, 128), (16, 192, 256)):
+    for shape, cluster in (((8, 64, 128), INLINE), ((16, 192, 256), ClusterSpec(workers=2))):
         store = tmp_path / f"{shape[0]}.zarr"
         shutil.copytree(out, store)
         settings = tiny(models, method="fused", block_shape=shape, overwrite=True,
                         fusion=fused_files)
-        run(small_phantom, output=store, stages=("refine",), settings=settings, cluster=INLINE)
+        run(small_phantom, output=store, stages=("refine",), settings=settings, cluster=cluster)
         root = zarr.open_group(store, mode="r")
         refined.append(root["labels/volref-refined/s0"][:])
         provenance = root["volref"].attrs["volref"]["provenance"]["refine"]
@@ -132,3 +133,17 @@ def test_ensemble_probabilities_of_some_tiles_equal_those_of_all(models):
         win = (z, slice(None), slice(64 * ty, 64 * ty + 64), slice(64 * tx, 64 * tx + 64))
         np.testing.assert_array_equal(some[win], full[win])
     assert np.count_nonzero(some.sum(axis=1)) == 2 * 64 * 64  # the other tiles were not run
+
+
+def test_default_is_fused_where_the_fusion_fits_the_models_else_the_mae(models, fused_files,
+                                                                        caplog):
+    from volref.pipeline.refine import RefineStage, default_method
+
+    seg, mae = models
+    default_method.cache_clear()  # decided once per process and models
+    assert RefineStage(model=mae, segmenter=seg, fusion=fused_files).chosen == "fused"
+    assert RefineStage(model=mae, segmenter=seg, method="mae", fusion=fused_files).chosen == "mae"
+    with caplog.at_level("WARNING"):  # the shipped fusion was fitted for the shipped models
+        assert RefineStage(model=mae, segmenter=seg).chosen == "mae"
+    assert "fitted for another ensemble" in caplog.text
+    assert RefineStage().chosen == "fused"  # the shipped models and fusion

@@ -30,13 +30,13 @@ def test_every_list_of_methods_is_the_registry():
     from volref.train.refiner import METHODS as TRAINED
     from volref.train.refiner import MODEL_FILES
 
-    assert DEFAULT_METHOD in REGISTRY and RunSettings().method == DEFAULT_METHOD
+    assert DEFAULT_METHOD in REGISTRY and RunSettings().method is None  # None: the default
     assert STAGE_METHODS == names() and set(REFINERS) == set(REGISTRY)
     assert METHODS == ("initial", *table_order(), "control") and REFINERS[-1] == names()[0]
     for command in ("refine", "run"):
         option = next(p for p in cli.commands[command].params if p.name == "method")
         assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == names()
-        assert option.default == DEFAULT_METHOD
+        assert option.default is None and DEFAULT_METHOD in option.help
     option = next(p for p in train.commands["refiner"].params if p.name == "method")
     assert tuple(option.type.choices) == trainable() == TRAINED
     flags = {o for p in cli.commands["evaluate"].params for o in p.opts}

@@ -24,7 +24,7 @@ from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
 from volref.layout import METRICS_CSV_PATH
-from volref.methods import REGISTRY, help_text, table_order
+from volref.methods import DEFAULT_METHOD, REGISTRY, help_text, table_order
 from volref.pipeline.settings import RunSettings
 from volref.settings import PRECISIONS, default_of
 from volref.stages.changes import change_lines
@@ -216,10 +216,10 @@ def engine_options(stage_options):
 SEGMENTER_OPTION = click.option("--segmenter", type=click.Path(dir_okay=False), default=None,
                                 help="Ensemble checkpoint (default: the shipped weights).")
 REFINER_OPTIONS = (
-    click.option("--method", type=click.Choice(list(METHODS)),
-                 default=default_of(RunSettings, "method"),
-                 show_default=True,
-                 help="Refinement method: " + help_text() + "."),
+    click.option("--method", type=click.Choice(list(METHODS)), default=None,
+                 help="Refinement method (default: " + DEFAULT_METHOD + " where the fusion was "
+                      "fitted for the --segmenter ensemble and the --refiner MAE in use, else "
+                      "the paper's mae, with a warning): " + help_text() + "."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
                  help="Checkpoint of the --method model (default: the shipped weights)."),
     click.option("--fusion", type=click.Path(dir_okay=False), default=None,

@@ -32,6 +32,7 @@ writes its own chunks::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -61,6 +62,7 @@ from volref.methods import method as method_spec
 from volref.models.fusion import Fusion, read_fusion
 from volref.models.registry import (
     DEFAULT_FUSION,
+    DEFAULT_REFINER,
     DEFAULT_REFINERS,
     DEFAULT_SEGMENTER,
     load_refiner,
@@ -140,7 +142,7 @@ class RefineStage:
 
     settings: RefineSettings = field(default_factory=RefineSettings)
     model: str | os.PathLike | None = None
-    method: str = DEFAULT_METHOD
+    method: str | None = None  # None: fused, or mae for models the fusion was not fitted for
     segmenter: str | os.PathLike | None = None  # crf, fused: the ensemble that made the labels
     labels: LabelSettings = field(default_factory=LabelSettings)  # what is refined
     name: str = "refine"
@@ -148,14 +150,24 @@ class RefineStage:
 
     @property
     def spec(self) -> Method:
-        """The method's registry entry (:class:`~volref.errors.ConfigError` if unknown)."""
-        return method_spec(self.method)
+        """The registry entry of the method that runs (:class:`~volref.errors.ConfigError` if
+        unknown)."""
+        return method_spec(self.chosen)
 
     def model_key(self) -> tuple[str, str]:
         """The checkpoint this method runs (crf: the ensemble), checked once."""
         if self.spec.model == "ensemble":
             return self.ensemble_key()
-        return check_model(self.model, DEFAULT_REFINERS.get(self.method), load_refiner)
+        return check_model(self.model, DEFAULT_REFINERS.get(self.chosen), load_refiner)
+
+    @property
+    def chosen(self) -> str:
+        """The method that runs: ``method``, or by default ``fused`` when the fusion fits the
+        ensemble and MAE in use, else the paper's ``mae`` (with a warning)."""
+        if self.method is not None:
+            return self.method
+        return default_method(*(None if p is None else str(p)
+                                for p in (self.model, self.segmenter, self.fusion)))
 
     def ensemble_key(self) -> tuple[str, str]:
         """The ensemble whose probabilities crf and fused read, checked once."""
@@ -181,7 +193,7 @@ class RefineStage:
     def plan(self, ctx: StageContext) -> StagePlan:
         """Check the method's model against the segment record, open or resume the refined
         labels, and list the block tasks."""
-        method, vol, root, grid = self.method, ctx.vol, ctx.root, ctx.grid
+        method, vol, root, grid = self.chosen, ctx.vol, ctx.root, ctx.grid
         spec = self.spec
         meta = ctx.meta
         byo = self.labels.labels is not None
@@ -198,10 +210,16 @@ class RefineStage:
         ensemble = model_key if spec.model == "ensemble" else None
         if spec.probabilities and ensemble is None:  # a tile refiner that reads them too
             ensemble = self.ensemble_key()
-        if ensemble is not None and made_with.get("model_sha256") not in (None, ensemble[1]):
-            raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
-                              f"that made {label_path(INITIAL)}; {ensemble[0]} is another "
-                              "one (pass that ensemble with --segmenter)")
+        if ensemble is not None and not byo \
+                and made_with.get("model_sha256") not in (None, ensemble[1]):
+            if spec.model == "ensemble":
+                raise ConfigError(f"--method {method} refines the probabilities of the "
+                                  f"ensemble that made {label_path(INITIAL)}; {ensemble[0]} is "
+                                  "another one (pass that ensemble with --segmenter)")
+            raise ConfigError(f"--method {method} combines the MAE with the probabilities of the "
+                              f"ensemble that made {label_path(INITIAL)}; {ensemble[0]} "
+                              "is another one (pass that ensemble with --segmenter, and a "
+                              "fusion fitted for it with --fusion)")
         if spec.block == "crf" and any(b % settings.tile for b in grid.block[1:]):
             raise ConfigError(f"--method {method} relabels {settings.tile}-px tiles: the "
                               f"block's y and x ({grid.block[1]}, {grid.block[2]}) must be "
@@ -278,7 +296,7 @@ class RefineStage:
 
 def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                 model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
-                overwrite: bool = False, method: str = DEFAULT_METHOD,
+                overwrite: bool = False, method: str | None = None,
                 segmenter: str | os.PathLike | None = None,
                 labels: LabelSettings | None = None
                 ) -> tuple[RefineJob, list[BlockTask], StagePlan]:
@@ -438,3 +456,17 @@ def fusion_for(path: str | os.PathLike | None, ensemble: tuple[str, str],
                               f"for it (volref train fusion --{'segmenter' if what == 'ensemble' else 'refiner'} "
                               f"{model_path})")
     return fusion
+
+
+@functools.lru_cache(maxsize=16)
+def default_method(model: str | None, segmenter: str | None, fusion: str | None) -> str:
+    """``fused`` when the fusion (default: the shipped one) was fitted for this ensemble and
+    MAE; else the paper's ``mae``, with a warning that says why and how to fit one."""
+    try:
+        fusion_for(fusion, check_model(segmenter, DEFAULT_SEGMENTER, load_segmenter),
+                   check_model(model, DEFAULT_REFINER, load_refiner))
+    except ConfigError as exc:
+        log.warning("refining with the paper's MAE (--method mae), not the default fused "
+                    "refinement: %s", exc)
+        return "mae"
+    return DEFAULT_METHOD

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from volref.methods import DEFAULT_METHOD
 from volref.settings import Settings
 from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 
@@ -25,7 +24,9 @@ class RunSettings(Settings):
     refiner: str | None = None
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
-    method: str = DEFAULT_METHOD  # refinement method: a name of volref.methods.REGISTRY
+    # refinement method: a name of volref.methods.REGISTRY; None: its DEFAULT_METHOD (fused) where
+    # the shipped fusion fits the models, else mae (volref.pipeline.refine.default_method)
+    method: str | None = None
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False
     csv: bool = False
