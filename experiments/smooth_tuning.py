@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     for v in values:
         ms = MethodSettings(refine=dataclasses.replace(RefineSettings(), smooth=v))
         start = time.perf_counter()
-        result, _ = evaluate_table2([args.store], {"mae": mae}, None, methods=("mae",),
+        result, _ = evaluate_table2([args.store], {"mae": mae}, None, methods=("mae",), whole=False,
                                     settings=table, method_settings=ms, n_examples=0)
         if reference is None:
             reference = {k: {m: result["methods"][k][m]["mean"] for m in METRICS}

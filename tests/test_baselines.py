@@ -207,7 +207,7 @@ def test_table2_summaries_dice_and_verdict():
         return {m: {"mean": v, "sem": 0.0} for m in METRICS}
 
     methods = {"initial": row(10.0), "crf": row(6.0), "mae": row(4.0), "control": row(3.0)}
-    v = verdict(methods, {"initial": d, "mae": d, "crf": bad})
+    v = verdict(methods, {"initial": d, "mae": d, "crf": bad}, method="mae")
     assert v["mae_closer_than_initial"] == 5 and v["mae_closer_than_crf"] == 5
     assert v["mae_best_dice_mitochondrion"] and v["mae_best_dice_cristae"]
 
@@ -312,9 +312,14 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     issue asks, figures drawn."""
     import json
 
+    import zarr
+
     from tests.helpers import INLINE, tiny
     from volref.evaluate.methods import MethodSettings
-    from volref.evaluate.table2 import evaluate_table2, write
+    from volref.evaluate.table2 import evaluate_table2, to_markdown, write
+    from volref.layout import GROUND_TRUTH, INITIAL, finest, label_path
+    from volref.methods import DEFAULT_METHOD
+    from volref.metrics import dice
     from volref.models.registry import load_segmenter
     from volref.pipeline.run import run
     from volref.report.evaluation import table2_bars, table2_panel
@@ -332,9 +337,24 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     for row in result["methods"].values():
         assert set(row) == set(METRICS) and {"mean", "sem"} <= set(row["skeleton_cycles"])
     assert set(result["dice_degraded"]["mae"]) == {"mitochondrion", "ims", "cristae", "matrix"}
+    assert result["default_method"] == DEFAULT_METHOD
+    # Dice over the whole evaluated slices: the initial labels' as counted here from the store
+    root = zarr.open_group(phantom_copy, mode="r")
+    zs = range(settings.every // 2, root["s0"].shape[0], settings.every)
+    ini, tru = (np.stack([finest(root, label_path(n))[z] for z in zs])
+                for n in (INITIAL, GROUND_TRUTH))
+    whole = result["dice_whole"]
+    assert list(whole) == ["initial", "crf", "mae"]
+    assert whole["initial"]["mitochondrion"] == pytest.approx(dice(ini > 0, tru > 0))
+    assert whole["initial"]["cristae"] == pytest.approx(dice(ini == CRISTAE, tru == CRISTAE))
+    assert whole["mae"] != whole["initial"]  # the slices were refined, not copied
     write(result, tmp_path)
-    assert json.loads((tmp_path / "table2.json").read_text())["tiles"] == result["tiles"]
-    assert (tmp_path / "table2.md").read_text().startswith("| method |")
+    saved = json.loads((tmp_path / "table2.json").read_text())
+    assert saved["tiles"] == result["tiles"] and saved["dice_whole"] == whole
+    markdown = (tmp_path / "table2.md").read_text()
+    assert markdown.startswith("| method |") and "Dice over the whole evaluated slices" in markdown
+    assert "(default)" not in markdown  # the default method was not evaluated
+    assert "| mae (default) |" in to_markdown({**result, "default_method": "mae"})
     assert table2_bars(result, tmp_path / "bars.png").stat().st_size > 0
     if examples:
         assert set(examples[0]["labels"]) == {"crf", "mae"}

@@ -26,6 +26,10 @@ FORBIDDEN = {
     "settings.py": {"torch", "dask", "distributed", "zarr", "volref.io", "volref.models",
                     "volref.stages", "volref.engine", "volref.pipeline", "volref.cli"},
     "stages/settings.py": {"torch", "volref.models"},  # the CLI reads defaults without torch
+    "stages/changes.py": {"torch", "zarr"},  # counts on numpy arrays; the CLI prints them
+    # the method registry: the CLI builds its choices without loading a model
+    "methods.py": {"torch", "dask", "distributed", "zarr", "volref.io", "volref.models",
+                   "volref.stages", "volref.engine", "volref.pipeline", "volref.cli"},
     "stages/measure.py": {"torch", "pandas", "zarr"},  # array work only: numpy in, numpy out
 }
 

@@ -33,6 +33,7 @@ from volref.engine.cluster import ClusterSpec
 from volref.errors import ConfigError, OutputExistsError, VolrefError
 from volref.io import validate_image, validate_label_image
 from volref.pipeline.run import RunSettings, run
+from volref.stages.changes import count_changes
 from volref.stages.refine import RefineSettings
 
 
@@ -59,6 +60,13 @@ def test_run_writes_the_layout_and_validates(reference, small_phantom):
     unc = arrays["volref/uncertainty/s0"]
     changed = arrays["labels/volref-initial/s0"] != arrays["labels/volref-refined/s0"]
     assert not np.any(changed & (unc == 0))
+    # what refine says it changed, summed over its blocks, is what the two label images say
+    counts = count_changes(arrays["labels/volref-initial/s0"], arrays["labels/volref-refined/s0"])
+    summary = result.report("refine").results["changes"]
+    assert counts["changed"] > 0 and {k: summary[k] for k in counts} == counts
+    assert summary["blocks"] == len(result.grid) and summary["uncounted"] == 0
+    prov = json.loads((out / "volref" / "provenance.json").read_text())["refine"]
+    assert prov["changes"] == summary and prov["method"] == "mae"
 
 
 def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phantom, models,
@@ -69,12 +77,15 @@ def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phanto
                  cluster=INLINE)
     assert len(result.grid) == 12
     assert_same(a, expected)
+    totals = _change_totals(reference[1])
+    assert _change_totals(result) == totals
     b = tmp_path / "workers.zarr"
     result = run(small_phantom, output=b, settings=tiny(models, block_shape=(40, 128, 128)),
                  cluster=ClusterSpec(workers=2))
     assert result.cluster.startswith("local cluster (2 workers)")
     assert result.dashboard.startswith("http://127.0.0.1:")  # loopback only
     assert_same(b, expected)
+    assert _change_totals(result) == totals
     # each worker's peak after every stage: one reading per worker, never falling, the last
     # equal to the run's peak
     peaks = result.stage_peak_memory
@@ -82,6 +93,13 @@ def test_same_bytes_for_any_block_shape_and_worker_count(reference, small_phanto
     for worker, peak in result.peak_memory.items():
         readings = [peaks[stage][worker] for stage in peaks]
         assert readings == sorted(readings) and 0 < readings[-1] <= peak
+
+
+def _change_totals(result) -> dict:
+    """The run's totals of what refine changed (block-shape free: sums of integer counts)."""
+    s = result.report("refine").results["changes"]
+    return {k: s[k] for k in ("voxels", "changed", "mitochondrion", "to_background",
+                              "changed_share", "removed_share")}
 
 
 def test_same_bytes_for_another_chunking_of_the_image(reference, small_phantom, models,
@@ -149,6 +167,8 @@ def test_cli_run_summary_and_one_block(phantom_copy, models, capsys):
                  "--workers", "0", "--csv"]) == 0
     out = capsys.readouterr().out
     assert "segment" in out and re.search(r"\d+ mitochondri(on|a); mean per mitochondrion", out)
+    assert re.search(r"refinement changed [\d.]+% of \d+ voxels and turned [\d.]+% of \d+ "
+                     "initial mitochondrion voxels to background", out)
     assert (phantom_copy / "volref" / "metrics.csv").exists()
     assert main(["-q", "run", str(phantom_copy), "--segmenter", seg, "--refiner", mae,
                  "--block", "0,0,0"]) == 0

@@ -24,8 +24,10 @@ from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
 from volref.errors import SettingsError, VolrefError
 from volref.layout import METRICS_CSV_PATH
+from volref.methods import DEFAULT_METHOD, REGISTRY, help_text, table_order
 from volref.pipeline.settings import RunSettings
 from volref.settings import PRECISIONS, default_of
+from volref.stages.changes import change_lines
 from volref.stages.settings import BLENDS, METHODS, RefineSettings, SegmentSettings
 from volref.synth.config import NOISE_RANGE, VOXEL_UM_RANGE, SynthConfig
 
@@ -215,12 +217,9 @@ SEGMENTER_OPTION = click.option("--segmenter", type=click.Path(dir_okay=False), 
                                 help="Ensemble checkpoint (default: the shipped weights).")
 REFINER_OPTIONS = (
     click.option("--method", type=click.Choice(list(METHODS)), default=None,
-                 help="fused (default: the MAE's and the --segmenter ensemble's probabilities "
-                      "combined where the MAE rebuilds; the paper's mae, with a warning, for "
-                      "models the fusion was not fitted for); the paper's MAE; or one of its "
-                      "baselines: MAE+X (with an image encoder), CNN denoising autoencoder, "
-                      "dense CRF (on the ensemble's probabilities and the image). fused and crf "
-                      "re-run the ensemble over each block."),
+                 help="Refinement method (default: " + DEFAULT_METHOD + " where the fusion was "
+                      "fitted for the --segmenter ensemble and the --refiner MAE in use, else "
+                      "the paper's mae, with a warning): " + help_text() + "."),
     click.option("--refiner", type=click.Path(dir_okay=False), default=None,
                  help="Checkpoint of the --method model (default: the shipped weights)."),
     click.option("--fusion", type=click.Path(dir_okay=False), default=None,
@@ -335,6 +334,10 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
     if result.peak_memory:
         peak = max(result.peak_memory.values()) / 2**30
         click.echo(f"  peak memory per worker: {peak:.2f} GiB ({len(result.peak_memory)} workers)")
+    refined = result.report("refine")
+    if refined is not None and "changes" in refined.results:
+        for line in change_lines(refined.results["changes"]):
+            click.echo(f"  {line}")
     measured = result.report("measure")
     if measured is not None:
         click.echo(metrics_summary(measured.results["table"]))
@@ -427,8 +430,10 @@ def segment(ctx, **options):
                  *label_options("Refine", "Looked up in the --output store, then in IMAGE's "
                                           "archive.")])
 def refine(ctx, **options):
-    """MAE refinement: labels/volref-refined from labels/volref-initial (--method: or a
-    baseline), or from any tool's label image (--labels, --class-map, --uncertainty).
+    """Refinement (--method: the MAE by default, or a baseline): labels/volref-refined from
+    labels/volref-initial, or from any tool's label image (--labels, --class-map,
+    --uncertainty). Prints what it changed (the share of voxels, and of the initial
+    mitochondrion voxels turned to background) and warns when it removes much.
 
     \b
     Another tool's four-class segmentation, its values mapped to volref's classes:
@@ -490,6 +495,33 @@ def report(image, out, output, tiles, gallery, channel, timepoint):
     click.echo(f"wrote {index}")
 
 
+def _weights_dest(method: str) -> str:
+    """The parameter of ``volref evaluate``'s checkpoint option for ``method``: that of the
+    trainable method whose model file it runs (``fused`` runs the MAE's: ``--mae``)."""
+    spec = REGISTRY[method]
+    owner = next((m.name for m in REGISTRY.values() if m.trainable and m.weights == spec.weights
+                  and m.model == spec.model), method)
+    return owner.replace("-", "_") + "_weights"
+
+
+def _also(method: str) -> str:
+    """``", also fused's"``: the other methods that run ``method``'s model file."""
+    others = [m for m in REGISTRY if m != method and _weights_dest(m) == _weights_dest(method)]
+    return "".join(f", also {m}'s" for m in others)
+
+
+def weight_options(f: Any) -> Any:
+    """``--NAME PATH`` for every trainable refinement method: its checkpoint (also for the
+    methods that run the same model file)."""
+    for spec in reversed(list(REGISTRY.values())):
+        if spec.trainable:
+            f = click.option(f"--{spec.name}", _weights_dest(spec.name),
+                             type=click.Path(exists=True, dir_okay=False), default=None,
+                             help=f"{spec.label} checkpoint{_also(spec.name)} (default: the "
+                                  "shipped weights).")(f)
+    return f
+
+
 @cli.command()
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
@@ -497,23 +529,18 @@ def report(image, out, output, tiles, gallery, channel, timepoint):
 @click.option("--output", "out_deprecated", type=click.Path(file_okay=False), default=None,
               hidden=True, help="Deprecated name of --out (--output names a results store in "
                                 "the other commands).")
-@click.option("--methods", default="crf,cnn-ae,mae-x,mae,fused", show_default=True,
+@click.option("--methods", default=",".join(table_order()), show_default=True,
               help="Comma-separated refinement methods to compare with the initial labels.")
 @click.option("--every", type=click.IntRange(min=1), default=4, show_default=True,
               help="Use every N-th z-slice.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=150, show_default=True,
               help="At most this many implausible and control tiles (a seeded draw).")
 @click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Ensemble whose probabilities the CRF refines (default: shipped).")
-@click.option("--mae", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="MAE checkpoint (default: the shipped weights).")
-@click.option("--mae-x", "mae_x", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="MAE+X checkpoint (default: the shipped weights).")
-@click.option("--cnn-ae", "cnn_ae", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CNN denoising-autoencoder checkpoint (default: the shipped weights).")
+              help="Ensemble whose probabilities the methods that need them refine (default: "
+                   "shipped).")
+@weight_options
 @click.pass_context
-def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmenter, mae, mae_x,
-             cnn_ae):
+def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmenter, **weights):
     """The paper's Table 2 on held-out phantoms (STORES, segmented by volref segment).
 
     Selects implausible tiles (in degraded areas, initial labels outside the control group's
@@ -525,10 +552,10 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
 
     from volref.cli.train import command_line
     from volref.evaluate.methods import MethodSettings
-    from volref.evaluate.table2 import REFINERS, Table2Settings, evaluate_table2, to_markdown, write
+    from volref.evaluate.table2 import Table2Settings, evaluate_table2, to_markdown, write
     from volref.models.checkpoint import CheckpointError
     from volref.models.registry import (
-        DEFAULT_REFINER,
+        DEFAULT_REFINERS,
         DEFAULT_SEGMENTER,
         load_refiner,
         load_segmenter,
@@ -543,28 +570,29 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     if out is None:
         raise click.UsageError("Missing option '--out' (the folder to write).")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in REFINERS]
+    bad = [m for m in chosen if m not in REGISTRY]
     if bad:
         raise click.BadParameter(f"unknown method {', '.join(bad)} (choose from "
-                                 f"{', '.join(REFINERS)})", param_hint="--methods")
-    paths = {"mae": mae, "mae-x": mae_x, "cnn-ae": cnn_ae, "fused": mae}
+                                 f"{', '.join(table_order())})", param_hint="--methods")
     models = {}
     for m in chosen:
-        if m == "crf":
+        if REGISTRY[m].weights is None:  # runs the ensemble
             continue
         try:
-            models[m] = load_refiner(paths[m], method=m)
+            models[m] = load_refiner(weights[_weights_dest(m)], method=m)
         except FileNotFoundError:
             raise VolrefError(f"no model for {m}: train one (volref train refiner --method {m}) "
                               "or leave it out of --methods") from None
         except CheckpointError as exc:
             raise VolrefError(str(exc)) from None
-    ensemble = load_segmenter(segmenter) if {"crf", "fused"} & set(chosen) else None
+    ensemble = load_segmenter(segmenter) if any(REGISTRY[m].probabilities for m in chosen) \
+        else None
     method_settings = MethodSettings()
-    if "fused" in chosen:
+    fused = [m for m in chosen if REGISTRY[m].block == "fused"]
+    if fused:
         method_settings = MethodSettings(fusion=fusion_for(None, check_model(
             segmenter, DEFAULT_SEGMENTER, load_segmenter), check_model(
-            mae, DEFAULT_REFINER, load_refiner)))
+            weights[_weights_dest(fused[0])], DEFAULT_REFINERS[fused[0]], load_refiner)))
     settings = Table2Settings(every=every, max_tiles=max_tiles)
     bar = None
 

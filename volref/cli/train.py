@@ -13,6 +13,7 @@ from rich.progress import Progress, TaskID, TextColumn
 from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import progress_bar
 from volref.layout import DEGRADED, GROUND_TRUTH
+from volref.methods import REGISTRY, trainable
 
 
 class TrainingProgress:
@@ -169,10 +170,10 @@ def segmenter(ctx, data, labels, degraded, out, members, epochs, steps, batch, s
 @click.option("--blob-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of training tiles whose removed patches form one contiguous blob "
                    "(like a low-SNR spot) instead of scattered patches.")
-@click.option("--method", type=click.Choice(["mae", "mae-x", "cnn-ae"]), default="mae",
-              show_default=True, help="The MAE, or one of the paper's learned baselines: MAE+X "
-              "(MAE with an image encoder; start it from a MAE with --init) or the CNN "
-              "denoising autoencoder.")
+@click.option("--method", type=click.Choice(list(trainable())), default="mae",
+              show_default=True, help="The method whose model to train: "
+              + "; ".join(f"{n}: {REGISTRY[n].summary}" for n in trainable())
+              + " (MAE+X: start it from a MAE with --init).")
 @click.option("--image-depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="mae-x: blocks of the image encoder.")
 @with_options(label_options("Train on", "Every --data archive holds it."))
@@ -192,13 +193,14 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
 
     inputs = label_settings({"labels": labels, "class_map": class_map,
                              "uncertainty": uncertainty})
-    mae = MAEConfig(image_depth=image_depth if method == "mae-x" else 0)
-    if init and method == "cnn-ae":
+    spec = REGISTRY[method]
+    mae = MAEConfig(image_depth=image_depth if spec.model == "mae-x" else 0)
+    if init and spec.model == "cnn-ae":
         raise click.UsageError("--init continues a MAE or MAE+X; the CNN-AE trains from scratch")
     recipe = RefinerRecipe(epochs=epochs, steps_per_epoch=steps, batch=batch, crop=int(crop),
                            lr=lr, bf16=not fp32, seed=seed, init=init, method=method, mae=mae,
                            blob_fraction=blob_fraction)
-    images = [load_image(d) for d in data] if method == "mae-x" else None
+    images = [load_image(d) for d in data] if spec.model == "mae-x" else None
     pool = tile_pool([load_predictions(d, inputs) for d in data], recipe.crop,
                      recipe.min_mito_fraction,
                      images=images)

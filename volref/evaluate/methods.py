@@ -1,5 +1,6 @@
-"""Every refinement method applied to one tile of a whole z-slice, as ``volref refine --method``
-would see it: the tile plus the context the method reaches into.
+"""Every refinement method (:mod:`volref.methods`) applied to one tile of a whole z-slice, or to
+the whole slice, as ``volref refine --method`` would see it: the tile plus the context the method
+reaches into.
 
 * ``mae`` / ``mae-x`` / ``cnn-ae``: the tile refiners of :mod:`volref.stages.refine`, run over the
   global tile grid of a window (the tile plus :func:`~volref.stages.refine.context` pixels on
@@ -13,7 +14,7 @@ would see it: the tile plus the context the method reaches into.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,10 @@ from torch import nn
 
 from volref.classes import BACKGROUND
 from volref.io.region import read_padded
+from volref.methods import REGISTRY, Method
 from volref.models.fusion import Fusion
 from volref.stages.crf import CRFSettings, crf_region
-from volref.stages.refine import context, refine_region
+from volref.stages.refine import Combine, context, refine_region
 from volref.stages.settings import RefineSettings
 
 
@@ -51,39 +53,96 @@ def refine_tile(method: str, models: Mapping[str, nn.Module], *, initial: np.nda
     """The ``tile x tile`` labels at ``(y, x)`` of a slice after ``method``.
 
     ``initial``, ``uncertainty``, ``image``: the whole slice ``(Y, X)``; ``probabilities``: a
-    callable returning the slice's ensemble probabilities ``(C, Y, X)`` (``crf`` and ``fused``
-    call it).
+    callable returning the slice's ensemble probabilities ``(C, Y, X)`` (only methods that need
+    them call it: ``crf``, ``fused``).
     """
+    return refine_window(method, models, initial=initial, uncertainty=uncertainty, image=image,
+                         probabilities=probabilities, box=(y, x, y + tile, x + tile),
+                         tile=tile, settings=settings)
+
+
+def refine_slice(method: str, models: Mapping[str, nn.Module], *, initial: np.ndarray,
+                 uncertainty: np.ndarray, image: np.ndarray, probabilities, tile: int,
+                 settings: MethodSettings = MethodSettings()) -> np.ndarray:
+    """The whole slice's labels after ``method`` (arguments as :func:`refine_tile`; ``tile``:
+    the tiles a method that relabels whole tiles works in, as :func:`refine_tile`'s)."""
+    ny, nx = initial.shape
+    return refine_window(method, models, initial=initial, uncertainty=uncertainty, image=image,
+                         probabilities=probabilities, box=(0, 0, ny, nx), tile=tile,
+                         settings=settings)
+
+
+def refine_window(method: str, models: Mapping[str, nn.Module], *, initial: np.ndarray,
+                  uncertainty: np.ndarray, image: np.ndarray, probabilities,
+                  box: tuple[int, int, int, int], tile: int,
+                  settings: MethodSettings = MethodSettings()) -> np.ndarray:
+    """The labels of ``box = (y0, x0, y1, x1)`` of a slice (``y0``, ``x0`` on the tile grid)
+    after ``method``: its registry entry's tile function (:data:`TILES`) on the box plus the
+    context the method reaches into (``tile``: the CRF's tiles)."""
+    y0, x0, y1, x1 = box
     if method == "initial":
-        return initial[y:y + tile, x:x + tile].copy()
-    if method == "crf":  # as volref refine --method crf: the tile's window, past the slice
-        m = settings.crf_margin  # mirrored (image, probabilities) or empty (labels)
-        box = (y - m, x - m, y + tile + m, x + tile + m)
-        rs = settings.refine
-        return crf_region(window(probabilities(), *box, "mirror")[None],
-                          window(image, *box, "mirror")[None],
-                          window(initial, *box, BACKGROUND)[None],
-                          window(uncertainty, *box, np.float32(0.0))[None], tile=tile,
-                          margin=m, tau=rs.tau, near_px=rs.near_px, settings=settings.crf)[0]
-    if method not in models:
-        raise KeyError(f"no model for method {method!r}")
-    model: Any = models[method]  # a tile refiner (MAE, MAE+X, CNN-AE)
+        return initial[y0:y1, x0:x1].copy()
+    spec = REGISTRY[method]
+    return TILES[spec.block](spec, models, initial, uncertainty, image, probabilities, box,
+                             tile, settings)
+
+
+def _crf_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
+                uncertainty: np.ndarray, image: np.ndarray, probabilities,
+                box: tuple[int, int, int, int], tile: int,
+                settings: MethodSettings) -> np.ndarray:
+    """As volref refine --method crf: the box's window, past the slice mirrored (image,
+    probabilities) or empty (labels)."""
+    m = settings.crf_margin
+    y0, x0, y1, x1 = box
+    win = (y0 - m, x0 - m, y1 + m, x1 + m)
+    rs = settings.refine
+    return crf_region(window(probabilities(), *win, "mirror")[None],
+                      window(image, *win, "mirror")[None],
+                      window(initial, *win, BACKGROUND)[None],
+                      window(uncertainty, *win, np.float32(0.0))[None], tile=tile,
+                      margin=m, tau=rs.tau, near_px=rs.near_px, settings=settings.crf)[0]
+
+
+def _tiles_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
+                  uncertainty: np.ndarray, image: np.ndarray, probabilities,
+                  box: tuple[int, int, int, int], tile: int, settings: MethodSettings,
+                  combine: Combine | None = None) -> np.ndarray:
+    """A tile refiner (MAE, MAE+X, CNN-AE) over the global tile grid of the box's window
+    (``combine``: as :func:`~volref.stages.refine.refine_region`'s)."""
+    if spec.name not in models:
+        raise KeyError(f"no model for method {spec.name!r}")
+    model: Any = models[spec.name]
     rs = settings.refine
     c = context(rs, model.config.patch)
-    box = (y - c, x - c, y + tile + c, x + tile + c)
-    lab = window(initial, *box, BACKGROUND)[None]
-    unc = window(uncertainty, *box, np.float32(0.0))[None]
+    y0, x0, y1, x1 = box
+    win = (y0 - c, x0 - c, y1 + c, x1 + c)
+    lab = window(initial, *win, BACKGROUND)[None]
+    unc = window(uncertainty, *win, np.float32(0.0))[None]
     img = None
     if getattr(model, "needs_image", False):  # mirrored past the slice, as volref refine reads
-        img = window(image, *box, "mirror")[None]
-    combine = None
-    if method == "fused":
-        if settings.fusion is None:
-            raise KeyError("no fusion for method 'fused' (MethodSettings.fusion)")
-        fusion = settings.fusion
-        ens = window(probabilities(), y, x, y + tile, x + tile, "mirror")
-
-        def combine(z: int, sel: np.ndarray, p: np.ndarray) -> np.ndarray:
-            return fusion.classes(ens[:, sel], p)
-
+        img = window(image, *win, "mirror")[None]
     return refine_region(model, lab, unc, rs, image=img, combine=combine).labels[0]
+
+
+def _fused_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
+                  uncertainty: np.ndarray, image: np.ndarray, probabilities,
+                  box: tuple[int, int, int, int], tile: int,
+                  settings: MethodSettings) -> np.ndarray:
+    """The MAE as :func:`_tiles_window`, each pixel it rebuilds given its class from its and the
+    ensemble's probabilities (``settings.fusion``)."""
+    if settings.fusion is None:
+        raise KeyError(f"no fusion for method {spec.name!r} (MethodSettings.fusion)")
+    fusion = settings.fusion
+    ens = window(probabilities(), *box, "mirror")
+
+    def combine(z: int, sel: np.ndarray, p: np.ndarray) -> np.ndarray:
+        return fusion.classes(ens[:, sel], p)
+
+    return _tiles_window(spec, models, initial, uncertainty, image, probabilities, box, tile,
+                         settings, combine)
+
+
+#: the tile function of each ``block`` kind of the method registry (:mod:`volref.methods`)
+TILES: dict[str, Callable[..., np.ndarray]] = {"tiles": _tiles_window, "fused": _fused_window,
+                                               "crf": _crf_window}

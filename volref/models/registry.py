@@ -1,10 +1,11 @@
 """Model files volref ships and loads: the segmentation ensemble and the tile refiners.
 
-``segmenter.safetensors`` holds all K members (``member{k}.<param>``); ``refiner.safetensors``
-holds the MAE, ``mae-x.safetensors`` and ``cnn-ae.safetensors`` the two learned baselines of the
-paper (MAE+X, the CNN denoising autoencoder). All are written by ``volref train …`` and shipped
-in ``volref/models/weights``; :func:`load_segmenter` and :func:`load_refiner` use those when no
-path is given (``load_refiner(method=...)`` picks the baseline's file).
+``segmenter.safetensors`` holds all K members (``member{k}.<param>``); each refinement method
+that runs a tile refiner names its file in the method registry (:mod:`volref.methods`):
+``refiner.safetensors`` the MAE, ``mae-x.safetensors`` and ``cnn-ae.safetensors`` the two learned
+baselines of the paper (MAE+X, the CNN denoising autoencoder). All are written by ``volref train
+…`` and shipped in ``volref/models/weights``; :func:`load_segmenter` and :func:`load_refiner` use
+those when no path is given (``load_refiner(method=...)`` picks the method's file).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from volref.classes import N_CLASSES
 from volref.files import UserFileError, check_regular_file
+from volref.methods import REGISTRY, Method
 from volref.models.checkpoint import (
     CheckpointError,
     load_into,
@@ -32,13 +34,13 @@ from volref.models.unet import UNet, UNetConfig
 
 WEIGHTS = Path(__file__).parent / "weights"
 DEFAULT_SEGMENTER = WEIGHTS / "segmenter.safetensors"
-DEFAULT_REFINER = WEIGHTS / "refiner.safetensors"
+DEFAULT_REFINER = WEIGHTS / str(REGISTRY["mae"].weights)  # the paper's MAE
 SEGMENTER_KIND = "volref-unet-ensemble"
 REFINER_KIND = "volref-mae"  # the MAE and MAE+X (its config's image_depth > 0)
 CNNAE_KIND = "volref-cnn-ae"
-#: the shipped file of each learned refinement method (``volref refine --method``)
-DEFAULT_REFINERS = {"mae": DEFAULT_REFINER, "mae-x": WEIGHTS / "mae-x.safetensors",
-                    "cnn-ae": WEIGHTS / "cnn-ae.safetensors", "fused": DEFAULT_REFINER}
+#: the shipped file of each refinement method that runs a tile refiner (``volref refine
+#: --method``), as the registry names it
+DEFAULT_REFINERS = {m.name: WEIGHTS / m.weights for m in REGISTRY.values() if m.weights}
 #: how ``--method fused`` combines the ensemble's and the MAE's probabilities
 DEFAULT_FUSION = WEIGHTS / "fusion.json"
 
@@ -121,8 +123,23 @@ def load_refiner(path: str | os.PathLike | None = None, device: str | torch.devi
     return model.to(device).eval()
 
 
-def refiner_method(model: MaskedAutoencoder | CNNAutoencoder) -> str:
-    """Which refinement method a loaded tile refiner implements."""
+def runs(spec: Method, model: MaskedAutoencoder | CNNAutoencoder) -> bool:
+    """Whether refinement method ``spec`` can run the loaded tile refiner ``model``: a model of
+    its kind (a MAE with an image encoder is a ``mae-x``)."""
+    return spec.model == model_kind(model)
+
+
+def model_kind(model: MaskedAutoencoder | CNNAutoencoder) -> str:
+    """The kind of a loaded tile refiner, as the method registry names models."""
     if isinstance(model, CNNAutoencoder):
         return "cnn-ae"
     return "mae-x" if model.needs_image else "mae"
+
+
+def refiner_method(model: MaskedAutoencoder | CNNAutoencoder) -> str:
+    """Which trainable refinement method a loaded tile refiner implements (the one whose
+    training makes such a model)."""
+    found = next((m.name for m in REGISTRY.values() if m.trainable and runs(m, model)), None)
+    if found is None:
+        raise CheckpointError(f"no refinement method runs a {type(model).__name__}")
+    return found

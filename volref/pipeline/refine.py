@@ -1,10 +1,17 @@
-"""``refine``: MAE refinement of ``labels/volref-initial`` into ``labels/volref-refined``.
+"""``refine``: refinement of ``labels/volref-initial`` into ``labels/volref-refined``.
 
-``method`` picks the refiner: the MAE (default), or one of the paper's baselines — ``mae-x``
-(MAE with an image encoder: reads the image too), ``cnn-ae`` (convolutional denoising
-autoencoder: repaints whole tiles) or ``crf`` (dense CRF on the ensemble's probabilities and the
-image: re-runs the ensemble that made the initial labels over the block, since only labels and
-uncertainty are stored, and relabels each 128-px tile that holds a removed patch).
+``method`` names an entry of the method registry (:mod:`volref.methods`): the MAE (default), or
+one of the paper's baselines — ``mae-x`` (MAE with an image encoder: reads the image too),
+``cnn-ae`` (convolutional denoising autoencoder: repaints whole tiles) or ``crf`` (dense CRF on
+the ensemble's probabilities and the image: re-runs the ensemble that made the initial labels
+over the block, since only labels and uncertainty are stored, and relabels each 128-px tile that
+holds a removed patch). The entry says what the method reads and which block function of
+:data:`BLOCKS` runs it.
+
+Every block also counts what refinement changed (:mod:`volref.stages.changes`); the stage sums
+the counts into a "do no harm" summary — the share of voxels changed and of the initial
+mitochondrion voxels turned to background — that the run prints, records in the provenance and
+warns about above a threshold.
 
 Reads the initial labels and the uncertainty where ``segment`` wrote them (the image's archive or
 ``output``) — or, with ``labels``, a label image another tool wrote, mapped to volref's classes,
@@ -29,6 +36,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -49,6 +57,8 @@ from volref.io import (
     store_pyramid,
 )
 from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, label_path
+from volref.methods import DEFAULT_METHOD, REGISTRY, Method
+from volref.methods import method as method_spec
 from volref.models.fusion import Fusion, read_fusion
 from volref.models.registry import (
     DEFAULT_FUSION,
@@ -58,6 +68,7 @@ from volref.models.registry import (
     load_refiner,
     load_segmenter,
     refiner_method,
+    runs,
 )
 from volref.pipeline.blocks import MODEL_LOCK, Source, cached_model, device
 from volref.pipeline.inputs import LabelsIn, UncertaintyIn, own_inputs, user_inputs
@@ -74,17 +85,12 @@ from volref.pipeline.stage import (
     tasks_of,
 )
 from volref.pipeline.store import record_provenance
+from volref.stages.changes import count_changes, summarise_changes
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.normalise import IntensityRange, normalise
 from volref.stages.refine import Combine, context, refine_region
 from volref.stages.segment import segment_probabilities
-from volref.stages.settings import (
-    DEFAULT_METHOD,
-    METHODS,
-    LabelSettings,
-    RefineSettings,
-    SegmentSettings,
-)
+from volref.stages.settings import LabelSettings, RefineSettings, SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +103,20 @@ class RefineJob:
     settings: RefineSettings
     model: tuple[str, str]  # the refiner (crf: the ensemble), path and sha256
     manifest: Manifest
-    method: str = "mae"
-    image: Source | None = None  # mae-x and crf read the image
+    method: str = DEFAULT_METHOD
+    image: Source | None = None  # methods that need the image read it
     intensity: IntensityRange | None = None  # as the segment stage normalised it
     segment: SegmentSettings | None = None  # crf: how the ensemble ran
     crf: CRFSettings = CRFSettings()
     halo: Halo = Halo()  # what a block task reads around its block (labels, uncertainty)
-    ensemble: tuple[str, str] | None = None  # fused: the ensemble whose probabilities it fuses
+    #: methods that read the ensemble's probabilities: the ensemble (path, sha256); for crf
+    #: the same as ``model``
+    ensemble: tuple[str, str] | None = None
     fusion: Fusion | None = None  # fused: how the two models' probabilities combine
+
+    @property
+    def spec(self) -> Method:
+        return REGISTRY[self.method]
 
 
 #: crf: pixels of context around each tile (past the near-mitochondrion test's reach)
@@ -136,9 +148,15 @@ class RefineStage:
     name: str = "refine"
     fusion: str | os.PathLike | None = None  # fused: the fusion file (default: the shipped one)
 
+    @property
+    def spec(self) -> Method:
+        """The registry entry of the method that runs (:class:`~volref.errors.ConfigError` if
+        unknown)."""
+        return method_spec(self.chosen)
+
     def model_key(self) -> tuple[str, str]:
         """The checkpoint this method runs (crf: the ensemble), checked once."""
-        if self.chosen == "crf":
+        if self.spec.model == "ensemble":
             return self.ensemble_key()
         return check_model(self.model, DEFAULT_REFINERS.get(self.chosen), load_refiner)
 
@@ -157,7 +175,7 @@ class RefineStage:
 
     def effective_settings(self) -> RefineSettings:
         """The settings blocks run with: the model decides the tile size (crf: as given)."""
-        if self.chosen == "crf":
+        if self.spec.model == "ensemble":
             return self.settings
         return model_settings(self.model_key(), self.settings)
 
@@ -167,7 +185,7 @@ class RefineStage:
     def halo(self, settings: RefineSettings, model_key: tuple[str, str]) -> Halo:
         """The tiles' reach plus the near-mitochondrion test's, on the tile grid (crf: its
         margin); in y and x only."""
-        if self.chosen == "crf":
+        if self.spec.block == "crf":
             return Halo.around(0, CRF_MARGIN)
         patch = cached_model(load_refiner, *model_key, "cpu").config.patch
         return Halo.around(0, context(settings, patch))
@@ -176,44 +194,46 @@ class RefineStage:
         """Check the method's model against the segment record, open or resume the refined
         labels, and list the block tasks."""
         method, vol, root, grid = self.chosen, ctx.vol, ctx.root, ctx.grid
-        if method not in METHODS:
-            raise ConfigError(f"unknown refinement method {method!r} (choose from "
-                              f"{', '.join(METHODS)})")
+        spec = self.spec
         meta = ctx.meta
         byo = self.labels.labels is not None
-        if byo and method == "crf":
-            raise ConfigError("--method crf refines the probabilities of the ensemble that made "
-                              f"{label_path(INITIAL)}: refine another tool's labels (--labels) "
-                              "with mae, mae-x or cnn-ae")
+        if byo and spec.model == "ensemble":  # it relabels from the ensemble alone
+            others = [m.name for m in REGISTRY.values() if m.model != "ensemble"]
+            raise ConfigError(f"--method {method} refines the probabilities of the ensemble "
+                              f"that made {label_path(INITIAL)}: refine another tool's labels "
+                              f"(--labels) with {', '.join(others[:-1])} or {others[-1]}")
         initial, unc, inputs = user_inputs(ctx, self.labels) if byo else own_inputs(ctx)
         upstream = Manifest(meta, "segment")
         made_with = upstream.settings() if upstream.done else {}
         settings = self.settings
         model_key = self.model_key()
-        if method == "crf":
-            if made_with.get("model_sha256") not in (None, model_key[1]):
-                raise ConfigError("--method crf refines the probabilities of the ensemble that "
-                                  f"made {label_path(INITIAL)}; {model_key[0]} is another one "
-                                  "(pass that ensemble with --segmenter)")
-            if any(b % settings.tile for b in grid.block[1:]):
-                raise ConfigError(f"--method crf relabels {settings.tile}-px tiles: the block's "
-                                  f"y and x ({grid.block[1]}, {grid.block[2]}) must be multiples "
-                                  "of it")
-        else:
-            found = refiner_method(cached_model(load_refiner, *model_key, "cpu"))
-            if found != ("mae" if method == "fused" else method):
-                raise ConfigError(f"{model_key[0]} is a {found} model, not {method}")
+        ensemble = model_key if spec.model == "ensemble" else None
+        if spec.probabilities and ensemble is None:  # a tile refiner that reads them too
+            ensemble = self.ensemble_key()
+        if ensemble is not None and not byo \
+                and made_with.get("model_sha256") not in (None, ensemble[1]):
+            if spec.model == "ensemble":
+                raise ConfigError(f"--method {method} refines the probabilities of the "
+                                  f"ensemble that made {label_path(INITIAL)}; {ensemble[0]} is "
+                                  "another one (pass that ensemble with --segmenter)")
+            raise ConfigError(f"--method {method} combines the MAE with the probabilities of the "
+                              f"ensemble that made {label_path(INITIAL)}; {ensemble[0]} "
+                              "is another one (pass that ensemble with --segmenter, and a "
+                              "fusion fitted for it with --fusion)")
+        if spec.block == "crf" and any(b % settings.tile for b in grid.block[1:]):
+            raise ConfigError(f"--method {method} relabels {settings.tile}-px tiles: the "
+                              f"block's y and x ({grid.block[1]}, {grid.block[2]}) must be "
+                              "multiples of it")
+        if spec.model != "ensemble":
+            model = cached_model(load_refiner, *model_key, "cpu")
+            if not runs(spec, model):
+                raise ConfigError(f"{model_key[0]} is a {refiner_method(model)} model, not "
+                                  f"{method}")
             settings = model_settings(model_key, settings)
-        needs_image = method in ("mae-x", "crf", "fused")
-        ensemble_key = fusion = None
-        if method == "fused":
-            ensemble_key = self.ensemble_key()
-            if not byo and made_with.get("model_sha256") not in (None, ensemble_key[1]):
-                raise ConfigError("--method fused combines the MAE with the probabilities of the "
-                                  f"ensemble that made {label_path(INITIAL)}; {ensemble_key[0]} "
-                                  "is another one (pass that ensemble with --segmenter, and a "
-                                  "fusion fitted for it with --fusion)")
-            fusion = fusion_for(self.fusion, ensemble_key, model_key)
+        fusion = None
+        if spec.block == "fused" and ensemble is not None:
+            fusion = fusion_for(self.fusion, ensemble, model_key)
+        needs_image = spec.image
         intensity = None
         if needs_image and "intensity" in made_with:
             intensity = IntensityRange(**made_with["intensity"])
@@ -228,10 +248,12 @@ class RefineStage:
                   "method": method}
         if byo and intensity is not None:  # plain refine: covered by the segment digest
             record["intensity"] = intensity.to_dict()
-        if method == "crf":
+        if spec.block == "crf":
             record["crf"] = CRFSettings().to_dict()
-        if fusion is not None and ensemble_key is not None:
-            record.update(segmenter_sha256=ensemble_key[1], fusion=fusion.to_dict())
+        if ensemble is not None and ensemble != model_key:
+            record["segmenter_sha256"] = ensemble[1]
+        if fusion is not None:
+            record["fusion"] = fusion.to_dict()
         manifest = Manifest(meta, self.name)
 
         def create(over: bool) -> list[zarr.Array]:
@@ -249,19 +271,32 @@ class RefineStage:
                         image=ctx.image() if needs_image else None,
                         intensity=intensity,
                         segment=SegmentSettings.from_dict(made_with.get("settings", {}))
-                        if method in ("crf", "fused") else None, halo=halo,
-                        ensemble=ensemble_key, fusion=fusion)
+                        if spec.probabilities else None, halo=halo, ensemble=ensemble,
+                        fusion=fusion)
         return StagePlan(job, tasks_of(grid, refine_block, job, halo, gpu=True), manifest,
                          [store_pyramid(None, arrays, "nearest")], resumed)
 
     def run(self, ctx: StageContext, executor: Executor,
             observer: Observer | None = None) -> StageReport:
-        return finish_stage(executor, ctx, self.plan(ctx), observer)
+        """Plan, run the blocks, then sum what they changed into ``results["changes"]`` (see
+        :func:`~volref.stages.changes.summarise_changes`), recorded in the provenance; its
+        warning, if any, is logged."""
+        plan = self.plan(ctx)
+        report = finish_stage(executor, ctx, plan, observer)
+        keys = {t.key for t in plan.tasks}
+        changes = summarise_changes({k: v for k, v in report.results.items() if k in keys})
+        report.results["changes"] = changes
+        if changes["warning"]:
+            log.warning("%s", changes["warning"])
+        prov = dict(ctx.meta.attrs.get("volref", {}).get("provenance", {}).get(self.name, {}))
+        prov.pop("volref", None)
+        record_provenance(ctx.root, self.name, {**prov, "changes": changes})
+        return report
 
 
 def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
                 model: str | os.PathLike | None = None, settings: RefineSettings | None = None,
-                overwrite: bool = False, method: str = "mae",
+                overwrite: bool = False, method: str | None = None,
                 segmenter: str | os.PathLike | None = None,
                 labels: LabelSettings | None = None
                 ) -> tuple[RefineJob, list[BlockTask], StagePlan]:
@@ -271,39 +306,60 @@ def plan_refine(vol: Volume, root: zarr.Group, grid: BlockGrid, *,
     return plan.job, plan.tasks, plan
 
 
+#: what a block function returns: the block's initial labels, its refined labels (same shape)
+#: and its stats for the manifest
+BlockResult = tuple[np.ndarray, np.ndarray, dict[str, Any]]
+
+
 def refine_block(job: RefineJob, block: Block) -> dict[str, Any]:
-    """Refine one block, write its chunks, then record it. Returns tile counts and timings."""
+    """Refine one block with its method's block function (:data:`BLOCKS`), write its chunks,
+    count what changed, then record it. Returns tile counts, change counts and timings."""
     start = time.perf_counter()
-    if job.method == "crf":
-        stats = _crf_block(job, block)
-    else:
-        s = job.settings
-        dev = device()
-        mae = cached_model(load_refiner, *job.model, dev)
-        lo, hi = job.halo.region(block)
-        labels = job.initial.read(lo, hi)
-        unc = job.uncertainty.read(lo, hi)
-        image = None
-        if job.image is not None and job.intensity is not None:
-            raw = job.image.read(lo, hi, "mirror")
-            check_block_finite(raw, lo, block)
-            image = normalise(raw, job.intensity)
-        combine = None
-        if job.method == "fused":
-            combine = fused_classes(job, block, dev)
-            image = None  # read for the ensemble only
-        with MODEL_LOCK:
-            out = refine_region(mae, labels, unc, s, device=dev, image=image, combine=combine)
-        written = job.refined.write(block, out.labels)
-        stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
-                 "removed_px": int(out.removed.sum()), "device": dev}
-        stats["chunks"] = {STAGE_OUTPUTS["refine"][0]: written}
+    initial, refined, stats = BLOCKS[job.spec.block](job, block)
+    written = job.refined.write(block, refined)
+    stats["chunks"] = {STAGE_OUTPUTS["refine"][0]: written}
+    stats["changes"] = count_changes(initial, refined)
     stats.update(seconds=round(time.perf_counter() - start, 3), worker=worker_address())
     job.manifest.record(block.key, stats)
     return stats
 
 
-def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
+def _core(labels: np.ndarray, lo: tuple[int, ...], block: Block,
+          shape: tuple[int, ...]) -> np.ndarray:
+    """The block's own voxels of ``labels`` read from ``lo`` (the block plus its halo)."""
+    return labels[tuple(slice(b - a, b - a + n) for a, b, n in zip(lo, block.start, shape))]
+
+
+def _tiles_block(job: RefineJob, block: Block,
+                 combine: Combine | None = None) -> BlockResult:
+    """A tile refiner (the MAE, MAE+X, the CNN-AE) over the global tile grid on one block:
+    :func:`~volref.stages.refine.refine_region` (``combine``: as its)."""
+    dev = device()
+    model = cached_model(load_refiner, *job.model, dev)
+    lo, hi = job.halo.region(block)
+    labels = job.initial.read(lo, hi)
+    unc = job.uncertainty.read(lo, hi)
+    image = None
+    if getattr(model, "needs_image", False) and job.image is not None \
+            and job.intensity is not None:
+        raw = job.image.read(lo, hi, "mirror")
+        check_block_finite(raw, lo, block)
+        image = normalise(raw, job.intensity)
+    with MODEL_LOCK:
+        out = refine_region(model, labels, unc, job.settings, device=dev, image=image,
+                            combine=combine)
+    stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
+             "removed_px": int(out.removed.sum()), "device": dev}
+    return _core(labels, lo, block, out.labels.shape), out.labels, stats
+
+
+def _fused_block(job: RefineJob, block: Block) -> BlockResult:
+    """``--method fused`` on one block: the MAE as :func:`_tiles_block`, each pixel it rebuilds
+    given its class by :func:`fused_classes` (the image is read for the ensemble only)."""
+    return _tiles_block(job, block, combine=fused_classes(job, block, device()))
+
+
+def _crf_block(job: RefineJob, block: Block) -> BlockResult:
     """``--method crf`` on one block: the ensemble's probabilities over the block plus the CRF's
     margin, computed on the segment stage's global tile grid (so they equal what segment saw),
     then :func:`~volref.stages.crf.crf_region`."""
@@ -315,9 +371,14 @@ def _crf_block(job: RefineJob, block: Block) -> dict[str, Any]:
     probs, image = ensemble_probabilities(job, job.model, block, m, dev)
     out = crf_region(probs, image, labels, unc, tile=s.tile,
                      margin=m, tau=s.tau, near_px=s.near_px, settings=job.crf)
-    written = job.refined.write(block, out)
-    return {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
-            "device": dev, "chunks": {STAGE_OUTPUTS["refine"][0]: written}}
+    stats = {"tiles": out.shape[0] * -(-out.shape[1] // s.tile) * -(-out.shape[2] // s.tile),
+             "device": dev}
+    return _core(labels, lo, block, out.shape), out, stats
+
+
+#: the block function of each ``block`` kind of the method registry (:mod:`volref.methods`)
+BLOCKS: dict[str, Callable[[RefineJob, Block], BlockResult]] = {
+    "tiles": _tiles_block, "fused": _fused_block, "crf": _crf_block}
 
 
 def ensemble_input(job: RefineJob, block: Block, margin: int) -> tuple[np.ndarray, int, int]:

@@ -24,8 +24,8 @@ class RunSettings(Settings):
     refiner: str | None = None
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
-    # refinement method: mae, fused, or a baseline (mae-x, cnn-ae, crf); None: fused where the
-    # shipped fusion fits the models, else mae
+    # refinement method: a name of volref.methods.REGISTRY; None: its DEFAULT_METHOD (fused) where
+    # the shipped fusion fits the models, else mae (volref.pipeline.refine.default_method)
     method: str | None = None
     block_shape: tuple[int, int, int] | None = None
     overwrite: bool = False

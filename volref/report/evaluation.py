@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from volref.methods import DEFAULT_METHOD, table_order
 from volref.metrics import METRICS
 from volref.report.panel import _rgb, draw_tiles, pyplot, removed_rgb, stretch
 
@@ -19,8 +20,10 @@ TITLES = {"skeleton_end_points": "skeleton end points", "skeleton_cycles": "skel
 
 
 def table2_panel(examples: list[dict], out: str | os.PathLike,
-                 methods: tuple[str, ...] = ("crf", "cnn-ae", "mae-x", "mae")) -> Path:
-    """One row per example tile: image, initial, removed patches, each method, ground truth."""
+                 methods: tuple[str, ...] | None = None) -> Path:
+    """One row per example tile: image, initial, removed patches, each method (default: every
+    method of the registry, as tables list them), ground truth."""
+    methods = table_order() if methods is None else methods
     methods = tuple(m for m in methods if examples and m in examples[0]["labels"])
     cols = ["image", "initial", "removed patches", *methods, "ground truth"]
     rows = [[stretch(ex["image"].astype(np.float64)), _rgb(ex["initial"]),
@@ -30,16 +33,18 @@ def table2_panel(examples: list[dict], out: str | os.PathLike,
 
 
 def table2_bars(result: dict, out: str | os.PathLike) -> Path:
-    """Mean ± standard error of each metric by method; the control group as an orange band."""
+    """Mean ± standard error of each metric by method; the control group as an orange band, the
+    default method in dark blue."""
     plt = pyplot()
     table = result["methods"]
+    default = result.get("default_method", DEFAULT_METHOD)
     names = [m for m in table if m != "control"]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))
     for ax, metric in zip(axes, METRICS):
         means = [table[n][metric]["mean"] for n in names]
         sems = [table[n][metric]["sem"] for n in names]
         ax.bar(range(len(names)), means, yerr=sems, capsize=3,
-               color=["#999999" if n == "initial" else "#0072B2" if n == "mae" else "#56B4E9"
+               color=["#999999" if n == "initial" else "#0072B2" if n == default else "#56B4E9"
                       for n in names])
         if "control" in table:
             c = table["control"][metric]

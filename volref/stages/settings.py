@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from volref.errors import SettingsError
+from volref.methods import names
 from volref.settings import PRECISIONS, Settings
 from volref.stages.labels import IDENTITY_MAP, ClassTable, format_class_map, parse_class_map
 
@@ -55,11 +56,8 @@ class SegmentSettings(Settings):
 
 BLENDS = ("window", "centre")
 SMOOTH_TRUNCATE = 3.0  # the smoothing Gaussian's reach, in sigmas
-#: refinement methods: the MAE and the paper's baselines (volref refine --method)
-METHODS = ("mae", "mae-x", "cnn-ae", "crf", "fused")
-#: what refine runs when no method is named (the paper's MAE where the fusion does not fit the
-#: models in use: volref.pipeline.refine.default_method)
-DEFAULT_METHOD = "fused"
+#: refinement methods (volref refine --method), from their registry (:mod:`volref.methods`)
+METHODS = names()
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from scipy import ndimage
 from volref import __version__
 from volref.classes import BACKGROUND
 from volref.errors import VolrefError
+from volref.methods import REGISTRY, Method, trainable
 from volref.models.checkpoint import save_model
 from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.mae import MAEConfig, MaskedAutoencoder
@@ -52,10 +53,10 @@ from volref.train.state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mae", "mae-x", "cnn-ae")
+#: the methods this trains (:mod:`volref.methods`: those marked trainable)
+METHODS = trainable()
 #: the file a training run writes, per method (the names volref ships them under)
-MODEL_FILES = {"mae": "refiner.safetensors", "mae-x": "mae-x.safetensors",
-               "cnn-ae": "cnn-ae.safetensors"}
+MODEL_FILES = {name: str(REGISTRY[name].weights) for name in METHODS}
 
 
 @dataclass(frozen=True)
@@ -76,24 +77,30 @@ class RefinerRecipe:
     bf16: bool = True
     seed: int = 0
     init: str | None = None  # start from this refiner's weights (e.g. a 64x64-crop run)
-    method: str = "mae"  # mae, mae-x (needs mae.image_depth > 0) or cnn-ae
+    method: str = "mae"  # a trainable method: mae, mae-x (needs mae.image_depth > 0), cnn-ae
     mae: MAEConfig = dataclasses.field(default_factory=MAEConfig)
     cnnae: CNNAEConfig = dataclasses.field(default_factory=CNNAEConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if (self.method == "mae-x") != (self.mae.image_depth > 0):
+        if self.spec.model != "cnn-ae" and (self.spec.model == "mae-x") != \
+                (self.mae.image_depth > 0):
             raise ValueError("mae-x is the MAE with an image encoder: image_depth > 0 for "
                              "mae-x and only for it")
 
+    @property
+    def spec(self) -> Method:
+        """The method trained (its registry entry)."""
+        return REGISTRY[self.method]
+
     def build(self) -> MaskedAutoencoder | CNNAutoencoder:
-        return CNNAutoencoder(self.cnnae) if self.method == "cnn-ae" else \
+        return CNNAutoencoder(self.cnnae) if self.spec.model == "cnn-ae" else \
             MaskedAutoencoder(self.mae)
 
     @property
     def model_config(self) -> MAEConfig | CNNAEConfig:
-        return self.cnnae if self.method == "cnn-ae" else self.mae
+        return self.cnnae if self.spec.model == "cnn-ae" else self.mae
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -175,7 +182,7 @@ def make_batch(pool: TilePool, recipe: RefinerRecipe, rng: np.random.Generator):
     ratio = rng.uniform(*recipe.mask_ratio)
     labels = np.empty((n, s, s), dtype=np.uint8)
     keep = np.empty((n, s, s), dtype=bool)
-    with_image = recipe.method == "mae-x"
+    with_image = recipe.spec.model == "mae-x"
     if with_image and pool.image is None:
         raise VolrefError("mae-x trains on the image too: the tile pool has no image crops")
     image = np.empty((n, s, s), dtype=np.float32) if with_image else None
@@ -232,7 +239,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
     elif recipe.init is not None:
         start_from = load_refiner(recipe.init)
         want = recipe.model_config
-        if recipe.method == "mae-x":  # MAE+X starts from a plain MAE (or from a MAE+X)
+        if recipe.spec.model == "mae-x":  # MAE+X starts from a plain MAE (or from a MAE+X)
             ok = start_from.config in (want, dataclasses.replace(cast(MAEConfig, want),
                                                                  image_depth=0))
         else:
@@ -283,7 +290,7 @@ def train_refiner(pool: TilePool, recipe: RefinerRecipe, out: str | os.PathLike,
             **({"labels": segmentation} if segmentation is not None else {}),
             "command": command, "loss_per_epoch": info["losses"],
             "train_seconds": info["seconds"]}
-    kind = CNNAE_KIND if recipe.method == "cnn-ae" else REFINER_KIND
+    kind = CNNAE_KIND if recipe.spec.model == "cnn-ae" else REFINER_KIND
     return save_model(out / MODEL_FILES[recipe.method], model.cpu().eval(), kind,
                       recipe.model_config.to_dict(), card)
 
