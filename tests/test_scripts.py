@@ -56,7 +56,16 @@ def test_every_script_has_a_smoke_run() -> None:
     assert found == set(SCRIPTS)
 
 
-@pytest.mark.parametrize("script", sorted(s for s, kind in SCRIPTS.items() if kind != "own"))
+#: smoke runs of experiments whose results are committed (experiments/results, docs/results):
+#: slow (-m slow); the benchmarks and the experiment behind the default method stay in the
+#: default run
+SLOW = {"experiments.crf_tuning", "experiments.paper_models", "experiments.prior_calibration",
+        "experiments.refine_tuning", "experiments.smooth_tuning", "experiments.spot_context"}
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s
+    for s in sorted(s for s, kind in SCRIPTS.items() if kind != "own")])
 def test_quick_run(script: str, store: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     argv = ["--quick", "--json", str(out)]
