@@ -24,6 +24,7 @@ are not comparable).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import statistics
@@ -41,6 +42,7 @@ from volref.io.ngff import Axis
 from volref.io.write import create_multiscale, default_levels, pyramid_geometry, store_pyramid
 from volref.pipeline import write_phantom
 from volref.pipeline.run import RunSettings, gpu_count, run
+from volref.stages.settings import RefineSettings, SegmentSettings
 from volref.synth import SynthConfig
 
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--worker-sweep", default="", help="worker counts for the base volume, "
                     "e.g. 1,2")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--precisions", default="auto", help="model precisions to run side by side "
+                    "(interleaved), e.g. auto,bf16: the default against a pinned one")
     args = ap.parse_args(argv)
     base = (2, 128, 128) if args.quick else tuple(args.base)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
@@ -87,15 +91,25 @@ def main(argv: list[str] | None = None) -> dict:
         dask.compute(write_phantom(config, base_image))
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(s) for s in args.worker_sweep.split(",") if s and int(s) != args.workers]
-    runs: dict[tuple[int, int], list[dict]] = {}
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    first_p = precisions[0]
+    runs: dict[tuple[int, int, str], list[dict]] = {}
     for _ in range(args.repeats):  # interleaved: a slow spell does not fall on one size
         for k in sizes:
-            runs.setdefault((k, args.workers), []).append(
-                measure(work, base_image, config.chunks, block, args.workers, k))
+            for p in precisions:
+                runs.setdefault((k, args.workers, p), []).append(
+                    measure(work, base_image, config.chunks, block, args.workers, k, p))
         for n in counts:
-            runs.setdefault((1, n), []).append(measure(work, base_image, config.chunks, block, n, 1))
-    rows = [median_row(runs[k, args.workers]) for k in sizes]
-    sweep = sorted([median_row(runs[1, n]) for n in counts]
+            runs.setdefault((1, n, first_p), []).append(
+                measure(work, base_image, config.chunks, block, n, 1, first_p))
+    others = [median_row(runs[k, args.workers, p]) for k in sizes for p in precisions[1:]]
+    rows = [median_row(runs[k, args.workers, first_p]) for k in sizes]
+    for row in others:
+        mine = next(r for r in rows if r["multiple"] == row["multiple"])
+        row["speedup_of_first_precision"] = row["wall_s"] / mine["wall_s"]
+        print(f"{row['multiple']}x: {first_p} ({mine['resolved']}) "
+              f"{row['speedup_of_first_precision']:.2f}x the voxels/s of {row['precision']}")
+    sweep = sorted([median_row(runs[1, n, first_p]) for n in counts]
                    + [r for r in rows if r["multiple"] == 1 and counts], key=lambda r: r["workers"])
     first = rows[0]
     for row in rows[1:]:
@@ -119,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['speedup_vs_first']:.2f}x voxels/s")
     payload = {"machine": machine(), "workers": args.workers, "block": block,
                "repeats": args.repeats, "rows": rows, "line": line, "worker_sweep": sweep,
+               "other_precisions": others,
                "command": command("engine_scaling", argv)}
     write_json(args.json, payload)
     return payload
@@ -152,17 +167,21 @@ def cluster_for(workers: int) -> ClusterSpec:
 
 
 def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
-            block: tuple[int, int, int], workers: int, k: int) -> dict:
+            block: tuple[int, int, int], workers: int, k: int, precision: str = "auto") -> dict:
     image = work / f"phantom-{k}x-{workers}w.ome.zarr"
     if image.exists():
         shutil.rmtree(image)
     shape = stacked(base_image, image, k, chunks)
     start = time.perf_counter()
-    result = run(image, settings=RunSettings(block_shape=block),
+    result = run(image, settings=RunSettings(block_shape=block,
+                                             segment=SegmentSettings(precision=precision),
+                                             refine=RefineSettings(precision=precision)),
                  cluster=cluster_for(workers))
+    resolved = json.loads((image / "volref" / "provenance.json").read_text())["segment"]
     wall = time.perf_counter() - start
     voxels = math.prod(shape)
     row = {"multiple": k, "shape": shape, "voxels": voxels, "workers": workers,
+           "precision": precision, "resolved": resolved["settings"]["precision"],
            "blocks": len(result.grid), "block": result.grid.block, "wall_s": wall,
            "voxels_per_s": voxels / wall,
            "stages_s": {r.stage: r.seconds for r in result.reports},
@@ -170,7 +189,8 @@ def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
            "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30,
            "peak_rss_gib_after_stage": {s: max(p.values()) / 2**30
                                         for s, p in result.stage_peak_memory.items()}}
-    print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {workers} workers {len(result.grid):>4} "
+    print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {workers} workers {precision}"
+          f"({row['resolved']}) {len(result.grid):>4} "
           f"blocks {wall:8.1f} s {voxels / wall / 1e3:8.1f} kvoxel/s  peak/worker "
           f"{row['peak_rss_gib_max']:.2f} GiB  "
           + " ".join(f"{s}={t:.0f}s" for s, t in row["stages_s"].items()) + "  peak after "

@@ -31,7 +31,7 @@ from benchmarks.common import (
     synchronize,
     write_json,
 )
-from volref.models.precision import PRECISIONS, in_precision
+from volref.models.precision import DTYPES, in_precision
 from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
 from volref.stages.segment import SegmentSettings
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     voxels = args.batch * s.tile * s.tile
     flops_member = unet_flops(ensemble.members[0], tuple(x32.shape))
     rows = {}
-    for precision, dtype in PRECISIONS.items():
+    for precision, dtype in DTYPES.items():
         net = in_precision(ensemble, precision)
         x = x32.to(dtype)
         member = net.members[0]

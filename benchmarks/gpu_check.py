@@ -263,7 +263,7 @@ def _ensemble_predict(dev: torch.device, sizes: Sizes) -> dict:
     """voxels/s of ``Ensemble.predict`` in fp32 and bf16 on one ``ensemble_window``-px window
     (``benchmarks.ensemble_throughput``'s timing)."""
     from benchmarks.ensemble_throughput import timed, unet_flops
-    from volref.models.precision import PRECISIONS, in_precision
+    from volref.models.precision import DTYPES, in_precision
     from volref.models.registry import DEFAULT_SEGMENTER, load_segmenter
 
     ensemble = load_segmenter(DEFAULT_SEGMENTER, device=dev)
@@ -272,7 +272,7 @@ def _ensemble_predict(dev: torch.device, sizes: Sizes) -> dict:
     voxels = sizes.ensemble_batch * w * w
     flops = len(ensemble.members) * unet_flops(ensemble.members[0], tuple(x32.shape))
     speed, rate = {}, {}
-    for precision, dtype in PRECISIONS.items():
+    for precision, dtype in DTYPES.items():
         net, x = in_precision(ensemble, precision), x32.to(dtype)
         with torch.no_grad():
             med = float(np.median(timed(lambda n=net, x=x: n.predict(x),

@@ -57,9 +57,9 @@ from benchmarks.common import (
 from volref.models import kernels
 from volref.models import mae as mae_module
 from volref.models.mae import MAEConfig
-from volref.models.precision import in_precision
+from volref.models.precision import in_order, in_precision
 from volref.models.registry import DEFAULT_REFINER, load_refiner
-from volref.stages.refine import RefineSettings, in_order, removal_mask
+from volref.stages.refine import RefineSettings, removal_mask
 from volref.stages.segment import uncertainty_from_uint8
 
 MODES = ("per_tile_loop", "per_tile_loop_sdpa", "batched_torch_softmax", "batched",

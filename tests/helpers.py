@@ -80,10 +80,9 @@ if __name__ == "__main__":
 
 
 def tiny(models: tuple[str, str], **kw: Any) -> RunSettings:
-    """Run settings for the tiny models (``models``: segmenter and refiner files). In bf16, the
-    default: fp32 would be 1.5x faster on a CPU without bf16 instructions, but its results depend
-    on the number of torch threads (a worker process and this process differ by a voxel or two
-    at near-ties), and the identity tests compare both."""
+    """Run settings for the tiny models (``models``: segmenter and refiner files), in the
+    default precision (``auto``: fp32 on a CPU without bf16 instructions, as in CI), which the
+    identity tests compare between this process and single-threaded worker processes."""
     seg, mae = models
     return RunSettings(segmenter=seg, refiner=mae, segment=SegmentSettings(tile=64, halo=16),
                        refine=RefineSettings(tile=32, stride=16, tau=0.3), **kw)

@@ -169,6 +169,12 @@ def test_empty_phantom_run_finds_no_mitochondrion(empty_phantom, tmp_path):
     provenance = json.loads((out / "volref" / "provenance.json").read_text())
     assert "segment" in json.dumps(provenance) and '"intensity_from": "background"' in json.dumps(
         provenance)
+    # precision auto: resolved once, recorded and said as what it became on this machine
+    from volref.models.precision import resolve
+
+    here = resolve("auto")
+    assert provenance["segment"]["settings"]["precision"] == here
+    assert f"models computed in {here} (auto: " in res.output
 
 
 # ---------------------------------------------------------------- domain shift at test size

@@ -74,13 +74,16 @@ def test_an_added_field_changes_the_digest_without_editing_to_dict():
 
 
 def test_todays_settings_keep_their_dicts():
-    """Digests of archives made before the dicts became automatic stay the same."""
-    assert RefineSettings().to_dict() == {
+    """Digests of archives made before the dicts became automatic stay the same. The default
+    precision is ``auto`` now, but a run records the precision it resolved to: where that is
+    bf16 (the old default), the records are the old ones and such archives resume."""
+    assert RefineSettings().precision == SegmentSettings().precision == "auto"
+    assert RefineSettings(precision="bf16").to_dict() == {
         "tile": 128, "stride": 64, "tau": 0.4, "near_px": 16.0, "batch": 0,
         "precision": "bf16", "blend": "centre", "max_removed": 1.0, "smooth": 1.0}
     # the intensity fields came with the background mapping, which changes the labels: archives
     # segmented before it are refused on resume (other settings), as they must be
-    assert SegmentSettings().to_dict() == {"tile": 256, "halo": 32, "batch": 4,
+    assert SegmentSettings(precision="bf16").to_dict() == {"tile": 256, "halo": 32, "batch": 4,
                                            "precision": "bf16", "intensity_range": None,
                                            "intensity_window": False}
     s = RefineSettings(tau=0.5, stride=32)
@@ -114,6 +117,6 @@ def test_cli_blames_the_flag_of_a_bad_setting(tmp_path, capsys, args, flag):
 
 
 def test_model_precisions_are_the_settings_precisions():
-    from volref.models.precision import PRECISIONS as MODEL_PRECISIONS
+    from volref.models.precision import DTYPES
 
-    assert tuple(MODEL_PRECISIONS) == PRECISIONS
+    assert ("auto", *DTYPES) == PRECISIONS

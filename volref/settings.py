@@ -17,8 +17,10 @@ from volref.errors import ConfigError
 
 S = TypeVar("S", bound="Settings")
 
-#: the numbers models compute in (:mod:`volref.models.precision` maps them to dtypes)
-PRECISIONS = ("bf16", "fp32")
+#: the numbers models compute in (:mod:`volref.models.precision` maps them to dtypes); ``auto``:
+#: bf16 where the hardware multiplies it natively (GPUs, CPUs with AVX-512 BF16 or AMX), else fp32
+AUTO = "auto"
+PRECISIONS = (AUTO, "bf16", "fp32")
 
 
 class Settings:

@@ -250,8 +250,9 @@ REFINER_OPTIONS = (
 PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(list(PRECISIONS)),
     default=default_of(SegmentSettings, "precision"), show_default=True,
-    help="Numbers the models compute in (bf16: 2-3x faster on GPUs and on CPUs with "
-         "AVX-512 BF16; fp32 for reference).")
+    help="Numbers the models compute in. auto: bf16 on GPUs and on CPUs with AVX-512 BF16 or "
+         "AMX (2-4x faster there), fp32 on other CPUs (which emulate bf16: fp32 is 2-3x faster); "
+         "the run records which. Pin bf16 or fp32 for the same bytes on every kind of machine.")
 INTENSITY_OPTIONS = (
     click.option("--intensity-range", nargs=2, type=float, default=None,
                  metavar="LO HI",
@@ -331,6 +332,11 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
     for rep in result.reports:
         click.echo(f"  {rep.stage:<10} {rep.computed:>5} computed, {rep.skipped:>5} already "
                    f"done, {rep.seconds:8.1f} s")
+    if result.precision is not None:
+        why = {"bf16": "native on its workers", "fp32": "its workers have no native bf16"}
+        auto = "auto" in (settings.segment.precision, settings.refine.precision)
+        click.echo(f"  models computed in {result.precision}"
+                   + (f" (auto: {why[result.precision]})" if auto else ""))
     if result.peak_memory:
         peak = max(result.peak_memory.values()) / 2**30
         click.echo(f"  peak memory per worker: {peak:.2f} GiB ({len(result.peak_memory)} workers)")

@@ -126,12 +126,16 @@ class Executor:
         self.token = uuid.uuid4().hex[:8]
         self.gpu_workers = self.cpu_resource = False
         self.workers = 1
+        #: addresses of the workers model tasks run on (those with a GPU resource, if any: see
+        #: submit); empty: any worker
+        self.model_workers: list[str] = []
         if client is not None:
-            resources = [w.get("resources", {}) or {}
-                         for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+            resources = {a: w.get("resources", {}) or {}
+                         for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
             self.workers = max(1, len(resources))
-            self.gpu_workers = any("GPU" in r for r in resources)
-            self.cpu_resource = any("CPU" in r for r in resources)
+            self.model_workers = [a for a, r in resources.items() if "GPU" in r]
+            self.gpu_workers = bool(self.model_workers)
+            self.cpu_resource = any("CPU" in r for r in resources.values())
 
     @property
     def inline(self) -> bool:

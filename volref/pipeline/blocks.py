@@ -105,6 +105,14 @@ def device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def precision_here() -> str:
+    """The precision ``auto`` means on this worker's device (:func:`volref.models.precision.resolve`)."""
+    from volref.models.precision import resolve
+    from volref.settings import AUTO
+
+    return resolve(AUTO, device())
+
+
 @lru_cache(maxsize=8)
 def cached_model(loader: Callable[..., Any], path: str, digest: str, dev: str) -> Any:
     """Models load once per worker process, keyed by file hash; never shipped in the graph.

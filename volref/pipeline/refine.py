@@ -330,10 +330,10 @@ def _core(labels: np.ndarray, lo: tuple[int, ...], block: Block,
     return labels[tuple(slice(b - a, b - a + n) for a, b, n in zip(lo, block.start, shape))]
 
 
-def _tiles_block(job: RefineJob, block: Block,
-                 combine: Combine | None = None) -> BlockResult:
+def _tiles_block(job: RefineJob, block: Block, combine: Combine | None = None,
+                 prepare: Callable[[np.ndarray], None] | None = None) -> BlockResult:
     """A tile refiner (the MAE, MAE+X, the CNN-AE) over the global tile grid on one block:
-    :func:`~volref.stages.refine.refine_region` (``combine``: as its)."""
+    :func:`~volref.stages.refine.refine_region` (``combine``, ``prepare``: as its)."""
     dev = device()
     model = cached_model(load_refiner, *job.model, dev)
     lo, hi = job.halo.region(block)
@@ -347,7 +347,7 @@ def _tiles_block(job: RefineJob, block: Block,
         image = normalise(raw, job.intensity)
     with MODEL_LOCK:
         out = refine_region(model, labels, unc, job.settings, device=dev, image=image,
-                            combine=combine)
+                            combine=combine, prepare=prepare)
     stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
              "removed_px": int(out.removed.sum()), "device": dev}
     return _core(labels, lo, block, out.labels.shape), out.labels, stats
@@ -356,7 +356,8 @@ def _tiles_block(job: RefineJob, block: Block,
 def _fused_block(job: RefineJob, block: Block) -> BlockResult:
     """``--method fused`` on one block: the MAE as :func:`_tiles_block`, each pixel it rebuilds
     given its class by :func:`fused_classes` (the image is read for the ensemble only)."""
-    return _tiles_block(job, block, combine=fused_classes(job, block, device()))
+    prepare, combine = fused_classes(job, block, device())
+    return _tiles_block(job, block, combine=combine, prepare=prepare)
 
 
 def _crf_block(job: RefineJob, block: Block) -> BlockResult:
@@ -415,9 +416,13 @@ def ensemble_probabilities(job: RefineJob, model: tuple[str, str], block: Block,
     return probs[(slice(None), slice(None)) + win], image
 
 
-def fused_classes(job: RefineJob, block: Block, dev: str) -> Combine:
-    """``--method fused``: the ensemble's probabilities over the block, and the rule that gives
-    each pixel the MAE rebuilds its class from them and the MAE's (:mod:`volref.models.fusion`)."""
+def fused_classes(job: RefineJob, block: Block,
+                  dev: str) -> tuple[Callable[[np.ndarray], None], Combine]:
+    """``--method fused``: ``prepare``, which runs the ensemble once over the block's tiles that
+    hold a removed pixel (all slices in one pass, so its batches are full; a tile's values do
+    not depend on which others run), and ``combine``, the rule that gives each pixel the MAE
+    rebuilds its class from the ensemble's probabilities and the MAE's
+    (:mod:`volref.models.fusion`)."""
     if job.ensemble is None or job.fusion is None or job.segment is None:  # set by plan
         raise RuntimeError("a fused job needs the ensemble, the fusion and the segment settings")
     stack, ys, xs = ensemble_input(job, block, 0)
@@ -425,19 +430,22 @@ def fused_classes(job: RefineJob, block: Block, dev: str) -> Combine:
     fusion, seg = job.fusion, job.segment
     t, (_, y0, x0) = seg.tile, block.start
     oy, ox = y0 - ys, x0 - xs  # the block in the stack's grid
+    probs: list[np.ndarray] = []
+
+    def prepare(removed: np.ndarray) -> None:
+        # the caller (refine_region, under MODEL_LOCK) passes the core's removed pixels
+        grid = np.zeros((removed.shape[0], stack.shape[1] - 2 * seg.halo,
+                         stack.shape[2] - 2 * seg.halo), bool)
+        grid[:, oy:oy + removed.shape[1], ox:ox + removed.shape[2]] = removed
+        needed = grid.reshape(grid.shape[0], grid.shape[1] // t, t, grid.shape[2] // t, t)
+        probs.append(segment_probabilities(ens, stack, seg, device=dev,
+                                           needed=np.asarray(needed.any(axis=(2, 4)))))
 
     def combine(z: int, sel: np.ndarray, refiner: np.ndarray) -> np.ndarray:
-        # only the ensemble's tiles that hold a rebuilt pixel run (the caller holds MODEL_LOCK)
-        grid = np.zeros((stack.shape[1] - 2 * seg.halo, stack.shape[2] - 2 * seg.halo), bool)
-        grid[oy:oy + sel.shape[0], ox:ox + sel.shape[1]] = sel
-        needed = np.asarray(grid.reshape(grid.shape[0] // t, t, grid.shape[1] // t, t)
-                            .any(axis=(1, 3)))
-        probs = segment_probabilities(ens, stack[z:z + 3], seg, device=dev,
-                                      needed=needed[None])[0]
-        return fusion.classes(probs[:, oy:oy + sel.shape[0], ox:ox + sel.shape[1]][:, sel],
-                              refiner)
+        p = probs[0][z, :, oy:oy + sel.shape[0], ox:ox + sel.shape[1]]
+        return fusion.classes(p[:, sel], refiner)
 
-    return combine
+    return prepare, combine
 
 
 def fusion_for(path: str | os.PathLike | None, ensemble: tuple[str, str],

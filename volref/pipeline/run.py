@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from volref.engine.cluster import ClusterSpec, connect, peak_memory
@@ -23,6 +23,7 @@ from volref.io import Volume, open_image, redact
 from volref.io.store import is_url, local_path
 from volref.io.units import spacing_um
 from volref.layout import META
+from volref.pipeline.blocks import precision_here
 from volref.pipeline.instances import InstancesStage
 from volref.pipeline.measure import MeasureStage
 from volref.pipeline.publish import publish
@@ -31,6 +32,7 @@ from volref.pipeline.segment import SegmentStage
 from volref.pipeline.settings import RunSettings  # noqa: F401 - part of the run API
 from volref.pipeline.stage import Stage, StageContext, run_planned
 from volref.pipeline.store import open_target, refused_leaves_no_trace
+from volref.settings import AUTO
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class RunResult:
     #: each worker's peak so far, read after each stage (peaks only grow: the stage whose
     #: reading rises is the one that set it)
     stage_peak_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: what the models computed in (``auto`` resolved), None when no model stage ran
+    precision: str | None = None
 
     def report(self, stage: str) -> StageReport | None:
         return next((r for r in self.reports if r.stage == stage), None)
@@ -57,6 +61,29 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def with_precision(settings: RunSettings, executor: Executor) -> RunSettings:
+    """``settings`` with ``auto`` precision resolved once for the whole run, by the workers its
+    models run on (those with a GPU resource, else all): bf16 where every one of them computes it
+    natively, else fp32 — one run never mixes precisions, and the stages' records hold the one
+    used. Inline, or with no worker up yet (an adaptive cluster): this machine's answer."""
+    if AUTO not in (settings.segment.precision, settings.refine.precision):
+        return settings
+    client = executor.client
+    answers = set() if client is None else set(
+        client.run(precision_here, workers=executor.model_workers or None).values())
+    answers = answers or {precision_here()}
+    chosen = answers.pop() if len(answers) == 1 else "fp32"
+    log.info("precision auto: %s", chosen)
+
+    def concrete(stage_settings):
+        if stage_settings.precision != AUTO:
+            return stage_settings
+        return replace(stage_settings, precision=chosen)
+
+    return replace(settings, segment=concrete(settings.segment),
+                   refine=concrete(settings.refine))
 
 
 def lock(root, where: str):
@@ -118,6 +145,8 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
         if on_connect is not None:
             on_connect(conn)
         executor = Executor(conn.client)
+        settings = with_precision(settings, executor)
+        chosen = stages_of(settings, stages)
         grid = block_grid(vol, settings, stages, min_blocks=2 * executor.workers)
         ctx = StageContext(vol, root, grid, settings.overwrite)
         for stage in chosen:
@@ -127,7 +156,11 @@ def run(location: str | os.PathLike, *, stages: Sequence[str] = STAGES,
             peaks[stage.name] = peak_memory(conn.client)
         publish(vol, root, executor, own_image=output is None or str(output) == str(location))
         final = peak_memory(conn.client)
-    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, final, peaks)
+    models = [s for s in ("segment", "refine") if s in stages]
+    precision = None if not models else (settings.segment if models[0] == "segment"
+                                         else settings.refine).precision
+    return RunResult(redact(where), grid, conn.description, conn.dashboard, reports, final, peaks,
+                     precision)
 
 
 def run_block(location: str | os.PathLike, index: Sequence[int], *,
@@ -137,7 +170,7 @@ def run_block(location: str | os.PathLike, index: Sequence[int], *,
     """Run one block of the block stages here, in this process (for debugging): a plain function
     call, so a debugger or a profiler sees everything. Writes and records the block as a run
     would. ``refine`` needs ``segment`` finished on the whole volume (it reads neighbours)."""
-    settings = settings or RunSettings()
+    settings = with_precision(settings or RunSettings(), Executor(None))
     vol = open_image(location, channel=channel, timepoint=timepoint)
     grid = block_grid(vol, settings, stages)
     block = grid[index]

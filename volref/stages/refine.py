@@ -37,11 +37,8 @@ Everything sits on global grids, so a pixel's result depends on the volume alone
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,7 +46,7 @@ from scipy import ndimage
 
 from volref.classes import BACKGROUND
 from volref.models.mae import MaskedAutoencoder
-from volref.models.precision import in_precision
+from volref.models.precision import in_order, in_precision, lanes_for
 from volref.stages.settings import (  # noqa: F401 - the settings' home is stages.settings
     BLENDS,
     METHODS,
@@ -57,10 +54,9 @@ from volref.stages.settings import (  # noqa: F401 - the settings' home is stage
     RefineSettings,
 )
 
-T = TypeVar("T")
-R = TypeVar("R")
 #: ``(z, sel, probabilities) -> classes``: how rebuilt pixels get their class (refine_region)
 Combine = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
                  near_px: float) -> np.ndarray:
@@ -117,7 +113,8 @@ def tile_origins(core: int, length: int, settings: RefineSettings) -> range:
 def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.ndarray,
                   settings: RefineSettings, device: str | torch.device = "cpu",
                   image: np.ndarray | None = None,
-                  combine: Combine | None = None) -> Refined:
+                  combine: Combine | None = None,
+                  prepare: Callable[[np.ndarray], None] | None = None) -> Refined:
     """Refine the core of a region of slices, the model in ``settings.precision``.
 
     ``labels``/``uncertainty``: ``(nz, Y + 2c, X + 2c)`` with ``c = context(settings, patch)``,
@@ -133,7 +130,9 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
 
     ``combine(z, sel, probabilities)``: the classes of the pixels the model sets in slice ``z``
     of the core (``sel``: a ``(Y, X)`` mask; ``probabilities``: ``(C, n)``, the model's after
-    blending and smoothing); None: their argmax.
+    blending and smoothing); None: their argmax. ``prepare(removed)``, before any tile runs:
+    the core's removed pixels ``(nz, Y, X)`` bool, a superset of every ``sel`` (so ``combine``
+    can compute what it needs for the whole region at once).
     """
     needs_image = getattr(model, "needs_image", False)
     if needs_image and image is None:
@@ -178,6 +177,8 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     out = lab[:, c:c + ny, c:c + nx].copy()
     rebuilt = np.zeros(out.shape, dtype=bool)
     removed = np.repeat(np.repeat(remove, p, axis=1), p, axis=2)
+    if prepare is not None:
+        prepare(removed[:, c:c + ny, c:c + nx])
     acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def finish(z: int) -> None:
@@ -216,7 +217,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         return torch.softmax(logits[:len(chunk)].float(), dim=1).cpu().numpy()
 
     batches = [todo[i:i + b] for i in range(0, len(todo), b)]
-    lanes = torch.get_num_threads() if torch.device(device).type == "cpu" and b == 1 else 1
+    lanes = lanes_for(device) if b == 1 else 1
     for chunk, prob in zip(batches, in_order(probabilities, batches, lanes)):
         for (z, y, x), pr in zip(chunk, prob):
             for done in [k for k in acc if k < z]:
@@ -249,30 +250,3 @@ def smoothed(acc: np.ndarray, weight: np.ndarray, labels: np.ndarray, model_set:
                                 truncate=SMOOTH_TRUNCATE)
     out: np.ndarray = prob
     return out
-
-
-def in_order(fn: Callable[[T], R], items: list[T], lanes: int) -> Iterator[R]:
-    """``fn`` of each item, yielded in order; with ``lanes`` > 1 computed ``lanes`` at a time in
-    threads, each running its tensor operations on one core.
-
-    On the CPU a single tile's operations are too small to keep several cores busy (two threads
-    on one tile: 1.5x one thread; two tiles side by side: 1.9x), so tiles run side by side
-    instead. Each tile is still computed alone, on one thread, so results are the same bit for
-    bit for any number of lanes."""
-    if lanes <= 1 or len(items) <= 1:
-        yield from map(fn, items)
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(lanes, thread_name_prefix="volref-tile") as pool:
-            pending: deque[Future[R]] = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > 2 * lanes:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(threads)
-

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from volref.models.ensemble import Ensemble
-from volref.models.precision import PRECISIONS, in_precision
+from volref.models.precision import DTYPES, in_order, in_precision, lanes_for, resolve
 from volref.stages.settings import SegmentSettings  # noqa: F401 - its home is stages.settings
 
 
@@ -86,16 +86,15 @@ def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
         raise ValueError(f"tile + 2*halo must be a multiple of {m}")
     results = [np.zeros((nz,) + lead + (ny, nx), dtype=dtype) for lead, dtype in outputs]
     dev = torch.device(device)
-    net = in_precision(ensemble, settings.precision)
-    dtype = PRECISIONS[settings.precision]
+    precision = resolve(settings.precision, dev)
+    net = in_precision(ensemble, precision)
+    dtype = DTYPES[precision]
     w = t + 2 * h
     places = [(z, y0, x0) for z in range(nz) for y0 in range(0, ny, t) for x0 in range(0, nx, t)
               if needed is None or needed[z, y0 // t, x0 // t]]
-    # batches run across slices (a small block fills them too); every forward pass has the same
-    # shape (the last batch padded with zeros), so a tile's result never depends on which other
-    # tiles share its batch
-    for i in range(0, len(places), settings.batch):
-        part = places[i:i + settings.batch]
+
+    @torch.no_grad()  # grad mode is per thread: in_order's threads need it too
+    def run(part: list[tuple[int, int, int]]) -> list[np.ndarray]:
         windows = np.zeros((settings.batch, 3, w, w), dtype=np.float32)
         for k, (z, y0, x0) in enumerate(part):
             win = stack[z:z + 3, y0:y0 + w, x0:x0 + w]
@@ -104,8 +103,14 @@ def _tiled(ensemble: Ensemble, stack: np.ndarray, settings: SegmentSettings,
                              mode="symmetric")
             windows[k] = win
         tensors = predict(net, torch.from_numpy(windows).to(dev, dtype))
-        for out, tensor in zip(results, tensors):
-            arr = tensor[:len(part), ..., h:h + t, h:h + t].cpu().numpy()
+        return [tensor[:len(part), ..., h:h + t, h:h + t].cpu().numpy() for tensor in tensors]
+
+    # batches run across slices (a small block fills them too); every forward pass has the same
+    # shape (the last batch padded with zeros) and runs on one thread (in_order), so a tile's
+    # result never depends on which other tiles share its batch or on the process's threads
+    batches = [places[i:i + settings.batch] for i in range(0, len(places), settings.batch)]
+    for part, arrays in zip(batches, in_order(run, batches, lanes_for(dev))):
+        for out, arr in zip(results, arrays):
             for (z, y0, x0), a in zip(part, arr):
                 ys, xs = min(t, ny - y0), min(t, nx - x0)
                 out[z, ..., y0:y0 + ys, x0:x0 + xs] = a[..., :ys, :xs]

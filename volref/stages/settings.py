@@ -17,7 +17,7 @@ from volref.stages.labels import IDENTITY_MAP, ClassTable, format_class_map, par
 
 
 def check_precision(precision: str) -> None:
-    """Refuse a precision the models cannot compute in (``bf16``, ``fp32``)."""
+    """Refuse a precision the models cannot compute in (``auto``, ``bf16``, ``fp32``)."""
     if precision not in PRECISIONS:
         raise SettingsError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
                             f"not {precision!r}")
@@ -30,7 +30,7 @@ class SegmentSettings(Settings):
     tile: int = 256
     halo: int = 32
     batch: int = 4
-    precision: str = "bf16"  # of the ensemble's weights and activations: bf16 or fp32
+    precision: str = "auto"  # of the ensemble's weights and activations: auto, bf16 or fp32
     # intensities mapped to the model's 0 and 1 instead of the background estimate
     # (volref.stages.normalise): given, or the image's omero display window
     intensity_range: tuple[float, float] | None = None
@@ -67,7 +67,7 @@ class RefineSettings(Settings):
     tau: float = 0.4
     near_px: float = 16.0
     batch: int = 0  # tiles per forward pass; 0: 1 on the CPU, 32 on a GPU (see refine_region)
-    precision: str = "bf16"  # of the MAE's weights and activations: bf16 or fp32
+    precision: str = "auto"  # of the MAE's weights and activations: auto, bf16 or fp32
     blend: str = "centre"  # how overlapping tiles combine: centre or window (module docstring)
     max_removed: float = 1.0  # a tile with more of its near patches removed is not rebuilt
     smooth: float = 1.0  # sigma (px) of a Gaussian over the class probabilities (module doc)
