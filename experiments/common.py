@@ -51,14 +51,13 @@ def tuning_args(doc: str, values: str, every: int,
 
 
 def refine_slice(model: torch.nn.Module, labels: np.ndarray, uncertainty: np.ndarray,
-                 settings: RefineSettings, device: str | torch.device = "cpu",
-                 combine=None) -> Refined:
+                 settings: RefineSettings, device: str | torch.device = "cpu") -> Refined:
     """Refine one slice given with ``settings.margin`` pixels of context on every side (outside
     the volume: background, zero uncertainty); results have the slice's shape, without z."""
     m = settings.margin
     extra = context(settings, model.config.patch) - m
     lab = np.pad(labels, extra, constant_values=BACKGROUND)[None]
     unc = np.pad(uncertainty, extra, constant_values=0.0)[None]
-    r = refine_region(model, lab, unc, settings, device=device, combine=combine)
+    r = refine_region(model, lab, unc, settings, device=device)
     return Refined(labels=r.labels[0], removed=r.removed[0], rebuilt=r.rebuilt[0],
                    tiles_total=r.tiles_total, tiles_run=r.tiles_run)
