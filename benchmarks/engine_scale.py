@@ -542,7 +542,7 @@ def one_point(args: Any, workdir: Path, target: int, mode: str, base: np.ndarray
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = parser(__doc__, "100 and 500 blocks in this process, 100 on the distributed "
+    ap = parser(__doc__, "100 and 250 blocks in this process, 100 on the distributed "
                 "scheduler (under a minute)")
     ap.add_argument("--blocks", type=int, nargs="*", default=[1000, 10000, 100000],
                     help="block counts run in this process")
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
                [m["command"] for m in merged])
         return
     if args.quick:
-        args.blocks, args.distributed = [100, 500], [100]
+        args.blocks, args.distributed = [100, 250], [100]
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, resource.getrlimit(
         resource.RLIMIT_NOFILE)[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     with contextlib.ExitStack() as stack:
