@@ -3,6 +3,7 @@ in-process runner."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -83,6 +84,41 @@ def test_manifest_resume_refuse_and_torn_records(tmp_path):
         m.begin({"tau": 0.5}, overwrite=False)
     m.begin({"tau": 0.5}, overwrite=True)
     assert m.finished() == {}
+
+
+def test_a_finished_stage_reads_its_records_from_the_index_but_the_files_decide(tmp_path):
+    from volref.io.store import read_file
+
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    m = Manifest(root.require_group("volref"), "refine")
+    m.begin({"tau": 0.4}, overwrite=False)
+    keys = [f"0-1_0-1_{i}-{i + 1}" for i in range(5)]
+    for i, key in enumerate(keys):
+        m.record(key, {"seconds": i})
+    before = m.finished()
+    m.mark_done({"blocks": 5})
+    blocks = tmp_path / "s.zarr/volref/manifests/refine/blocks"
+    index = tmp_path / "s.zarr/volref/manifests/refine/index.json"
+    assert json.loads(index.read_text()) == before
+    # records come from the index: a file rewritten by hand while it is listed is not read
+    (blocks / f"{keys[0]}.json").write_text('{"block": "x", "seconds": 99}')
+    assert m.finished() == before
+    # a record deleted by hand is not finished: the index that lists it is ignored (not
+    # deleted: reading writes nothing), and the next index is read from the files
+    (blocks / f"{keys[1]}.json").unlink()
+    assert set(m.finished()) == set(keys) - {keys[1]}
+    assert m.finished()[keys[0]]["seconds"] == 99 and index.exists()
+    m.record(keys[1], {"seconds": 7})
+    m.mark_done({"blocks": 5})
+    assert json.loads(index.read_text())[keys[1]]["seconds"] == 7
+    # forget, undo and a torn index drop it: the files are read again
+    m.forget([keys[2]])
+    assert not index.exists() and not m.done
+    assert set(m.finished()) == set(keys) - {keys[2]}
+    m.mark_done({"blocks": 4})
+    index.write_text('{"0-1_0-')
+    assert set(m.finished()) == set(keys) - {keys[2]}
+    assert read_file(m.group, f"{m.prefix}/done.json") is not None
 
 
 def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0) -> np.ndarray:

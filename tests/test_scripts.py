@@ -27,6 +27,7 @@ SCRIPTS = {
     "benchmarks.block_io": "store",
     "benchmarks.compression": "store",
     "benchmarks.domain_shift": "",
+    "benchmarks.engine_scale": "workdir",
     "benchmarks.engine_scaling": "workdir",
     "benchmarks.ensemble_throughput": "",
     "benchmarks.gpu_check": "own",

@@ -6,9 +6,22 @@ leave a half-written one. A block task therefore writes its chunks first and its
     volref/manifests/<stage>/
         settings.json          digest of the stage's inputs and settings (+ the settings)
         blocks/<region>.json   one per finished block, written after its chunks (it lists them)
+        index.json             every block record at the time the stage finished, in one file
         done.json              the stage finished (level 0 and the pyramid, its listing)
 
-A record that cannot be parsed (a kill during its write) counts as not finished. A run whose
+A record that cannot be parsed (a kill during its write) counts as not finished.
+
+Reading the records back (:meth:`Manifest.finished`: a resumed stage, the next stage's check of
+its input) costs one file read per block, ~0.3 ms each on a local disk and a round trip each on
+an object store: minutes at 10**5 blocks. So when a stage finishes, its records are also written
+into ``index.json``, and :meth:`~Manifest.finished` lists the record names (one listing) and
+reads from the index every record it holds, reading only the others one by one. The block
+files stay the records: a record deleted since (by hand, or by :meth:`~Manifest.forget`) is not
+finished, and an index that lists a record no longer there is ignored (reading never writes:
+a refused run leaves the store as it was); the next :meth:`~Manifest.mark_done` writes it
+afresh from the files. :meth:`~Manifest.forget`, :meth:`~Manifest.undo` and
+:meth:`~Manifest.clear` drop the index, and one that cannot be parsed is ignored. What the
+index holds wins over a record's file rewritten by hand while it is listed. A run whose
 settings digest differs from the recorded one is refused unless the caller overwrites, which
 clears the records first. The settings hold an ``inputs`` entry where a stage reads the user's
 arrays: their fingerprints (:mod:`volref.io.fingerprint`), so a changed image is refused too.
@@ -110,22 +123,32 @@ class Manifest:
         delete_files(self.group, self.prefix)
 
     def forget(self, keys: list[str]) -> None:
-        """Drop the records of ``keys`` (their blocks run again) and the ``done`` record."""
+        """Drop the records of ``keys`` (their blocks run again), the index and the ``done``
+        record."""
+        self.undo()
         for key in keys:
             delete_file(self.group, f"{self.prefix}/blocks/{key}.json")
-        self.undo()
 
     # ------------------------------------------------------------ blocks
 
     def finished(self) -> dict[str, Any]:
-        """Region key -> payload of every readable block record."""
+        """Region key -> payload of every readable block record (from the index where it holds
+        the record, see the module doc). Reads only."""
+        return self._records(self._index())
+
+    def _records(self, index: dict[str, Any]) -> dict[str, Any]:
+        names = [n[:-5] for n in list_files(self.group, f"{self.prefix}/blocks")
+                 if n.endswith(".json")]
+        if not set(index) <= set(names):  # records deleted since: the index is stale
+            index = {}
         out: dict[str, Any] = {}
-        for name in list_files(self.group, f"{self.prefix}/blocks"):
-            if not name.endswith(".json"):
+        for key in names:
+            if key in index:
+                out[key] = index[key]
                 continue
-            raw = read_file(self.group, f"{self.prefix}/blocks/{name}")
+            raw = read_file(self.group, f"{self.prefix}/blocks/{key}.json")
             try:
-                out[name[:-5]] = json.loads(raw) if raw is not None else None
+                out[key] = json.loads(raw) if raw is not None else None
             except ValueError:
                 continue  # torn by a kill: not finished
         return {k: v for k, v in out.items() if isinstance(v, dict)}
@@ -152,12 +175,29 @@ class Manifest:
         return out if isinstance(out, dict) else {}
 
     def undo(self) -> None:
-        """The stage counts as unfinished again (its pyramid is rebuilt when it next runs)."""
+        """The stage counts as unfinished again (its pyramid is rebuilt when it next runs); its
+        index is dropped."""
         delete_file(self.group, f"{self.prefix}/done.json")
+        delete_file(self.group, f"{self.prefix}/index.json")
 
     def mark_done(self, summary: dict[str, Any]) -> None:
+        """Write the index of the block records (read from their files), then the ``done``
+        record."""
+        records = self._records({})
+        write_file(self.group, f"{self.prefix}/index.json",
+                   json.dumps(records, sort_keys=True, separators=(",", ":")).encode())
         write_file(self.group, f"{self.prefix}/done.json",
                    json.dumps(summary, indent=2, sort_keys=True).encode())
+
+    def _index(self) -> dict[str, Any]:
+        """The records of the index ({} when there is none or it cannot be parsed)."""
+        raw = read_file(self.group, f"{self.prefix}/index.json")
+        try:
+            out = json.loads(raw) if raw is not None else {}
+        except ValueError:
+            return {}
+        return {k: v for k, v in out.items() if isinstance(v, dict)} \
+            if isinstance(out, dict) else {}
 
 
 def image_change(before: Any, now: Any) -> str:

@@ -122,21 +122,32 @@ def instances(ctx: StageContext, executor: Executor, *, observer: Observer | Non
     # steps 1-2 on the workers
     notify = observer or (lambda e: None)
     notify({"event": "start", "stage": "instances: faces", "total": len(blocks), "done": 0})
-    labelled = {b.index: executor.submit(label_task, job, b, key=f"label-{b.key}")
-                for b in blocks}
-    pairs = [(a.index, b.index, axis,
-              executor.submit(pair_task, labelled[a.index], labelled[b.index], axis,
-                              key=f"pair-{a.key}-{axis}"))
-             for a, b, axis in grid.neighbours()]
-    summaries = executor.gather([executor.submit(summary_task, labelled[b.index],
-                                                 key=f"summary-{b.key}") for b in blocks])
-    pair_values = executor.gather([p[3] for p in pairs])
-    del labelled  # release the faces
+    number = {b.index: i for i, b in enumerate(blocks)}
+    labelled: dict[tuple[int, int, int], Any] = {}  # blocks whose faces are still needed
+    pairs: list[tuple[int, int, Any]] = []
+    summary_futures = []
+    for b in blocks:  # raster order: a block's lower neighbours are labelled before it
+        labelled[b.index] = executor.submit(label_task, job, b, key=f"label-{b.key}")
+        for axis in range(3):
+            low = list(b.index)
+            low[axis] -= 1
+            if low[axis] >= 0:
+                a = grid[low]
+                pairs.append((number[a.index], number[b.index],
+                              executor.submit(pair_task, labelled[a.index], labelled[b.index],
+                                              axis, key=f"pair-{a.key}-{axis}")))
+        summary_futures.append(executor.submit(summary_task, labelled[b.index],
+                                               key=f"summary-{b.key}"))
+        # the block below in z has met all its upper neighbours: its faces can go (so only
+        # one slab of blocks' faces is held at a time, here when blocks run in this process)
+        labelled.pop((b.index[0] - 1, b.index[1], b.index[2]), None)
+    del labelled
+    summaries = executor.gather(summary_futures)
+    pair_values = executor.gather([p[2] for p in pairs])
     notify({"event": "end", "stage": "instances: faces", "blocks": len(blocks),
             "computed": len(blocks), "seconds": time.perf_counter() - start})
     # step 3 here
-    number = {b.index: i for i, b in enumerate(blocks)}
-    edges = [(number[a], number[b], v) for (a, b, _, _), v in zip(pairs, pair_values)]
+    edges = [(a, b, v) for (a, b, _), v in zip(pairs, pair_values)]
     tables, n = resolve(summaries, edges, min_voxels)
     log.info("instances: %s from %s", mitochondria(n),
              counted(sum(s[0] for s in summaries), "block-local piece", "block-local pieces"))
