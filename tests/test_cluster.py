@@ -196,7 +196,7 @@ def test_api_runs_on_a_client_it_is_given_and_leaves_it_open(cluster_phantom, mo
     settings = volref.RunSettings(segmenter=seg, refiner=mae,
                                   refine=volref.RefineSettings(tau=0.3, stride=16))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         out = tmp_path / "api.zarr"
         result = volref.run(cluster_phantom, out, client=client, settings=settings)
         assert result.cluster.startswith("the given client's scheduler")

@@ -210,7 +210,7 @@ def test_on_a_cluster_a_refusal_is_not_retried_nor_logged_by_the_worker(caplog):
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as client, \
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client, \
             caplog.at_level(logging.INFO), pytest.raises(BlocksRefusedError) as info:
         run_blocks(Executor(client), "s", [BlockTask(str(i), _refuse_odd, (i,))
                                            for i in range(6)])
