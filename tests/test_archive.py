@@ -215,3 +215,31 @@ def test_label_pyramids_follow_the_images_factors_in_every_axis(tmp_path):
     labels = read_multiscale(root["labels/x"])
     assert [lv.shape for lv in labels.levels] == shapes
     assert [lv.scale for lv in labels.levels] == [lv.scale for lv in ms.levels]
+
+
+@pytest.mark.parametrize("method", ["nearest", "mean"])
+def test_a_pyramid_is_the_same_bytes_for_any_chunks_a_task(tmp_path, monkeypatch, method):
+    """Pyramid tasks take several small chunks each (fewer tasks on a large archive); the levels
+    are the same bytes as with one chunk a task, odd shapes and partial edge chunks included."""
+    import dask
+    import dask.array as da
+
+    from volref.io import write as writing
+
+    shapes = [(9, 45, 37), (9, 22, 18), (9, 11, 9)]
+    data = np.random.default_rng(1).integers(0, 250, size=shapes[0]).astype(np.uint8)
+    got = []
+    for cap in (1, 2**23):
+        monkeypatch.setattr(writing, "PYRAMID_TASK_VOXELS", cap)
+        root = zarr.open_group(tmp_path / f"{cap}.zarr", mode="w", zarr_format=3)
+        arrays = [root.create_array(f"s{k}", shape=s, chunks=(2, 4, 4), dtype="uint8")
+                  for k, s in enumerate(shapes)]
+        assert writing.chunk_multiples((2, 4, 4), (1, 2, 2), shapes[1]) == (
+            (1, 1, 1) if cap == 1 else (8, 8, 8))
+        dask.compute(store_pyramid(da.from_array(data, chunks=(2, 4, 4)), arrays, method),
+                     scheduler="sync")
+        got.append([a[:] for a in arrays])
+    for k in range(3):
+        np.testing.assert_array_equal(got[0][k], got[1][k], err_msg=f"level {k}")
+    if method == "nearest":
+        np.testing.assert_array_equal(got[1][2], data[:, ::4, ::4][:, :11, :9])

@@ -17,6 +17,7 @@ Levels that volref makes halve y and x and keep z, as pan-ExM stacks are already
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -155,7 +156,9 @@ def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array[Any]], meth
             prev = arrays[k - 1]
             lead = (1,) * (prev.ndim - 3)
             factors = level_factors(prev.shape[-3:], target.shape[-3:])
-            read_chunks = lead + tuple(c * f for c, f in zip(target.chunks[-3:], factors))
+            grouped = chunk_multiples(target.chunks[-3:], factors, target.shape[-3:])
+            read_chunks = lead + tuple(c * f * m for c, f, m in
+                                       zip(target.chunks[-3:], factors, grouped))
             src = da.from_zarr(prev, chunks=read_chunks)
             if stores:
                 src = bind(src, stores[-1])
@@ -164,7 +167,9 @@ def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array[Any]], meth
             raise VolrefError(f"internal: no source for level {k}")
         if tuple(src.shape) != tuple(target.shape):
             raise VolrefError(f"internal: level {k} shape {src.shape} != target {target.shape}")
-        src = src.astype(target.dtype).rechunk(target.chunks)
+        write_chunks = tuple(target.chunks) if k == 0 else lead + tuple(
+            c * m for c, m in zip(target.chunks[-3:], grouped))
+        src = src.astype(target.dtype).rechunk(write_chunks)  # whole zarr chunks per task
         stores.append(da.store(src, cast(Any, target), lock=False, compute=False))
     done: Delayed = dask.delayed(_done)(stores)
     return done
@@ -172,6 +177,28 @@ def store_pyramid(data: da.Array | None, arrays: Sequence[zarr.Array[Any]], meth
 
 def _done(_: Any) -> None:
     return None
+
+
+#: a pyramid task reads at most this many voxels of the level before (unless one chunk does)
+PYRAMID_TASK_VOXELS = 2**23
+
+
+def chunk_multiples(chunks: Sequence[int], factors: Sequence[int],
+                    shape: Sequence[int]) -> tuple[int, ...]:
+    """Zarr chunks of a level per pyramid task along (z, y, x): doubled along x, y, z in turn
+    while the task reads at most :data:`PYRAMID_TASK_VOXELS` and does not pass the level's
+    edge. Small chunks then cost a task per group of chunks, not several per chunk; each task
+    still writes whole chunks, and a level's bytes do not depend on it."""
+    m = [1, 1, 1]
+    grown = True
+    while grown:
+        grown = False
+        for axis in (2, 1, 0):
+            read = math.prod(c * f * g for c, f, g in zip(chunks, factors, m))
+            if m[axis] * chunks[axis] < shape[axis] and 2 * read <= PYRAMID_TASK_VOXELS:
+                m[axis] *= 2
+                grown = True
+    return m[0], m[1], m[2]
 
 
 def level_factors(prev: Sequence[int], target: Sequence[int]) -> tuple[int, ...]:
