@@ -25,11 +25,13 @@ from volref.engine.runner import (
     BlocksRefusedError,
     BlockTask,
     Executor,
+    batch_size,
     run_blocks,
 )
 from volref.errors import ConfigError, ImageDataError
 from volref.pipeline.blocks import Source
-from volref.stages.instances import STRUCTURE, block_labels, face_pairs, label_block, resolve
+from volref.pipeline.instances import group_pairs, group_shape, group_summary, group_task
+from volref.stages.instances import STRUCTURE, label_block, resolve
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 70), st.integers(1, 70))
 
@@ -121,18 +123,35 @@ def test_a_finished_stage_reads_its_records_from_the_index_but_the_files_decide(
     assert read_file(m.group, f"{m.prefix}/done.json") is not None
 
 
-def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0) -> np.ndarray:
-    """Run the whole instance scheme on a numpy mask (what the stage does on a store)."""
+class _MaskSource:
+    """A numpy mask as the refined labels a job reads (``!= 0`` is the mitochondrion)."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask.astype(np.uint8)
+
+    def read(self, start, stop, mode):
+        return self.mask[tuple(slice(a, b) for a, b in zip(start, stop))]
+
+
+def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0, group=(1, 1, 1)):
+    """Run the whole instance scheme of the stage on a numpy mask: groups of blocks labelled
+    and paired inside (``group`` blocks a side), pairs between neighbouring groups, the merge,
+    each block relabelled with its table."""
     grid = BlockGrid(mask.shape, block)
-    blocks = list(grid)
-    parts = [block_labels(mask[b.slices], b.start, mask.shape) for b in blocks]
-    number = {b.index: i for i, b in enumerate(blocks)}
-    edges = [(number[a.index], number[b.index],
-              face_pairs(parts[number[a.index]].faces[(ax, 1)], parts[number[b.index]].faces[(ax, 0)]))
-             for a, b, ax in grid.neighbours()]
-    tables, n = resolve([(p.n, p.keys, p.sizes) for p in parts], edges, min_voxels)
+    groups = BlockGrid(grid.counts, group)
+    job = SimpleNamespace(refined=_MaskSource(mask), volume=mask.shape)
+    labelled = {g.index: group_task(job, grid, g) for g in groups}
+    summaries, edges = [None] * len(grid), []
+    for g in groups:
+        found, inside = group_summary(labelled[g.index])
+        for number, summary in found.items():
+            summaries[number] = summary
+        edges += inside
+    for low, high, axis in groups.neighbours():
+        edges += group_pairs(labelled[low.index], labelled[high.index], grid, high, axis)
+    tables, n = resolve(summaries, edges, min_voxels)
     out = np.zeros(mask.shape, dtype=np.uint32)
-    for b, table in zip(blocks, tables):
+    for b, table in zip(grid, tables):
         local, _ = label_block(mask[b.slices])
         out[b.slices] = table[local]
     return out, n
@@ -140,15 +159,24 @@ def _labels_by_blocks(mask: np.ndarray, block, min_voxels: int = 0) -> np.ndarra
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), fill=st.floats(0.2, 0.6),
-       block=st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9)))
-def test_instances_across_blocks_equal_scipy_on_the_whole_volume(seed, fill, block):
+       block=st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9)),
+       group=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)))
+def test_instances_across_blocks_equal_scipy_on_the_whole_volume(seed, fill, block, group):
     rng = np.random.default_rng(seed)
     mask = rng.random((7, 13, 11)) < fill
     expected, n_expected = ndimage.label(mask, structure=STRUCTURE)
-    got, n = _labels_by_blocks(mask, block)
+    got, n = _labels_by_blocks(mask, block, group=group)
     assert n == n_expected
     # scipy numbers components by their first voxel in raster order, as volref does
     np.testing.assert_array_equal(got, expected)
+
+
+def test_groups_of_blocks_hold_a_bounded_volume_and_spread_over_the_workers():
+    assert group_shape((10, 10, 10), 2 * 32 * 32, 2) == (4, 4, 4)  # 4 groups a worker: <= 125 blocks
+    assert group_shape((40, 50, 50), 2 * 32 * 32, 2) == (16, 16, 32)  # <= 12,500 blocks
+    assert group_shape((4, 4, 4), 32 * 512 * 512, 1) == (1, 2, 2)  # 2**25 voxels: 4 blocks
+    assert group_shape((1, 3, 3), 100, 8) == (1, 1, 1)  # fewer blocks than workers
+    assert group_shape((1, 1, 40), 64, 1) == (1, 1, 8)  # thin grids grow along what they have
 
 
 def test_a_mitochondrion_across_four_blocks_keeps_one_id():
@@ -215,11 +243,52 @@ def test_on_a_cluster_a_refusal_is_not_retried_nor_logged_by_the_worker(caplog):
         run_blocks(Executor(client), "s", [BlockTask(str(i), _refuse_odd, (i,))
                                            for i in range(6)])
     assert str(info.value) == "s: bad voxels in 1 (and 3 more block(s))"
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any("Compute Failed" in e and "boom" in e for e in errors)  # a crash: logged
-    assert [e for e in errors if "Compute Failed" not in e] == [
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    worker = [r for r in errors if "failed after 3 tries" in r.getMessage()]  # retried, then
+    assert len(worker) == 1 and "boom" in str(worker[0].exc_info[1])  # logged with its traceback
+    assert [r.getMessage() for r in errors if r not in worker] == [
         "s block 4 failed: ValueError('boom')"]
-    assert not any("bad voxels" in e for e in errors)
+    assert not any("bad voxels" in r.getMessage() for r in errors)
+
+
+def _where(x, fail):
+    from distributed import get_worker
+
+    if x == fail:
+        raise ValueError("boom")
+    return x * 2, get_worker().get_current_task()
+
+
+def test_on_a_cluster_quick_blocks_share_tasks_and_each_keeps_its_own_result(caplog):
+    """Thousands of quick blocks must not cost a task each: after the first tasks measure a
+    block's time, blocks go in batches; each block keeps its result, and one that fails is
+    reported alone (the others of its batch are kept)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        ex = Executor(client)
+        rep = run_blocks(ex, "s", [BlockTask(str(i), _where, (i, -1)) for i in range(400)])
+        assert [rep.results[str(i)][0] for i in range(400)] == [2 * i for i in range(400)]
+        tasks = {v[1] for v in rep.results.values()}
+        assert len(tasks) < 40  # ~ MIN_WINDOW single blocks, then batches
+        events: list[dict] = []
+        with caplog.at_level(logging.INFO), pytest.raises(BlocksFailedError) as info:
+            run_blocks(ex, "s", [BlockTask(str(i), _where, (i, 150)) for i in range(400)],
+                       observer=events.append)
+    assert sorted(info.value.failed) == ["150"]
+    blocks = [e for e in events if e["event"] == "block"]
+    assert len(blocks) == 400 and sum(not e["ok"] for e in blocks) == 1
+    assert events[-1]["computed"] == 399 and events[-1]["failed"] == 1
+
+
+def test_batches_are_sized_from_a_blocks_measured_time():
+    assert batch_size(None, 1000, 4) == 1  # nothing measured yet
+    assert batch_size(2.0, 1000, 4) == 1  # slow blocks: one a task
+    assert batch_size(0.01, 1000, 4) == 100  # about a second of work
+    assert batch_size(1e-5, 10**6, 4) == 256  # capped
+    assert batch_size(1e-5, 40, 4) == 10  # the window stays busy to the end
+    assert batch_size(1e-5, 2, 4) == 1
 
 
 def test_a_cluster_slow_to_stop_is_a_warning_and_its_workers_are_killed(caplog):

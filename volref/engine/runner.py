@@ -10,6 +10,15 @@ Resources: when some worker advertises a ``GPU`` resource, model tasks ask for `
 tasks ask for ``{"CPU": 1}`` and stay off GPU-only workers. Without such workers no resources are
 requested and every worker takes every task. Resources are given per submitted task, not through
 ``dask.annotate``, so graph optimisation cannot drop them.
+
+Batches: on a cluster, :func:`run_blocks` keeps a bounded window of tasks in flight (a few per
+worker; the client never holds a future per block) and puts several blocks into one task when
+blocks are quick: it measures the blocks' own time on the workers and sizes the next batches to
+about :data:`TASK_SECONDS` of work (at most :data:`MAX_BATCH` blocks). Blocks that take seconds
+stay one per task; thousands of small blocks cost the client, the scheduler and the workers a
+task per batch, not per block. Each block in a batch is still its own unit: its own record (the
+stage's function writes it), its own retries and its own result or error, so a batch changes no
+byte and resuming loses at most the blocks that were running.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Observer = Callable[[dict[str, Any]], None]
+
+#: a batch of quick blocks is sized to about this much work on its worker (seconds)
+TASK_SECONDS = 1.0
+#: the most blocks one task runs
+MAX_BATCH = 256
+#: tasks in flight per worker (at least :data:`MIN_WINDOW` in all)
+WINDOW_PER_WORKER, MIN_WINDOW = 3, 4
 
 
 class BlocksFailedError(VolrefError, RuntimeError):
@@ -76,6 +93,14 @@ class Refused:
     not log it as a failed computation (the run's one line says it)."""
 
     error: VolrefError
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A block of a batch that raised after its retries (returned, so the batch's other blocks
+    are kept)."""
+
+    error: BaseException
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,9 @@ class Executor:
         self.token = uuid.uuid4().hex[:8]
         self.gpu_workers = self.cpu_resource = False
         self.workers = 1
+        #: tasks handed to the scheduler (or run here) so far: a block or a batch of blocks a
+        #: task, and the tasks of computed graphs (benchmarks count the engine's cost with it)
+        self.tasks = 0
         #: addresses of the workers model tasks run on (those with a GPU resource, if any: see
         #: submit); empty: any worker
         self.model_workers: list[str] = []
@@ -150,6 +178,7 @@ class Executor:
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, gpu: bool = False) -> Any:
         """A future of ``fn(*args)``; ``args`` may hold futures of this executor."""
+        self.tasks += 1
         if self.client is None:
             with deferred_termination():  # a SIGTERM meanwhile waits for the block's record
                 try:
@@ -171,32 +200,58 @@ class Executor:
 
     def compute(self, work: Any) -> Any:
         """Compute a Dask collection (the pyramid levels) on the same workers."""
+        whole = dask.delayed(list)(work) if isinstance(work, list) else work
+        self.tasks += len(whole.__dask_graph__())
         if self.client is None:
             return dask.compute(work, scheduler="sync")[0]
-        future = self.client.compute(dask.delayed(list)(work) if isinstance(work, list) else work,
-                                     resources=self._resources(False))
+        future = self.client.compute(whole, resources=self._resources(False))
         return future.result()
 
-    def as_completed(self, futures: dict[Any, str]
-                     ) -> Iterator[tuple[str, Any, BaseException | None]]:
-        """``(key, value, error)`` as tasks finish."""
-        if self.client is None:
-            for fut, key in futures.items():
-                yield key, fut.value, fut.error
-            return
+    def run_batched(self, stage: str, tasks: Sequence[BlockTask]
+                    ) -> Iterator[tuple[str, Any, BaseException | None]]:
+        """``(key, value, error)`` per block as batches finish (see the module doc: a bounded
+        window of tasks in flight, batches sized from the blocks' measured time). Tasks must not
+        take futures as arguments."""
         from distributed import as_completed
 
-        for fut in as_completed(list(futures)):
-            key = futures[fut]
-            if fut.status == "error":
-                yield key, None, fut.exception()
+        queue = deque(tasks)
+        window = max(MIN_WINDOW, WINDOW_PER_WORKER * self.workers)
+        flight: dict[Any, list[BlockTask]] = {}
+        pending = as_completed()
+        block_seconds: float | None = None  # the latest batch's mean time a block
+
+        def fill() -> None:
+            while queue and len(flight) < window:
+                size = batch_size(block_seconds, len(queue), window)
+                batch = [queue.popleft()]
+                while queue and len(batch) < size and queue[0].gpu == batch[0].gpu:
+                    batch.append(queue.popleft())
+                key = f"{stage}-{batch[0].key}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
+                fut = self.client.submit(  # type: ignore[union-attr]
+                    run_batch, tuple((t.fn, t.args) for t in batch), self.retries,
+                    key=f"{key}-{self.token}", pure=False, retries=self.retries,
+                    resources=self._resources(batch[0].gpu))
+                flight[fut] = batch
+                pending.add(fut)
+                self.tasks += 1
+
+        fill()
+        for fut in pending:
+            batch = flight.pop(fut)
+            if fut.status == "error":  # the task itself: a worker lost, an unpicklable result
+                error = fut.exception()
+                for t in batch:
+                    yield t.key, None, error
             else:
-                value = fut.result()
-                if isinstance(value, Refused):
-                    yield key, None, value.error
-                else:
-                    yield key, value, None
+                outcomes, seconds = fut.result()
+                block_seconds = seconds / len(batch)
+                for t, value in zip(batch, outcomes):
+                    if isinstance(value, (Refused, Failed)):
+                        yield t.key, None, value.error
+                    else:
+                        yield t.key, value, None
             fut.release()
+            fill()
 
 
 def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
@@ -225,9 +280,7 @@ def run_blocks(executor: Executor, stage: str, tasks: Sequence[BlockTask],
             _collect(report, failed, t.key, fut.value, fut.error, notify, stage, lost,
                      refused)
     else:
-        futures = {executor.submit(t.fn, *t.args, key=f"{stage}-{t.key}", gpu=t.gpu): t.key
-                   for t in todo}
-        for key, value, error in executor.as_completed(futures):
+        for key, value, error in executor.run_batched(stage, todo):
             _collect(report, failed, key, value, error, notify, stage, lost, refused)
     report.seconds = time.perf_counter() - start
     notify({"event": "end", "stage": stage, **report.to_dict(), "failed": len(failed)})
@@ -259,6 +312,35 @@ def _collect(report: StageReport, failed: dict[str, str], key: str, value: Any,
         report.results[key] = value
     notify({"event": "block", "stage": stage, "key": key, "ok": error is None,
             "done": report.skipped + report.computed + len(failed), "total": report.total})
+
+
+def batch_size(block_seconds: float | None, queued: int, window: int) -> int:
+    """Blocks in the next task: one until a block's time is known, then about
+    :data:`TASK_SECONDS` of work, at most :data:`MAX_BATCH` and at most a share of what is
+    queued that keeps every slot of the window busy to the end."""
+    if block_seconds is None:
+        return 1
+    by_time = int(TASK_SECONDS / max(block_seconds, 1e-6))
+    return max(1, min(by_time, MAX_BATCH, queued // window))
+
+
+def run_batch(items: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]], retries: int
+              ) -> tuple[list[Any], float]:
+    """Blocks of one task on a worker, each as :func:`run_task` with its own ``retries``: a
+    value, :class:`Refused` or :class:`Failed` per block, and the blocks' seconds."""
+    start = time.perf_counter()
+    outcomes: list[Any] = []
+    for fn, args in items:
+        for attempt in range(retries + 1):
+            try:
+                outcomes.append(run_task(fn, *args))
+                break
+            except Exception as exc:  # noqa: BLE001 - the block's, reported by the client
+                if attempt == retries:
+                    log.error("block task %s failed after %d tries", getattr(fn, "__name__", fn),
+                              retries + 1, exc_info=True)
+                    outcomes.append(Failed(exc))
+    return outcomes, time.perf_counter() - start
 
 
 def run_task(fn: Callable[..., Any], *args: Any) -> Any:
