@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--precisions", default="auto", help="model precisions to run side by side "
                     "(interleaved), e.g. auto,bf16: the default against a pinned one")
+    ap.add_argument("--methods", default="default", help="refinement methods to run side by "
+                    "side (interleaved), e.g. default,mae: volref's default against the paper's")
     args = ap.parse_args(argv)
     base = (2, 128, 128) if args.quick else tuple(args.base)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volref-scaling-"))
@@ -91,25 +93,29 @@ def main(argv: list[str] | None = None) -> dict:
         dask.compute(write_phantom(config, base_image))
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(s) for s in args.worker_sweep.split(",") if s and int(s) != args.workers]
-    precisions = [p.strip() for p in args.precisions.split(",")]
-    first_p = precisions[0]
-    runs: dict[tuple[int, int, str], list[dict]] = {}
+    # variants run side by side: (method, precision); the first is the one the rows describe
+    variants = [(m.strip(), p.strip()) for m in args.methods.split(",")
+                for p in args.precisions.split(",")]
+    first_v = variants[0]
+    runs: dict[tuple[int, int, tuple[str, str]], list[dict]] = {}
     for _ in range(args.repeats):  # interleaved: a slow spell does not fall on one size
         for k in sizes:
-            for p in precisions:
-                runs.setdefault((k, args.workers, p), []).append(
-                    measure(work, base_image, config.chunks, block, args.workers, k, p))
+            for v in variants:
+                runs.setdefault((k, args.workers, v), []).append(
+                    measure(work, base_image, config.chunks, block, args.workers, k, *v))
         for n in counts:
-            runs.setdefault((1, n, first_p), []).append(
-                measure(work, base_image, config.chunks, block, n, 1, first_p))
-    others = [median_row(runs[k, args.workers, p]) for k in sizes for p in precisions[1:]]
-    rows = [median_row(runs[k, args.workers, first_p]) for k in sizes]
+            runs.setdefault((1, n, first_v), []).append(
+                measure(work, base_image, config.chunks, block, n, 1, *first_v))
+    others = [median_row(runs[k, args.workers, v]) for k in sizes for v in variants[1:]]
+    rows = [median_row(runs[k, args.workers, first_v]) for k in sizes]
     for row in others:
         mine = next(r for r in rows if r["multiple"] == row["multiple"])
-        row["speedup_of_first_precision"] = row["wall_s"] / mine["wall_s"]
-        print(f"{row['multiple']}x: {first_p} ({mine['resolved']}) "
-              f"{row['speedup_of_first_precision']:.2f}x the voxels/s of {row['precision']}")
-    sweep = sorted([median_row(runs[1, n, first_p]) for n in counts]
+        row["speedup_of_first"] = row["wall_s"] / mine["wall_s"]
+        print(f"{row['multiple']}x: {mine['method']} {mine['precision']} ({mine['resolved']}) "
+              f"{row['speedup_of_first']:.2f}x the voxels/s of {row['method']} "
+              f"{row['precision']} ({row['resolved']}); median walls {mine['wall_s']:.1f} and "
+              f"{row['wall_s']:.1f} s")
+    sweep = sorted([median_row(runs[1, n, first_v]) for n in counts]
                    + [r for r in rows if r["multiple"] == 1 and counts], key=lambda r: r["workers"])
     first = rows[0]
     for row in rows[1:]:
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['speedup_vs_first']:.2f}x voxels/s")
     payload = {"machine": machine(), "workers": args.workers, "block": block,
                "repeats": args.repeats, "rows": rows, "line": line, "worker_sweep": sweep,
-               "other_precisions": others,
+               "other_variants": others,
                "command": command("engine_scaling", argv)}
     write_json(args.json, payload)
     return payload
@@ -167,20 +173,24 @@ def cluster_for(workers: int) -> ClusterSpec:
 
 
 def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
-            block: tuple[int, int, int], workers: int, k: int, precision: str = "auto") -> dict:
+            block: tuple[int, int, int], workers: int, k: int, method: str = "default",
+            precision: str = "auto") -> dict:
     image = work / f"phantom-{k}x-{workers}w.ome.zarr"
     if image.exists():
         shutil.rmtree(image)
     shape = stacked(base_image, image, k, chunks)
     start = time.perf_counter()
     result = run(image, settings=RunSettings(block_shape=block,
+                                             method=None if method == "default" else method,
                                              segment=SegmentSettings(precision=precision),
                                              refine=RefineSettings(precision=precision)),
                  cluster=cluster_for(workers))
-    resolved = json.loads((image / "volref" / "provenance.json").read_text())["segment"]
+    provenance = json.loads((image / "volref" / "provenance.json").read_text())
+    resolved = provenance["segment"]
     wall = time.perf_counter() - start
     voxels = math.prod(shape)
     row = {"multiple": k, "shape": shape, "voxels": voxels, "workers": workers,
+           "method": method, "method_run": provenance["refine"]["method"],
            "precision": precision, "resolved": resolved["settings"]["precision"],
            "blocks": len(result.grid), "block": result.grid.block, "wall_s": wall,
            "voxels_per_s": voxels / wall,
@@ -189,7 +199,8 @@ def measure(work: Path, base_image: Path, chunks: tuple[int, int, int],
            "peak_rss_gib_max": max(result.peak_memory.values()) / 2**30,
            "peak_rss_gib_after_stage": {s: max(p.values()) / 2**30
                                         for s, p in result.stage_peak_memory.items()}}
-    print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {workers} workers {precision}"
+    print(f"{k:>3}x {'x'.join(map(str, shape)):>14} {workers} workers {row['method_run']} "
+          f"{precision}"
           f"({row['resolved']}) {len(result.grid):>4} "
           f"blocks {wall:8.1f} s {voxels / wall / 1e3:8.1f} kvoxel/s  peak/worker "
           f"{row['peak_rss_gib_max']:.2f} GiB  "
