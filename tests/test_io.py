@@ -37,7 +37,7 @@ from volref.io import (
     validate_image,
     validate_label_image,
 )
-from volref.io.store import check_writable_group
+from volref.io.store import check_writable_group, read_file, read_files, write_file
 from volref.pipeline import write_phantom
 from volref.synth import SynthConfig
 
@@ -277,3 +277,20 @@ def test_names_that_escape_are_refused(phantom_copy, name):
     _, ms = open_multiscale(phantom_copy)
     with pytest.raises(InvalidNameError):
         _add_labels(open_group(phantom_copy, mode="r+"), ms, name=name)
+
+
+def test_many_small_files_are_read_together_with_the_same_bytes(tmp_path):
+    """A stage's block records are read in one call (files read here on a local store, reads
+    overlapped on any other): the same bytes as one by one, None where a file is missing or
+    is a directory."""
+    from zarr.storage import MemoryStore
+
+    for root in (zarr.open_group(tmp_path / "r.zarr", mode="w"),
+                 zarr.open_group(MemoryStore(), mode="w").require_group("sub")):
+        names = [f"m/blocks/{i}.json" for i in range(150)]
+        for i, name in enumerate(names):
+            write_file(root, name, f'{{"i": {i}}}'.encode())
+        asked = [*names, "m/blocks/gone.json", "m/blocks", "m/blocks/0.json/x"]
+        assert read_files(root, asked) == [read_file(root, n) for n in asked]
+        assert read_files(root, asked)[-3:] == [None, None, None]
+        assert read_files(root, names)[7] == b'{"i": 7}' and read_files(root, []) == []

@@ -40,7 +40,14 @@ import zarr
 
 from volref.errors import ConfigError
 from volref.io.fingerprint import changed_files
-from volref.io.store import delete_file, delete_files, list_files, read_file, write_file
+from volref.io.store import (
+    delete_file,
+    delete_files,
+    list_files,
+    read_file,
+    read_files,
+    write_file,
+)
 from volref.layout import INITIAL, MITOCHONDRIA, REFINED, label_path, manifest_prefix
 
 
@@ -141,17 +148,15 @@ class Manifest:
                  if n.endswith(".json")]
         if not set(index) <= set(names):  # records deleted since: the index is stale
             index = {}
-        out: dict[str, Any] = {}
-        for key in names:
-            if key in index:
-                out[key] = index[key]
-                continue
-            raw = read_file(self.group, f"{self.prefix}/blocks/{key}.json")
+        out: dict[str, Any] = {key: index[key] for key in names if key in index}
+        unread = [key for key in names if key not in index]  # read together, not in turn
+        raws = read_files(self.group, [f"{self.prefix}/blocks/{key}.json" for key in unread])
+        for key, raw in zip(unread, raws):
             try:
                 out[key] = json.loads(raw) if raw is not None else None
             except ValueError:
                 continue  # torn by a kill: not finished
-        return {k: v for k, v in out.items() if isinstance(v, dict)}
+        return {k: out[k] for k in names if isinstance(out.get(k), dict)}
 
     def record(self, key: str, payload: dict[str, Any] | None = None) -> None:
         _fault(self.stage, "before")

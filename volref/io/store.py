@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -484,6 +485,44 @@ def read_file(group: zarr.Group, name: str) -> bytes | None:
 
     buf = sync(group.store.get(_key(group, name), prototype=default_buffer_prototype()))
     return None if buf is None else buf.to_bytes()
+
+
+#: reads in flight at once when many small files are read together (:func:`read_files`)
+READS_IN_FLIGHT = 64
+
+
+def read_files(group: zarr.Group, names: Sequence[str]) -> list[bytes | None]:
+    """The bytes of each of ``names`` below ``group`` (None where one does not exist), read
+    concurrently in one call: many small files (a stage's block records) cost one hand-off to
+    zarr's event loop, and on an object store their round trips overlap, instead of one each
+    in turn."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    if type(group.store) is LocalStore:  # plain files: read here, ~10x faster than a hand-off
+        out: list[bytes | None] = []
+        for name in names:  # each file is None when missing, as LocalStore.get says
+            try:
+                out.append((Path(group.store.root) / _key(group, name)).read_bytes())
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                out.append(None)
+        return out
+
+    async def collect() -> list[bytes | None]:
+        gate = asyncio.Semaphore(READS_IN_FLIGHT)
+        proto = default_buffer_prototype()
+
+        async def one(name: str) -> bytes | None:
+            async with gate:
+                buf = await group.store.get(_key(group, name), prototype=proto)
+            return None if buf is None else buf.to_bytes()
+
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    return sync(collect()) if names else []
 
 
 def list_files(group: zarr.Group, prefix: str) -> list[str]:
