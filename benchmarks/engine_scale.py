@@ -17,7 +17,8 @@ blockwise statistics and measures every mitochondrion; ``publish`` writes the fe
 Per stage and block count: wall time, client CPU time, time spent inside block functions (when
 they run in this process), the engine's overhead (wall less block work), tasks submitted, client
 peak resident memory above the start (sampled every 20 ms), manifest record writes and listings,
-the union-find's time and peak allocation (tracemalloc around it alone) at that piece count, and
+the union-find's time and peak allocation at that piece count (the peak from a second run of it
+under tracemalloc, left out of the stage's times), and
 on a distributed scheduler (``dask scheduler`` and ``--workers`` ``dask worker`` processes, so
 the client process is only the client) the scheduler's resident memory. A second run on the
 finished store (every block recorded) measures resuming: what listing the records costs.
@@ -195,6 +196,8 @@ class Tally:
         self.seconds: dict[str, float] = {}
         self.merge_peak = 0
         self.pieces = 0
+        #: the traced repeat of the merge (its memory), not counted in a stage's times
+        self.excluded_cpu = self.excluded_wall = 0.0
         self._undo: list[tuple[Any, str, Any]] = []
 
     def wrap(self, owner: Any, name: str, label: str, traced: bool = False) -> None:
@@ -202,17 +205,23 @@ class Tally:
 
         def timed(*args: Any, **kw: Any) -> Any:
             start = time.perf_counter()
-            if traced:
-                tracemalloc.start()
             try:
-                return original(*args, **kw)
+                result = original(*args, **kw)
             finally:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
                 self.calls[label] = self.calls.get(label, 0) + 1
-                if traced:
+            if traced:  # once more under tracemalloc for its peak, left out of the stage's times
+                cpu, wall = time.process_time(), time.perf_counter()
+                tracemalloc.start()
+                try:
+                    original(*args, **kw)
                     self.merge_peak = max(self.merge_peak, tracemalloc.get_traced_memory()[1])
+                finally:
                     tracemalloc.stop()
-                    self.pieces = int(sum(b[0] for b in args[0]))
+                    self.excluded_cpu += time.process_time() - cpu
+                    self.excluded_wall += time.perf_counter() - wall
+                self.pieces = int(sum(b[0] for b in args[0]))
+            return result
 
         self._undo.append((owner, name, original))
         setattr(owner, name, timed)
@@ -333,6 +342,7 @@ def run_stages(image: Path, settings: Any, client: Any, sampler: PeakSampler,
                 name = stage.name if stage is not None else "publish"
                 executor.tasks, executor.inside = 0, 0.0
                 tally.merge_peak = tally.pieces = 0
+                tally.excluded_cpu = tally.excluded_wall = 0.0
                 start, cpu = time.perf_counter(), time.process_time()
                 if profile is not None:
                     profile.enable()
@@ -344,7 +354,8 @@ def run_stages(image: Path, settings: Any, client: Any, sampler: PeakSampler,
                     computed = 0
                 if profile is not None:
                     profile.disable()
-                wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+                wall = time.perf_counter() - start - tally.excluded_wall
+                cpu = time.process_time() - cpu - tally.excluded_cpu
                 row: dict[str, Any] = {
                     "wall_s": round(wall, 3), "client_cpu_s": round(cpu, 3),
                     "tasks": executor.tasks, "computed": computed,
@@ -427,10 +438,28 @@ DEFAULT_BLOCK_VOXELS = 32 * 512 * 512
 
 
 def model_rates() -> dict[str, Any]:
-    """Per-voxel work of ``volref run`` on this 2-core machine, from committed results: the
-    end-to-end line of ``benchmarks.engine_scaling`` (2 workers, ``--method mae``), its refine
-    share, and the fused refinement's cost relative to the MAE's (``benchmarks.refine_methods``;
-    fused is the default)."""
+    """Per-voxel work of ``volref run`` on a 2-core machine, from committed results: the
+    end-to-end line of ``benchmarks.engine_scaling`` with the default method
+    (``engine_scaling_default.json``) and the MAE's time relative to it end to end
+    (``engine_methods.json``), both from one machine; without them, the older estimate
+    (:func:`mae_line_rates`)."""
+    default, methods = RESULTS / "engine_scaling_default.json", RESULTS / "engine_methods.json"
+    if not (default.exists() and methods.exists()):
+        return mae_line_rates()
+    scaling = json.loads(default.read_text())
+    line = scaling["line"]
+    ratio = json.loads(methods.read_text())["other_variants"][0]["speedup_of_first"]
+    fused = float(line["s_per_mvoxel"])
+    return {"fixed_s": float(line["fixed_s"]), "fused_s_per_mvoxel": fused,
+            "mae_s_per_mvoxel": fused * ratio, "machine": scaling["machine"],
+            "precision": scaling["rows"][0]["resolved"],
+            "sources": [f"benchmarks/results/{default.name}", f"benchmarks/results/{methods.name}"]}
+
+
+def mae_line_rates() -> dict[str, Any]:
+    """The older estimate: the end-to-end line of ``benchmarks.engine_scaling`` with ``--method
+    mae`` (bf16 on a CPU with native bf16), its refine share, and the fused refinement's cost
+    relative to the MAE's in the refine stage (``benchmarks.refine_methods``)."""
     scaling = json.loads((RESULTS / "engine_scaling_caches.json").read_text())
     line = scaling["line"]
     last = max(scaling["rows"], key=lambda r: r["voxels"])
