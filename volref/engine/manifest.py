@@ -172,7 +172,11 @@ class Manifest:
 
     def done_record(self) -> dict[str, Any]:
         """What ``done.json`` says ({} when the stage has not finished or it cannot be read)."""
-        raw = read_file(self.group, f"{self.prefix}/done.json")
+        return self._read_object("done.json")
+
+    def _read_object(self, name: str) -> dict[str, Any]:
+        """The JSON object in the stage's file ``name`` ({} when missing, torn or not one)."""
+        raw = read_file(self.group, f"{self.prefix}/{name}")
         try:
             out = json.loads(raw) if raw is not None else {}
         except ValueError:
@@ -196,13 +200,7 @@ class Manifest:
 
     def _index(self) -> dict[str, Any]:
         """The records of the index ({} when there is none or it cannot be parsed)."""
-        raw = read_file(self.group, f"{self.prefix}/index.json")
-        try:
-            out = json.loads(raw) if raw is not None else {}
-        except ValueError:
-            return {}
-        return {k: v for k, v in out.items() if isinstance(v, dict)} \
-            if isinstance(out, dict) else {}
+        return {k: v for k, v in self._read_object("index.json").items() if isinstance(v, dict)}
 
 
 def image_change(before: Any, now: Any) -> str:
