@@ -242,8 +242,15 @@ def counting_executor(client: Any) -> Any:
     spent inside block functions (it counts its tasks itself)."""
     from volref.engine.runner import Executor
 
-    class Counting(Executor):  # tasks: the executor's own count (blocks, batches, graphs)
+    class Counting(Executor):  # tasks: the executor's own count (blocks, batches) + graphs'
         inside = 0.0
+
+        def compute(self, work: Any) -> Any:
+            import dask
+
+            self.tasks += len(dask.delayed(list)(work).__dask_graph__()) \
+                if isinstance(work, list) else len(work.__dask_graph__())
+            return super().compute(work)
 
         def submit(self, fn: Any, *args: Any, key: str, gpu: bool = False) -> Any:
             if not self.inline:

@@ -151,8 +151,8 @@ class Executor:
         self.token = uuid.uuid4().hex[:8]
         self.gpu_workers = self.cpu_resource = False
         self.workers = 1
-        #: tasks handed to the scheduler (or run here) so far: a block or a batch of blocks a
-        #: task, and the tasks of computed graphs (benchmarks count the engine's cost with it)
+        #: block tasks handed to the scheduler (or run here) so far: a block or a batch of
+        #: blocks a task (benchmarks count the engine's cost with it)
         self.tasks = 0
         #: addresses of the workers model tasks run on (those with a GPU resource, if any: see
         #: submit); empty: any worker
@@ -200,11 +200,10 @@ class Executor:
 
     def compute(self, work: Any) -> Any:
         """Compute a Dask collection (the pyramid levels) on the same workers."""
-        whole = dask.delayed(list)(work) if isinstance(work, list) else work
-        self.tasks += len(whole.__dask_graph__())
         if self.client is None:
             return dask.compute(work, scheduler="sync")[0]
-        future = self.client.compute(whole, resources=self._resources(False))
+        future = self.client.compute(dask.delayed(list)(work) if isinstance(work, list) else work,
+                                     resources=self._resources(False))
         return future.result()
 
     def run_batched(self, stage: str, tasks: Sequence[BlockTask]
