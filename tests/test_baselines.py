@@ -12,15 +12,18 @@ from tests.helpers import TINY_MAE
 from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
 from volref.errors import VolrefError
 from volref.evaluate.table2 import (
+    MIN_CONTROL,
     SliceData,
     Table2Settings,
     breaks_rule,
+    control_warnings,
     degraded_dice,
     select,
     summarise,
+    to_markdown,
     verdict,
 )
-from volref.metrics import METRICS
+from volref.metrics import METRICS, tile_metrics
 from volref.models.cnnae import CNNAEConfig, CNNAutoencoder
 from volref.models.mae import MaskedAutoencoder
 from volref.models.registry import load_refiner, refiner_method
@@ -210,6 +213,20 @@ def test_table2_summaries_dice_and_verdict():
     v = verdict(methods, {"initial": d, "mae": d, "crf": bad}, method="mae")
     assert v["mae_closer_than_initial"] == 5 and v["mae_closer_than_crf"] == 5
     assert v["mae_best_dice_mitochondrion"] and v["mae_best_dice_cristae"]
+    assert "truth_closer_than" not in v
+    # the ground truth of the tiles can sit farther from the control than a method: the target
+    # "closer than it" is then out of reach of a perfect refinement, and the verdict says so
+    v = verdict({**methods, "truth": row(4.5)}, {"mae": d}, method="mae")
+    assert v["truth_closer_than"] == {"initial": 5, "crf": 5, "mae": 0}
+
+
+def test_table2_warns_when_the_control_group_is_too_small_to_bound_a_range():
+    assert control_warnings(MIN_CONTROL) == []
+    (one,) = control_warnings(1)
+    assert "has 1 tile (" in one and "--degraded-fraction 0" in one
+    assert "has 0 tiles" in control_warnings(0)[0]
+    md = to_markdown({"methods": {}, "dice_degraded": {}, "warnings": control_warnings(1)})
+    assert md.startswith("Warning: the control group has 1 tile")
 
 
 # ---------------------------------------------------------------- volref refine --method
@@ -333,7 +350,14 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
                                        load_segmenter(seg), methods=("crf", "mae"),
                                        settings=settings, method_settings=ms)
     assert result["tiles"]["implausible"] > 0 and result["tiles"]["control"] > 0
-    assert set(result["methods"]) == {"initial", "crf", "mae", "control"}
+    assert set(result["methods"]) == {"initial", "crf", "mae", "control", "truth"}
+    # the truth row: the ground truth of the implausible tiles, what a perfect refinement scores
+    truth = finest(zarr.open_group(phantom_copy, mode="r"), label_path(GROUND_TRUTH))
+    truth_rows = [tile_metrics(truth[t["z"], t["y"]:t["y"] + 64, t["x"]:t["x"] + 64])
+                  for t in result["implausible_tiles"]]
+    assert result["methods"]["truth"] == summarise(truth_rows)
+    assert set(result["verdict"]["truth_closer_than"]) == {"initial", "crf", "mae"}
+    assert result["warnings"] == control_warnings(result["tiles"]["control"])
     for row in result["methods"].values():
         assert set(row) == set(METRICS) and {"mean", "sem"} <= set(row["skeleton_cycles"])
     assert set(result["dice_degraded"]["mae"]) == {"mitochondrion", "ims", "cristae", "matrix"}
@@ -352,7 +376,8 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     saved = json.loads((tmp_path / "table2.json").read_text())
     assert saved["tiles"] == result["tiles"] and saved["dice_whole"] == whole
     markdown = (tmp_path / "table2.md").read_text()
-    assert markdown.startswith("| method |") and "Dice over the whole evaluated slices" in markdown
+    assert "\n| method |" in "\n" + markdown and "Dice over the whole evaluated slices" in markdown
+    assert "| ground truth (same tiles) |" in markdown
     assert "(default)" not in markdown  # the default method was not evaluated
     assert "| mae (default) |" in to_markdown({**result, "default_method": "mae"})
     assert table2_bars(result, tmp_path / "bars.png").stat().st_size > 0

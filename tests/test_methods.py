@@ -32,7 +32,7 @@ def test_every_list_of_methods_is_the_registry():
 
     assert DEFAULT_METHOD in REGISTRY and RunSettings().method is None  # None: the default
     assert STAGE_METHODS == names() and set(REFINERS) == set(REGISTRY)
-    assert METHODS == ("initial", *table_order(), "control") and REFINERS[-1] == names()[0]
+    assert METHODS == ("initial", *table_order(), "control", "truth") and REFINERS[-1] == names()[0]
     for command in ("refine", "run"):
         option = next(p for p in cli.commands[command].params if p.name == "method")
         assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == names()

@@ -622,6 +622,8 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     if examples:
         table2_panel(examples, Path(out) / "fig6.png")
     click.echo(to_markdown(result))
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     tiles = result["tiles"]
     click.echo(f"{tiles['implausible']} implausible and {tiles['control']} control tiles from "
                f"{tiles['slices']} slices; wrote {out}/table2.json, table2.md, table2.png"

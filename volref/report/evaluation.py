@@ -34,7 +34,7 @@ def table2_panel(examples: list[dict], out: str | os.PathLike,
 
 def table2_bars(result: dict, out: str | os.PathLike) -> Path:
     """Mean ± standard error of each metric by method; the control group as an orange band, the
-    default method in dark blue."""
+    default method in dark blue, the ground truth of the same tiles (phantoms) in black."""
     plt = pyplot()
     table = result["methods"]
     default = result.get("default_method", DEFAULT_METHOD)
@@ -44,8 +44,8 @@ def table2_bars(result: dict, out: str | os.PathLike) -> Path:
         means = [table[n][metric]["mean"] for n in names]
         sems = [table[n][metric]["sem"] for n in names]
         ax.bar(range(len(names)), means, yerr=sems, capsize=3,
-               color=["#999999" if n == "initial" else "#0072B2" if n == default else "#56B4E9"
-                      for n in names])
+               color=["#999999" if n == "initial" else "#0072B2" if n == default
+                      else "#000000" if n == "truth" else "#56B4E9" for n in names])
         if "control" in table:
             c = table["control"][metric]
             ax.axhspan(c["mean"] - c["sem"], c["mean"] + c["sem"], color="#E69F00", alpha=0.35,
