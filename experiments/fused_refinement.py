@@ -1,6 +1,7 @@
 """Does the fused refinement beat its input? Dice against ground truth inside the low-SNR spots
 and over whole slices: initial labels, the paper's MAE, and ``fused`` (the MAE's and the
-ensemble's probabilities combined where the MAE rebuilds, :mod:`volref.models.fusion`).
+ensemble's probabilities combined where the MAE rebuilds, :mod:`volref.models.fusion`, as
+``volref refine`` runs it: ``--fusion`` decides its smoothing and rim rule).
 
     python -m experiments.fused_refinement --store H1.ome.zarr H2.ome.zarr ... \\
         [--every 2] [--fusion F] [--json OUT]
@@ -18,6 +19,7 @@ import torch
 from benchmarks.common import machine, parser, write_json
 from experiments.common import command
 from experiments.models import segmentation_dice
+from volref.evaluate.methods import MethodSettings, refine_slice
 from volref.evaluate.table2 import Table2Settings, load_slices
 from volref.models.fusion import read_fusion
 from volref.models.precision import in_precision
@@ -39,9 +41,10 @@ def labels_of(stores: list[str], every: int, fusion) -> dict[str, np.ndarray]:
             sel, p = rebuilt_probabilities(mae, s.initial, s.uncertainty, settings)
             refined = s.initial.copy()
             refined[sel] = p.argmax(axis=0)
-            fused = s.initial.copy()
-            if sel.any() and s.probabilities is not None:
-                fused[sel] = fusion.classes(s.probabilities()[:, sel], p)
+            fused = refine_slice("fused", {"fused": mae}, initial=s.initial,
+                                 uncertainty=s.uncertainty, image=s.image,
+                                 probabilities=s.probabilities, tile=128,
+                                 settings=MethodSettings(refine=settings, fusion=fusion))
             for k, v in (("initial", s.initial), ("mae", refined), ("fused", fused),
                          ("truth", s.truth), ("spots", s.degraded.astype(bool))):
                 out[k].append(v)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,83 @@ def test_paper_mae_gives_the_same_bytes_as_before_fused_existed():
     # no near-tie a CPU's last bits could flip: the bytes are the machine's, not luck
     top2 = np.sort(seen[0], axis=0)[-2:]
     assert (top2[1] - top2[0]).min() > 1e-3
+
+
+# ---------------------------------------------------------------- topology: smoothing, rim
+
+
+def test_smoothing_keeps_to_the_ensembles_tiles_so_any_cut_gives_the_same_values():
+    from volref.models.fusion import smooth_tiles
+
+    rng = np.random.default_rng(3)
+    p = rng.random((2, 4, 96, 160)).astype(np.float32)  # (z, C, Y, X); tiles of 32, volume 90x150
+    whole = smooth_tiles(p, 2.0, 32, extent=(90, 150))
+    assert not np.allclose(whole, p)
+    # a block of the volume (on the tile grid) smooths its tiles to the same values
+    part = smooth_tiles(p[:, :, 32:96, 64:160], 2.0, 32, origin=(32, 64), extent=(90, 150))
+    np.testing.assert_array_equal(part, whole[:, :, 32:96, 64:160])
+    # a tile's values depend on that tile alone; past the volume nothing is read
+    other = p.copy()
+    other[:, :, :32, :32] += 1.0
+    other[:, :, 90:, :] = 7.0
+    again = smooth_tiles(other, 2.0, 32, extent=(90, 150))
+    np.testing.assert_array_equal(again[:, :, 32:90], whole[:, :, 32:90])
+    np.testing.assert_array_equal(again[:, :, :32, 32:], whole[:, :, :32, 32:])
+    # tiles not needed are left as they were; sigma 0 smooths nothing
+    needed = np.zeros((2, 3, 5), bool)
+    needed[1, 0, 0] = True
+    some = smooth_tiles(p, 2.0, 32, needed=needed)
+    np.testing.assert_array_equal(some[0], p[0])
+    assert not np.allclose(some[1, :, :32, :32], p[1, :, :32, :32])
+    np.testing.assert_array_equal(some[1, :, 32:], p[1, :, 32:])
+    np.testing.assert_array_equal(smooth_tiles(p, 0.0, 32), p)
+
+
+def test_fused_classes_take_the_outline_from_the_smoothed_and_cristae_from_the_raw():
+    from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+
+    plain = dataclasses.replace(Fusion.identity(4), smooth=2.0)
+    raw = np.array([[0.1, 0.1, 0.2, 0.6], [0.1, 0.1, 0.6, 0.2], [0.1, 0.1, 0.2, 0.6],
+                    [0.7, 0.1, 0.05, 0.15]], np.float32).T  # (C, 4 pixels)
+    smooth = np.array([[0.1, 0.1, 0.6, 0.2], [0.6, 0.2, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1],
+                       [0.1, 0.1, 0.1, 0.7]], np.float32).T
+    mae = np.full((4, 4), 0.25, np.float32)
+    assert list(plain.classes(raw, mae)) == [MATRIX, CRISTAE, MATRIX, BACKGROUND]
+    assert list(plain.classes(raw, mae, smooth)) == [MATRIX, BACKGROUND, IMS, MATRIX]
+
+
+def test_fusion_files_without_the_topology_keys_keep_the_per_pixel_rule():
+    d = LEANING.to_dict()
+    assert d["smooth"] == 2.0 and d["rim"] is True  # what a fusion made now does
+    old = {k: v for k, v in d.items() if k not in ("smooth", "rim")}
+    assert Fusion.from_dict(old) == dataclasses.replace(LEANING, smooth=0.0, rim=False)
+    with pytest.raises(ValueError, match="smooth"):
+        dataclasses.replace(LEANING, smooth=float("inf"))
+    shipped, _ = read_fusion(Path(__file__).parents[1] / "volref/models/weights/fusion.json")
+    assert shipped.smooth == 2.0 and shipped.rim
+
+
+def test_rim_turns_rebuilt_inner_structure_beside_background_into_ims_the_same_for_any_cut():
+    from volref.classes import BACKGROUND, IMS, MATRIX
+    from volref.stages.refine import rim
+
+    c, cell = 2, 8
+    region = np.full((16 + 2 * c, 16 + 2 * c), MATRIX, np.uint8)  # initial labels, with context
+    region[:, :c + 1] = BACKGROUND  # kept background along the left
+    removed = np.zeros(region.shape, bool)
+    removed[c:c + 16, c + 1:c + 16] = True  # the core's pixels right of it were removed
+    labels = region[c:c + 16, c:c + 16].copy()
+    labels[:, 5] = BACKGROUND  # rebuilt background: column 5 (cell 0) ...
+    labels[:, 8] = BACKGROUND  # ... and column 8 (cell 1)
+    rebuilt = removed[c:c + 16, c:c + 16]
+    out = rim(labels, rebuilt, region, removed, c, cell)
+    assert (out[:, 1] == IMS).all()  # beside kept background
+    assert (out[:, 4] == IMS).all() and (out[:, 6] == IMS).all()  # beside background of its cell
+    assert (out[:, 7] == MATRIX).all()  # column 8's background is another cell's: not seen
+    assert (out[:, 9] == IMS).all()
+    assert (out[:, 2:4] == MATRIX).all() and (out[:, 10:] == MATRIX).all()
+    # unremoved pixels never change
+    assert (rim(labels, np.zeros_like(rebuilt), region, removed, c, cell) == labels).all()
+    # the right half on its own (a block cut on the cell grid) gives the same pixels
+    right = rim(labels[:, 8:], rebuilt[:, 8:], region[:, 8:], removed[:, 8:], c, cell)
+    np.testing.assert_array_equal(right, out[:, 8:])

@@ -38,6 +38,7 @@ SCRIPTS = {
     "benchmarks.synth_memory": "workdir",
     "experiments.crf_tuning": "store",
     "experiments.fused_refinement": "store",
+    "experiments.fused_topology": "store",
     "experiments.paper_models": "workdir",
     "experiments.prior_calibration": "store",
     "experiments.refine_tuning": "store",

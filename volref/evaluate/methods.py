@@ -6,7 +6,8 @@ reaches into.
   global tile grid of a window (the tile plus :func:`~volref.stages.refine.context` pixels on
   every side, background and zero uncertainty past the slice), scored on the tile.
 * ``fused``: the MAE run as ``mae``, the class of each pixel it rebuilds chosen from its and the
-  ensemble's probabilities (:mod:`volref.models.fusion`).
+  ensemble's probabilities (smoothed on the ensemble's tile grid of the slice, as the refine
+  stage smooths them) and the rim rule (:mod:`volref.models.fusion`).
 * ``crf``: the dense CRF of :mod:`volref.stages.crf` on the ensemble's probabilities and the
   image of the tile plus ``crf_margin`` pixels, when the tile holds a removed patch (as
   :func:`~volref.stages.crf.crf_region` does for a volume), scored on the tile.
@@ -24,10 +25,10 @@ from torch import nn
 from volref.classes import BACKGROUND
 from volref.io.region import read_padded
 from volref.methods import REGISTRY, Method
-from volref.models.fusion import Fusion
+from volref.models.fusion import Fusion, smooth_tiles
 from volref.stages.crf import CRFSettings, crf_region
 from volref.stages.refine import Combine, context, refine_region
-from volref.stages.settings import RefineSettings
+from volref.stages.settings import RefineSettings, SegmentSettings
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class MethodSettings:
     crf: CRFSettings = field(default_factory=CRFSettings)
     crf_margin: int = 32
     fusion: Fusion | None = None  # fused: how the MAE's and the ensemble's probabilities combine
+    ensemble_tile: int = SegmentSettings().tile  # fused: the grid its smoothing keeps to
 
 
 def window(a: np.ndarray, y0: int, x0: int, y1: int, x1: int, fill) -> np.ndarray:
@@ -107,9 +109,9 @@ def _crf_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarr
 def _tiles_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
                   uncertainty: np.ndarray, image: np.ndarray, probabilities,
                   box: tuple[int, int, int, int], tile: int, settings: MethodSettings,
-                  combine: Combine | None = None) -> np.ndarray:
+                  combine: Combine | None = None, rim_rule: bool = False) -> np.ndarray:
     """A tile refiner (MAE, MAE+X, CNN-AE) over the global tile grid of the box's window
-    (``combine``: as :func:`~volref.stages.refine.refine_region`'s)."""
+    (``combine``, ``rim_rule``: as :func:`~volref.stages.refine.refine_region`'s)."""
     if spec.name not in models:
         raise KeyError(f"no model for method {spec.name!r}")
     model: Any = models[spec.name]
@@ -122,7 +124,8 @@ def _tiles_window(spec: Method, models: Mapping[str, nn.Module], initial: np.nda
     img = None
     if getattr(model, "needs_image", False):  # mirrored past the slice, as volref refine reads
         img = window(image, *win, "mirror")[None]
-    return refine_region(model, lab, unc, rs, image=img, combine=combine).labels[0]
+    return refine_region(model, lab, unc, rs, image=img, combine=combine,
+                         rim_rule=rim_rule).labels[0]
 
 
 def _fused_window(spec: Method, models: Mapping[str, nn.Module], initial: np.ndarray,
@@ -134,13 +137,21 @@ def _fused_window(spec: Method, models: Mapping[str, nn.Module], initial: np.nda
     if settings.fusion is None:
         raise KeyError(f"no fusion for method {spec.name!r} (MethodSettings.fusion)")
     fusion = settings.fusion
-    ens = window(probabilities(), *box, "mirror")
+    whole = probabilities()
+    ens = window(whole, *box, "mirror")
+    smooth = None
+    if fusion.smooth > 0:
+        t = settings.ensemble_tile
+        y0, x0, y1, x1 = box
+        needed = np.zeros((-(-whole.shape[-2] // t), -(-whole.shape[-1] // t)), bool)
+        needed[y0 // t:-(-y1 // t), x0 // t:-(-x1 // t)] = True  # the tiles under the box
+        smooth = window(smooth_tiles(whole, fusion.smooth, t, needed=needed), *box, "mirror")
 
     def combine(z: int, sel: np.ndarray, p: np.ndarray) -> np.ndarray:
-        return fusion.classes(ens[:, sel], p)
+        return fusion.classes(ens[:, sel], p, None if smooth is None else smooth[:, sel])
 
     return _tiles_window(spec, models, initial, uncertainty, image, probabilities, box, tile,
-                         settings, combine)
+                         settings, combine, rim_rule=fusion.rim)
 
 
 #: the tile function of each ``block`` kind of the method registry (:mod:`volref.methods`)

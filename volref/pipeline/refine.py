@@ -59,7 +59,7 @@ from volref.io import (
 from volref.layout import INITIAL, REFINED, STAGE_OUTPUTS, existing_levels, label_path
 from volref.methods import DEFAULT_METHOD, REGISTRY, Method
 from volref.methods import method as method_spec
-from volref.models.fusion import Fusion, read_fusion
+from volref.models.fusion import Fusion, read_fusion, smooth_tiles
 from volref.models.registry import (
     DEFAULT_FUSION,
     DEFAULT_REFINER,
@@ -331,9 +331,11 @@ def _core(labels: np.ndarray, lo: tuple[int, ...], block: Block,
 
 
 def _tiles_block(job: RefineJob, block: Block, combine: Combine | None = None,
-                 prepare: Callable[[np.ndarray], None] | None = None) -> BlockResult:
+                 prepare: Callable[[np.ndarray], None] | None = None,
+                 rim_rule: bool = False) -> BlockResult:
     """A tile refiner (the MAE, MAE+X, the CNN-AE) over the global tile grid on one block:
-    :func:`~volref.stages.refine.refine_region` (``combine``, ``prepare``: as its)."""
+    :func:`~volref.stages.refine.refine_region` (``combine``, ``prepare``, ``rim_rule``: as
+    its)."""
     dev = device()
     model = cached_model(load_refiner, *job.model, dev)
     lo, hi = job.halo.region(block)
@@ -347,7 +349,7 @@ def _tiles_block(job: RefineJob, block: Block, combine: Combine | None = None,
         image = normalise(raw, job.intensity)
     with MODEL_LOCK:
         out = refine_region(model, labels, unc, job.settings, device=dev, image=image,
-                            combine=combine, prepare=prepare)
+                            combine=combine, prepare=prepare, rim_rule=rim_rule)
     stats = {"tiles": out.tiles_total, "tiles_run": out.tiles_run,
              "removed_px": int(out.removed.sum()), "device": dev}
     return _core(labels, lo, block, out.labels.shape), out.labels, stats
@@ -357,7 +359,8 @@ def _fused_block(job: RefineJob, block: Block) -> BlockResult:
     """``--method fused`` on one block: the MAE as :func:`_tiles_block`, each pixel it rebuilds
     given its class by :func:`fused_classes` (the image is read for the ensemble only)."""
     prepare, combine = fused_classes(job, block, device())
-    return _tiles_block(job, block, combine=combine, prepare=prepare)
+    return _tiles_block(job, block, combine=combine, prepare=prepare,
+                        rim_rule=cast(Fusion, job.fusion).rim)
 
 
 def _crf_block(job: RefineJob, block: Block) -> BlockResult:
@@ -421,8 +424,8 @@ def fused_classes(job: RefineJob, block: Block,
     """``--method fused``: ``prepare``, which runs the ensemble once over the block's tiles that
     hold a removed pixel (all slices in one pass, so its batches are full; a tile's values do
     not depend on which others run), and ``combine``, the rule that gives each pixel the MAE
-    rebuilds its class from the ensemble's probabilities and the MAE's
-    (:mod:`volref.models.fusion`)."""
+    rebuilds its class from the ensemble's probabilities (and their :func:`smooth_tiles`, on the
+    ensemble's global tile grid) and the MAE's (:mod:`volref.models.fusion`)."""
     if job.ensemble is None or job.fusion is None or job.segment is None:  # set by plan
         raise RuntimeError("a fused job needs the ensemble, the fusion and the segment settings")
     stack, ys, xs = ensemble_input(job, block, 0)
@@ -430,6 +433,7 @@ def fused_classes(job: RefineJob, block: Block,
     fusion, seg = job.fusion, job.segment
     t, (_, y0, x0) = seg.tile, block.start
     oy, ox = y0 - ys, x0 - xs  # the block in the stack's grid
+    _, *extent = cast(Source, job.image).shape  # the volume: the last tiles stop there
     probs: list[np.ndarray] = []
 
     def prepare(removed: np.ndarray) -> None:
@@ -438,12 +442,16 @@ def fused_classes(job: RefineJob, block: Block,
                          stack.shape[2] - 2 * seg.halo), bool)
         grid[:, oy:oy + removed.shape[1], ox:ox + removed.shape[2]] = removed
         needed = grid.reshape(grid.shape[0], grid.shape[1] // t, t, grid.shape[2] // t, t)
-        probs.append(segment_probabilities(ens, stack, seg, device=dev,
-                                           needed=np.asarray(needed.any(axis=(2, 4)))))
+        tiles = np.asarray(needed.any(axis=(2, 4)))
+        probs.append(segment_probabilities(ens, stack, seg, device=dev, needed=tiles))
+        if fusion.smooth > 0:
+            probs.append(smooth_tiles(probs[0], fusion.smooth, t, origin=(ys, xs),
+                                      extent=(extent[0], extent[1]), needed=tiles))
 
     def combine(z: int, sel: np.ndarray, refiner: np.ndarray) -> np.ndarray:
-        p = probs[0][z, :, oy:oy + sel.shape[0], ox:ox + sel.shape[1]]
-        return fusion.classes(p[:, sel], refiner)
+        p, s = (a[z, :, oy:oy + sel.shape[0], ox:ox + sel.shape[1]][:, sel] for a in
+                (probs[0], probs[-1]))
+        return fusion.classes(p, refiner, s if fusion.smooth > 0 else None)
 
     return prepare, combine
 
