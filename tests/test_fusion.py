@@ -273,3 +273,21 @@ def test_rim_turns_rebuilt_inner_structure_beside_background_into_ims_the_same_f
     # the right half on its own (a block cut on the cell grid) gives the same pixels
     right = rim(labels[:, 8:], rebuilt[:, 8:], region[:, 8:], removed[:, 8:], c, cell)
     np.testing.assert_array_equal(right, out[:, 8:])
+
+
+def test_train_fusion_writes_the_outline_settings_it_is_given(tmp_path):
+    """``volref train fusion`` end to end on a small segmented phantom (shipped models): the
+    fitted file refines (its card names both models) and carries --smooth and --rim."""
+    from benchmarks.common import quick_store
+    from volref.cli.main import main
+    from volref.models.registry import DEFAULT_REFINER, DEFAULT_SEGMENTER
+
+    store = quick_store(tmp_path)
+    out = tmp_path / "fusion.json"
+    assert main(["train", "fusion", "--data", str(store), "--out", str(out), "--every", "4",
+                 "--smooth", "1.5", "--no-rim"]) == 0
+    fusion, card = read_fusion(out)
+    assert fusion.smooth == 1.5 and fusion.rim is False
+    assert card["segmenter_sha256"] == file_hash(DEFAULT_SEGMENTER)
+    assert card["refiner_sha256"] == file_hash(DEFAULT_REFINER)
+    assert sum(card["fit"]["pixels"]) > 0

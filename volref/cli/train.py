@@ -226,13 +226,19 @@ def refiner(ctx, data, out, epochs, steps, batch, crop, lr, fp32, seed, init, bl
               help="The ensemble (default: the shipped one).")
 @click.option("--refiner", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The MAE (default: the shipped one).")
-def fusion(data, out, every, balance, segmenter, refiner):
+@click.option("--smooth", type=click.FloatRange(0, 16), default=2.0, show_default=True,
+              help="Pixels of smoothing of the ensemble's probabilities for the outline "
+                   "(background / IMS / inner structure); 0: pixel by pixel.")
+@click.option("--rim/--no-rim", default=True, show_default=True,
+              help="Turn rebuilt cristae or matrix beside background into IMS.")
+def fusion(data, out, every, balance, segmenter, refiner, smooth, rim):
     """Fit the fused refinement (volref refine --method fused): how the ensemble's and the MAE's
     class probabilities combine where the MAE rebuilds, on phantoms with ground truth."""
     from volref.train.fusion import train_fusion
 
     _, card = train_fusion(list(data), out, every=every, balance=balance, segmenter=segmenter,
-                           refiner=refiner, command=command_line(), log=click.echo)
+                           refiner=refiner, command=command_line(), log=click.echo,
+                           smooth=smooth, rim=rim)
     fit = card["fit"]
     click.echo(f"fitted on {sum(fit['pixels'])} rebuilt pixels: loss {fit['loss_start']:.4f} -> "
                f"{fit['loss']:.4f}")

@@ -4,6 +4,7 @@ true class there (:func:`fit_fusion`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from volref import __version__
 from volref.classes import BACKGROUND, N_CLASSES
 from volref.errors import VolrefError
 from volref.evaluate.table2 import Table2Settings, load_slices
-from volref.models.fusion import FLOOR, Fusion, features, save_fusion
+from volref.models.fusion import FLOOR, RIM, SMOOTH, Fusion, features, save_fusion
 from volref.models.mae import MaskedAutoencoder
 from volref.models.precision import in_precision
 from volref.models.registry import (
@@ -124,9 +125,12 @@ def fusion_samples(store: str | os.PathLike, every: int, ensemble: nn.Module,
 def train_fusion(stores: Sequence[str | os.PathLike], out: str | os.PathLike, *, every: int = 2,
                  balance: float = 0.5, l2: float = 1e-3, segmenter: str | os.PathLike | None = None,
                  refiner: str | os.PathLike | None = None, command: str = "",
-                 log: Callable[[str], None] | None = None) -> tuple[Fusion, dict[str, Any]]:
+                 log: Callable[[str], None] | None = None, smooth: float = SMOOTH,
+                 rim: bool = RIM) -> tuple[Fusion, dict[str, Any]]:
     """Fit a fusion of ``segmenter``'s and ``refiner``'s probabilities (default: the shipped
-    ones) on ``stores`` and write it, with a card naming both models' hashes, to ``out``."""
+    ones) on ``stores`` and write it, with a card naming both models' hashes, to ``out``.
+    ``smooth``, ``rim``: how it draws the outline (:class:`~volref.models.fusion.Fusion`; the
+    fit itself is on the unsmoothed probabilities)."""
     settings = RefineSettings()
     seg_path = Path(segmenter) if segmenter is not None else DEFAULT_SEGMENTER
     ref_path = Path(refiner) if refiner is not None else DEFAULT_REFINER
@@ -140,6 +144,7 @@ def train_fusion(stores: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                           "(use phantoms with degraded areas, volref synth --degraded-fraction)")
     fusion, record = fit_fusion([s.ensemble for s in samples], [s.refiner for s in samples],
                                 [s.truth for s in samples], N_CLASSES, balance=balance, l2=l2)
+    fusion = dataclasses.replace(fusion, smooth=smooth, rim=rim)
     card = {"volref": __version__, "segmenter_sha256": file_hash(seg_path),
             "refiner_sha256": file_hash(ref_path), "data": [Path(s).name for s in stores],
             "every": every, "refine": settings.to_dict(), "fit": record, "command": command}
