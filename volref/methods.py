@@ -90,6 +90,7 @@ class Method:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("fused", "fused", "the MAE's and the ensemble's probabilities combined where the MAE "
            "rebuilds (a logistic fusion fitted on validation phantoms, volref train fusion; "
+           "the outline from the ensemble's probabilities smoothed 2 px, an IMS rim; "
            "re-runs the ensemble)", model="mae", block="fused", weights="refiner.safetensors",
            needs=frozenset({"image", "probabilities"})),
     Method("mae", "MAE", "the paper's masked autoencoder, a shape prior on labels that "
