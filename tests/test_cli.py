@@ -149,6 +149,22 @@ def test_evaluate_refuses_unknown_methods_and_missing_models(small_phantom, tmp_
     assert "unknown method magic" in capsys.readouterr().err
 
 
+def test_evaluate_without_an_implausible_tile_is_an_error_not_a_table(tmp_path, capsys):
+    """A volume without low-SNR spots has nothing for Table 2 to compare: one line, exit 2,
+    nothing written (not Dice 1.0 and "best" verdicts over zero tiles)."""
+    clean = tmp_path / "clean.ome.zarr"
+    assert main(["-q", "synth", str(clean), "--shape", "4", "256", "256", "--density", "3",
+                 "--degraded-fraction", "0", "--seed", "3"]) == 0
+    assert main(["-q", "segment", str(clean), "--workers", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(clean), "--out", str(out), "--every", "2",
+                 "--methods", "mae"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("volref: error: no implausible tile in 2 slices")
+    assert not out.exists()
+
+
 def test_training_progress_in_a_log_is_one_line_per_epoch(capsys):
     from volref.cli.train import TrainingProgress
 

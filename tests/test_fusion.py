@@ -291,3 +291,29 @@ def test_train_fusion_writes_the_outline_settings_it_is_given(tmp_path):
     assert card["segmenter_sha256"] == file_hash(DEFAULT_SEGMENTER)
     assert card["refiner_sha256"] == file_hash(DEFAULT_REFINER)
     assert sum(card["fit"]["pixels"]) > 0
+
+
+def test_bad_outline_settings_and_a_broken_named_fusion_are_refused_in_one_line(
+        models, tmp_path, capsys):
+    from volref.cli.main import main
+    from volref.pipeline.refine import RefineStage, default_method
+
+    d = LEANING.to_dict()
+    for key, bad in (("rim", "false"), ("rim", 1), ("smooth", "2"), ("smooth", True),
+                     ("smooth", -1.0), ("smooth", float("nan"))):
+        with pytest.raises(ValueError, match=key):
+            Fusion.from_dict({**d, key: bad})
+    # a fusion file the user names and volref cannot use: an error, not a quiet switch to mae
+    seg, mae = models
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    default_method.cache_clear()
+    for path in (broken, tmp_path / "missing.json"):
+        with pytest.raises(ConfigError, match="not a volref fusion file"):
+            RefineStage(model=mae, segmenter=seg, fusion=str(path)).chosen  # noqa: B018
+    # volref train fusion refuses a NaN smoothing before it fits anything
+    assert main(["train", "fusion", "--data", str(tmp_path / "none.ome.zarr"), "--out",
+                 str(tmp_path / "f.json"), "--smooth", "nan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("volref: error: smooth must lie in") and "\n" not in err
+    assert not (tmp_path / "f.json").exists()

@@ -18,7 +18,7 @@ import click
 import dask
 
 from volref import __version__
-from volref.classes import mitochondria
+from volref.classes import counted, mitochondria
 from volref.cli.info import describe
 from volref.cli.labels import label_options, label_settings
 from volref.cli.progress import DaskProgress, EngineProgress
@@ -339,7 +339,8 @@ def _execute(ctx: click.Context, stages: tuple[str, ...], *, image: str, output:
                    + (f" (auto: {why[result.precision]})" if auto else ""))
     if result.peak_memory:
         peak = max(result.peak_memory.values()) / 2**30
-        click.echo(f"  peak memory per worker: {peak:.2f} GiB ({len(result.peak_memory)} workers)")
+        n = len(result.peak_memory)
+        click.echo(f"  peak memory per worker: {peak:.2f} GiB ({counted(n, 'worker', 'workers')})")
     refined = result.report("refine")
     if refined is not None and "changes" in refined.results:
         for line in change_lines(refined.results["changes"]):
@@ -436,8 +437,8 @@ def segment(ctx, **options):
                  *label_options("Refine", "Looked up in the --output store, then in IMAGE's "
                                           "archive.")])
 def refine(ctx, **options):
-    """Refinement (--method: the MAE by default, or a baseline): labels/volref-refined from
-    labels/volref-initial, or from any tool's label image (--labels, --class-map,
+    """Refinement (--method: fused by default, the paper's MAE, or a baseline):
+    labels/volref-refined from labels/volref-initial, or from any tool's label image (--labels, --class-map,
     --uncertainty). Prints what it changed (the share of voxels, and of the initial
     mitochondrion voxels turned to background) and warns when it removes much.
 
@@ -616,6 +617,12 @@ def evaluate(ctx, stores, out, out_deprecated, methods, every, max_tiles, segmen
     result, examples = evaluate_table2(stores, models, ensemble, methods=chosen,
                                        settings=settings, method_settings=method_settings,
                                        progress=progress)
+    if not result["tiles"]["implausible"]:
+        raise VolrefError(
+            f"no implausible tile in {result['tiles']['slices']} slices of "
+            f"{', '.join(str(s) for s in stores)}: Table 2 compares methods on tiles whose "
+            "initial labels break a rule inside a degraded area (phantoms with low-SNR spots: "
+            "volref synth --degraded-fraction); nothing written")
     result["command"] = command_line()
     write(result, out)
     table2_bars(result, Path(out) / "table2.png")

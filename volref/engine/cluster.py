@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from volref.classes import counted
 from volref.errors import ConfigError, VolrefError
 from volref.files import read_small_file
 
@@ -150,7 +151,7 @@ def connect(spec: ClusterSpec, client: Any | None = None) -> Iterator[Connection
     if client is not None:
         n = len(client.scheduler_info(n_workers=-1)["workers"])
         yield Connection(client, f"the given client's scheduler {client.scheduler.address} "
-                                 f"({n} workers)", client.dashboard_link)
+                                 f"({counted(n, 'worker', 'workers')})", client.dashboard_link)
         return
     if spec.scheduler:
         yield from _join(spec.scheduler, spec.tls)
@@ -192,7 +193,7 @@ def _join(address: str, tls: TLSFiles | None = None) -> Iterator[Connection]:
                           f"{type(exc).__name__}: {exc}") from None
     try:
         n = len(client.scheduler_info(n_workers=-1)["workers"])
-        yield Connection(client, f"scheduler {address} ({n} workers)", client.dashboard_link)
+        yield Connection(client, f"scheduler {address} ({counted(n, 'worker', 'workers')})", client.dashboard_link)
     finally:
         client.close()
 
@@ -265,7 +266,7 @@ def _start(config: dict[str, Any]) -> Iterator[Connection]:
             cluster.scale(n)
             client.wait_for_workers(1, timeout=config.get("wait", "600s"))
         n = len(client.scheduler_info(n_workers=-1)["workers"])
-        yield Connection(client, f"{kind} cluster ({n} workers)", client.dashboard_link)
+        yield Connection(client, f"{kind} cluster ({counted(n, 'worker', 'workers')})", client.dashboard_link)
     finally:
         with contextlib.suppress(Exception):
             client.close()

@@ -111,11 +111,15 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fusion:
+        smooth, rim = d.get("smooth", 0.0), d.get("rim", False)
+        if isinstance(smooth, bool) or not isinstance(smooth, (int, float)):
+            raise ValueError(f"not a fusion: smooth must be a number of pixels, got {smooth!r}")
+        if not isinstance(rim, bool):
+            raise ValueError(f"not a fusion: rim must be true or false, got {rim!r}")
         try:
             return cls(weights=tuple(tuple(float(v) for v in r) for r in d["weights"]),
                        bias=tuple(float(v) for v in d["bias"]),
-                       floor=float(d.get("floor", FLOOR)),
-                       smooth=float(d.get("smooth", 0.0)), rim=bool(d.get("rim", False)))
+                       floor=float(d.get("floor", FLOOR)), smooth=float(smooth), rim=rim)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a fusion: {exc}") from None
 

@@ -477,11 +477,14 @@ def fusion_for(path: str | os.PathLike | None, ensemble: tuple[str, str],
 @functools.lru_cache(maxsize=16)
 def default_method(model: str | None, segmenter: str | None, fusion: str | None) -> str:
     """``fused`` when the fusion (default: the shipped one) was fitted for this ensemble and
-    MAE; else the paper's ``mae``, with a warning that says why and how to fit one."""
+    MAE; else the paper's ``mae``, with a warning that says why and how to fit one. A fusion
+    file the user names (``fusion``) that cannot be used is an error, never a quiet switch."""
     try:
         fusion_for(fusion, check_model(segmenter, DEFAULT_SEGMENTER, load_segmenter),
                    check_model(model, DEFAULT_REFINER, load_refiner))
     except ConfigError as exc:
+        if fusion is not None:
+            raise
         log.warning("refining with the paper's MAE (--method mae), not the default fused "
                     "refinement: %s", exc)
         return "mae"

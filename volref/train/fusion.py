@@ -131,6 +131,10 @@ def train_fusion(stores: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     ones) on ``stores`` and write it, with a card naming both models' hashes, to ``out``.
     ``smooth``, ``rim``: how it draws the outline (:class:`~volref.models.fusion.Fusion`; the
     fit itself is on the unsmoothed probabilities)."""
+    try:  # refuse bad outline settings before minutes of fitting
+        dataclasses.replace(Fusion.identity(N_CLASSES), smooth=smooth, rim=rim)
+    except ValueError as exc:
+        raise VolrefError(str(exc)) from None
     settings = RefineSettings()
     seg_path = Path(segmenter) if segmenter is not None else DEFAULT_SEGMENTER
     ref_path = Path(refiner) if refiner is not None else DEFAULT_REFINER
