@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -220,6 +221,19 @@ def test_table2_summaries_dice_and_verdict():
     assert v["truth_closer_than"] == {"initial": 5, "crf": 5, "mae": 0}
 
 
+def test_table2_json_is_strict_json(tmp_path):
+    import json
+
+    from volref.evaluate.table2 import write
+
+    row = {m: {"mean": float("nan"), "sem": np.float64(math.inf), "n": 0} for m in METRICS}
+    write({"methods": {"mae": row}, "dice_degraded": {}, "bounds": (-math.inf, 1.5)}, tmp_path)
+    saved = json.loads((tmp_path / "table2.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in table2.json"))
+    assert saved["methods"]["mae"]["skeleton_cycles"] == {"mean": None, "sem": None, "n": 0}
+    assert saved["bounds"] == [None, 1.5]
+
+
 def test_table2_warns_when_the_control_group_is_too_small_to_bound_a_range():
     assert control_warnings(MIN_CONTROL) == []
     (one,) = control_warnings(1)
@@ -373,7 +387,8 @@ def test_evaluate_table2_on_a_segmented_phantom(phantom_copy, models, tmp_path):
     assert whole["initial"]["cristae"] == pytest.approx(dice(ini == CRISTAE, tru == CRISTAE))
     assert whole["mae"] != whole["initial"]  # the slices were refined, not copied
     write(result, tmp_path)
-    saved = json.loads((tmp_path / "table2.json").read_text())
+    text = (tmp_path / "table2.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in table2.json"))
     assert saved["tiles"] == result["tiles"] and saved["dice_whole"] == whole
     markdown = (tmp_path / "table2.md").read_text()
     assert "\n| method |" in "\n" + markdown and "Dice over the whole evaluated slices" in markdown

@@ -309,10 +309,23 @@ def _row_name(name: str, default: str | None) -> str:
     return f"{name} (default)" if name == default else name
 
 
+def strict(value):
+    """``value`` with every non-finite float (a mean over nothing) as None: table2.json is
+    strict JSON, which every reader parses (``NaN`` is not JSON)."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def write(result: dict, out: str | os.PathLike) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table2.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / "table2.json").write_text(json.dumps(strict(result), indent=2, default=float,
+                                                allow_nan=False) + "\n")
     (out / "table2.md").write_text(to_markdown(result))
 
 
