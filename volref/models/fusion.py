@@ -146,18 +146,19 @@ def smooth_tiles(probabilities: np.ndarray, sigma: float, tile: int,
     ny, nx = out.shape[-2:]
     oy, ox = origin
     ey, ex = extent if extent is not None else (oy + ny, ox + nx)
-    lead = out.shape[:-2]
+    outer = out.shape[:-2] if needed is None else needed.shape[:-2]  # what ``needed`` chooses by
+    sigmas = (0.0,) * (out.ndim - 2 - len(outer)) + (sigma, sigma)  # no smoothing across classes
     for y in range(0, ny, tile):
         for x in range(0, nx, tile):
             win = (slice(y, min(y + tile, ey - oy)), slice(x, min(x + tile, ex - ox)))
             if win[0].stop <= y or win[1].stop <= x:
                 continue  # wholly past the volume
-            for idx in np.ndindex(*lead):
-                if needed is not None and not needed[idx[:needed.ndim - 2] +
-                                                     (y // tile, x // tile)]:
+            for idx in np.ndindex(*outer):
+                if needed is not None and not needed[idx + (y // tile, x // tile)]:
                     continue
-                out[idx + win] = ndimage.gaussian_filter(out[idx + win], sigma, mode="nearest",
-                                                         truncate=TRUNCATE)
+                part = idx + (...,) + win
+                out[part] = ndimage.gaussian_filter(out[part], sigmas, mode="nearest",
+                                                    truncate=TRUNCATE)
     return out
 
 
