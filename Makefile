@@ -65,6 +65,10 @@ weights: $(STAMP)
 	# with IntensityJitter (contrast, noise, offset, per-slice gain); the card gets its scale.
 	# The shipped refiners (MAE, CNN-AE, MAE+X) were trained on the previous ensemble's labels of
 	# these phantoms; the steps below retrain them on this one's.
+	# The shipped ensemble was trained when the intensity sample was picked by storage chunk
+	# (every 3rd plane and row of these phantoms; now every 2nd, whatever the chunks): the
+	# recipe's ranges differ from its by up to 3 % of the width (train-101: 150.2-468.8 then,
+	# 153.3-479.4 now), so it retrains a close, not an identical, ensemble.
 	cd $(TRAIN) && $(CURDIR)/$(VENV)/bin/volref train segmenter $(TRAIN_DATA) \
 		--out seg --members 5 --epochs 8 --steps 80 --seed 0
 	cd $(TRAIN) && for s in 101 102 103 104; do $(CURDIR)/$(VENV)/bin/volref -q segment \

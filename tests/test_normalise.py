@@ -212,3 +212,27 @@ def test_synth_counts_and_warns(tmp_path, density, expect):
         assert suggested * math.prod((4, 128, 128)) / 1e6 >= 1.9  # about two expected
     else:
         assert "warning" not in res.stderr
+
+
+@pytest.mark.parametrize("strided", [True, False])
+def test_the_range_does_not_depend_on_the_storage_chunks(tmp_path, monkeypatch, strided):
+    """The same image stored in other chunks is sampled at the same voxels, so it gets the same
+    range (a sample picked by chunks moved the range by 1 ADU and 8,952 labels of a phantom)."""
+    import volref.io.image as image
+    from volref.io import background_sample, open_image
+    from volref.pipeline.intensity import volume_intensity
+
+    if not strided:  # the lattice of boxes large archives get
+        monkeypatch.setattr(image, "STRIDED_MAX_VOXELS", 0)
+    out = []
+    for chunks in ((32, 256, 256), (3, 50, 70), (8, 96, 40)):
+        path = tmp_path / f"{chunks[0]}.ome.zarr"
+        cfg = SynthConfig(shape=(12, 160, 224), density=12.0, seed=5, chunks=chunks)
+        with dask.config.set(scheduler="threads"):
+            dask.compute(write_phantom(cfg, path))
+        vol = open_image(path)
+        pieces = background_sample(vol, max_voxels=100_000)
+        assert sum(p.size for p in pieces) <= (100_000 if strided else 125 * 64 * 224)
+        r, how = volume_intensity(vol, None, SegmentSettings())
+        out.append((r, how["sample"]))
+    assert out[0] == out[1] == out[2]

@@ -168,27 +168,41 @@ def intensity_sample(volume: Volume, max_voxels: int = 4_000_000) -> np.ndarray:
     return np.asarray(data[::step, ::step, ::step].compute(), dtype=np.float64)
 
 
-def background_sample(volume: Volume, max_voxels: int = 4_000_000,
-                      max_chunks: int = 64) -> list[np.ndarray]:
-    """Whole-width pieces of up to ``max_chunks`` chunks of the volume's own level, spread
-    evenly over its chunk grid (for background and noise statistics).
+#: a volume of at most this many voxels is sampled on a regular stride over all of it; a larger
+#: one in a lattice of small boxes (reading a stride through an archive of 10^10 voxels would
+#: read most of its chunks)
+STRIDED_MAX_VOXELS = 2**28
+#: the lattice: up to LATTICE boxes along each axis, each one plane of BOX_ROWS rows of BOX_WIDTH
+LATTICE, BOX_ROWS, BOX_WIDTH = 5, 64, 512
+
+
+def _starts(length: int, box: int, count: int) -> list[int]:
+    return sorted({int(v) for v in np.linspace(0, length - box, min(count, length - box + 1))
+                   .round()})
+
+
+def background_sample(volume: Volume, max_voxels: int = 4_000_000) -> list[np.ndarray]:
+    """Pieces of the volume's own level for background and noise statistics, placed by its
+    shape alone: the same voxels whatever the storage chunks (a sample picked by chunks gave the
+    same image stored in other chunks another intensity range, and other labels).
 
     Unlike :func:`intensity_sample` this reads the level that is processed, not the coarsest
     one: averaging into coarser levels lowers the noise. Rows run along x unbroken (the noise is
-    measured between x-neighbours); z and y are thinned to stay within ``max_voxels``.
+    measured between x-neighbours). Up to :data:`STRIDED_MAX_VOXELS` voxels, one piece: every
+    ``step``-th plane and row with ``step`` the smallest stride that keeps within
+    ``max_voxels``; beyond, a lattice of up to ``LATTICE**3`` one-plane boxes of
+    ``BOX_ROWS x BOX_WIDTH`` spread evenly over the volume (what a piece reads stays bounded).
     """
     data = volume.data
-    grid = data.numblocks
-    n = int(np.prod(grid))
-    picks = np.unique(np.linspace(0, n - 1, min(n, max_chunks)).round().astype(np.int64))
-    budget = max_voxels / len(picks)
-    pieces = []
-    for flat in picks:
-        block = data.blocks[tuple(int(i) for i in np.unravel_index(int(flat), grid))]
-        nz, ny, nx = block.shape
-        step = max(1, int(np.ceil(np.sqrt(nz * ny * nx / budget))))
-        pieces.append(np.asarray(block[::step, ::step, :].compute()))
-    return pieces
+    nz, ny, nx = (int(n) for n in data.shape)
+    if nz * ny * nx <= STRIDED_MAX_VOXELS:
+        step = max(1, int(np.ceil(np.sqrt(nz * ny * nx / max_voxels))))
+        return [np.asarray(data[::step, ::step, :].compute())]
+    by, bx = min(ny, BOX_ROWS), min(nx, BOX_WIDTH)
+    boxes = [data[z, y:y + by, x:x + bx][None]
+             for z in _starts(nz, 1, LATTICE) for y in _starts(ny, by, LATTICE)
+             for x in _starts(nx, bx, LATTICE)]
+    return [np.asarray(b) for b in da.compute(*boxes)]
 
 
 def display_window(volume: Volume) -> tuple[float, float] | None:

@@ -25,8 +25,9 @@ not the default width: a noisier acquisition would then look fainter to the mode
 noise: clean-region Dice 0.45 instead of 0.79 on a validation phantom).
 
 One range per volume, computed once from a sample of the level being processed (see
-:func:`volref.io.background_sample`), so every block of a volume is normalised identically
-whatever the blocking. The range is recorded with the outputs.
+:func:`volref.io.background_sample`, placed by the volume's shape alone), so every block of a
+volume is normalised identically whatever the blocking, and the same image stored in other
+chunks gets the same range. The range is recorded with the outputs.
 """
 from __future__ import annotations
 
