@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated subset of: {', '.join(CASES)}")
     ap.add_argument("--mappings", default="before,now", help="before, now or both")
+    ap.add_argument("--argmax", action="store_true",
+                    help="the plain argmax of the ensemble's probabilities (its card's decision "
+                         "left out)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",")]
     unknown = sorted(set(cases) - set(CASES))
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:  # the empty volume and a gain copy, under the card's mapping only
         cases, args.mappings = ["empty", "gain x2"], "now"
     ensemble = load_segmenter()
+    if args.argmax:
+        ensemble.plain_argmax()
+    offsets = ensemble.offsets
     scale = IntensityScale.from_dict(model_card()["intensity"])
     settings = SegmentSettings(precision=args.precision)
     mappings = tuple(m.strip() for m in args.mappings.split(","))
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     write_json(args.json, {"machine": machine(), "command": command("domain_shift", argv),
                            "quick": args.quick, "shape": list(shape), "scale": scale.to_dict(),
+                           "decision": None if offsets is None else offsets.tolist(),
                            "rows": rows})
 
 

@@ -4,7 +4,14 @@ On a GPU the members are stacked with ``torch.func.stack_module_state`` and eval
 ``vmap`` in one batched pass. On the CPU they run one after another, adding their probabilities
 into one running mean: vmap turns each convolution into a grouped one, which the CPU runs 3x
 slower than the K convolutions in turn (benchmarks.ensemble_throughput). Either way the
-probabilities stay on the device, and only the argmax labels and the normalised entropy leave it.
+probabilities stay on the device, and only the labels and the normalised entropy leave it.
+
+The labels are the argmax of the mean probabilities, or, when the model card holds a
+``decision`` (:func:`volref.models.registry.load_segmenter`), of their logarithms plus one offset
+per class: the decision fitted for Dice on phantoms with ground truth (``volref train
+decision``). A class-weighted loss moves the probabilities' balance away from the one that
+scores best; the offsets move it back without retraining. The uncertainty stays the entropy of
+the probabilities themselves.
 """
 
 from __future__ import annotations
@@ -20,13 +27,21 @@ from volref.models.unet import UNet
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[UNet]) -> None:
+    def __init__(self, members: list[UNet], offsets: list[float] | None = None) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.config = members[0].config
         self._stacked: tuple[dict, dict] | None = None
+        if offsets is not None and (len(offsets) != self.config.n_classes or not all(
+                math.isfinite(float(v)) for v in offsets)):
+            raise ValueError(f"a decision needs {self.config.n_classes} finite offsets, "
+                             f"got {list(offsets)!r}")
+        # log-probability offsets of the decision, one per class (None: the plain argmax); a
+        # buffer, so it follows the members to their device, not part of the saved state
+        self.register_buffer("offsets", None if offsets is None else torch.tensor(
+            [float(v) for v in offsets]), persistent=False)
 
     @property
     def n_classes(self) -> int:
@@ -69,7 +84,20 @@ class Ensemble(nn.Module):
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels ``(N, H, W)`` uint8 and normalised entropy ``(N, H, W)`` in [0, 1]."""
         p = self.mean_probabilities(x)
-        return p.argmax(dim=1).to(torch.uint8), normalised_entropy(p)
+        return self.decide(p), normalised_entropy(p)
+
+    def plain_argmax(self) -> Ensemble:
+        """Leave the decision out: labels are the argmax of the probabilities (for comparison)."""
+        self._buffers["offsets"] = None
+        return self
+
+    def decide(self, p: torch.Tensor) -> torch.Tensor:
+        """Labels ``(N, H, W)`` uint8 of mean probabilities ``(N, C, H, W)``."""
+        offsets = self.offsets
+        if not isinstance(offsets, torch.Tensor):
+            return p.argmax(dim=1).to(torch.uint8)
+        scores = torch.log(p.clamp_min(1e-12)) + offsets.to(p.dtype)[None, :, None, None]
+        return scores.argmax(dim=1).to(torch.uint8)
 
 
 def normalised_entropy(p: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -98,7 +98,24 @@ def load_segmenter(path: str | os.PathLike | None = None,
         m = UNet(unet_config)
         load_into(m, sub, path)
         members.append(m)
-    return Ensemble(members).to(device).eval()
+    try:
+        return Ensemble(members, decision_offsets(meta.get("card"))).to(device).eval()
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def decision_offsets(card: Any) -> list[float] | None:
+    """The class offsets of an ensemble's decision in its model card (``card["decision"]
+    ["offsets"]``), None when it has none (the plain argmax)."""
+    decision = card.get("decision") if isinstance(card, dict) else None
+    if decision is None:
+        return None
+    offsets = decision.get("offsets") if isinstance(decision, dict) else None
+    if not isinstance(offsets, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in offsets):
+        raise ValueError(f"the card's decision needs a list of numbers 'offsets', got "
+                         f"{decision!r}")
+    return [float(v) for v in offsets]
 
 
 def load_refiner(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
