@@ -79,3 +79,12 @@ def test_train_decision_needs_ground_truth(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "ground truth" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_train_decision_with_no_slice_to_fit_on_is_one_line(small_phantom, models, tmp_path,
+                                                           capsys):
+    out = tmp_path / "d.safetensors"
+    assert main(["-q", "train", "decision", "--data", str(small_phantom), "--segmenter",
+                 models[0], "--out", str(out), "--every", "1000"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "nothing to fit" in err and len(err.splitlines()) == 1 and not out.exists()

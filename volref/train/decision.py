@@ -75,6 +75,9 @@ def decision_sample(store: str | os.PathLike, every: int, ensemble, segmenter_pa
         truth.append(np.asarray(truth_arr[z])[clean].astype(np.uint8))
         if log is not None:
             log(f"{store}: slice {z}, {int(clean.sum())} clean pixels")
+    if not truth:  # every > the number of slices
+        return DecisionSample(Path(store).name, np.zeros((N_CLASSES, 0), np.float32),
+                              np.zeros(0, np.uint8))
     return DecisionSample(Path(store).name, np.concatenate(log_p, axis=1),
                           np.concatenate(truth))
 
