@@ -275,6 +275,47 @@ def test_rim_turns_rebuilt_inner_structure_beside_background_into_ims_the_same_f
     np.testing.assert_array_equal(right, out[:, 8:])
 
 
+def test_enclosed_rebuilt_holes_become_inner_structure_the_same_for_any_cut():
+    from volref.classes import BACKGROUND, CRISTAE, IMS, MATRIX
+    from volref.stages.refine import fill_enclosed
+
+    c, cell = 2, 8
+    region = np.full((16 + 2 * c, 24 + 2 * c), MATRIX, np.uint8)  # initial labels, with context
+    removed = np.zeros(region.shape, bool)
+    removed[c:c + 16, c:c + 24] = True  # every core pixel was removed and rebuilt
+    labels = np.full((16, 24), MATRIX, np.uint8)
+    rebuilt = np.ones(labels.shape, bool)
+    labels[2:4, 2:4] = IMS  # a hole inside cell (0, 0): filled
+    labels[2:4, 10:12] = BACKGROUND  # cell (0, 1), ringed by cristae: filled with cristae
+    labels[1, 10:12] = labels[4, 10:12] = labels[2:4, 9] = labels[2:4, 12] = CRISTAE
+    labels[10:12, 7] = IMS  # beside cell (1, 1), whose pixels were rebuilt too: left alone
+    labels[10:12, 16:18] = IMS  # a hole with one pixel that was not rebuilt: left alone
+    rebuilt[10, 16] = False
+    labels[5:7, 20:22] = IMS  # inside cell (0, 2): filled
+    labels[7:9, 4:6] = IMS  # across cells (0, 0) and (1, 0): left alone
+    out = fill_enclosed(labels, rebuilt, region, removed, c, cell)
+    assert (out[2:4, 2:4] == MATRIX).all()
+    assert (out[2:4, 10:12] == CRISTAE).all()
+    assert (out[10:12, 7] == IMS).all()
+    assert (out[10:12, 16:18] == IMS).all()
+    assert (out[5:7, 20:22] == MATRIX).all()
+    assert (out[7:9, 4:6] == IMS).all()
+    # a hole at the core's edge is enclosed only by what was not removed past it
+    edge = labels.copy()
+    edge[:2, 12:14] = IMS
+    assert (fill_enclosed(edge, rebuilt, region, removed, c, cell)[:2, 12:14] == MATRIX).all()
+    removed_above = removed.copy()
+    removed_above[:c, :] = True  # rebuilt by the block above: unknown here
+    assert (fill_enclosed(edge, rebuilt, region, removed_above, c, cell)[:2, 12:14] == IMS).all()
+    # nothing rebuilt: nothing changes; a block cut on the cell grid gives the same pixels
+    assert (fill_enclosed(labels, np.zeros_like(rebuilt), region, removed, c, cell)
+            == labels).all()
+    right = fill_enclosed(labels[:, 8:], rebuilt[:, 8:], region[:, 8:], removed[:, 8:], c, cell)
+    np.testing.assert_array_equal(right, out[:, 8:])
+    bottom = fill_enclosed(labels[8:], rebuilt[8:], region[8:], removed[8:], c, cell)
+    np.testing.assert_array_equal(bottom, out[8:])
+
+
 def test_train_fusion_writes_the_outline_settings_it_is_given(tmp_path):
     """``volref train fusion`` end to end on a small segmented phantom (shipped models): the
     fitted file refines (its card names both models) and carries --smooth and --rim."""

@@ -254,7 +254,8 @@ def decision(data, out, every, segmenter):
               help="Pixels of smoothing of the ensemble's probabilities for the outline "
                    "(background / IMS / inner structure); 0: pixel by pixel.")
 @click.option("--rim/--no-rim", default=True, show_default=True,
-              help="Turn rebuilt cristae or matrix beside background into IMS.")
+              help="Turn rebuilt cristae or matrix beside background into IMS, and rebuilt IMS or "
+                   "background enclosed by cristae or matrix into inner structure.")
 def fusion(data, out, every, balance, segmenter, refiner, smooth, rim):
     """Fit the fused refinement (volref refine --method fused): how the ensemble's and the MAE's
     class probabilities combine where the MAE rebuilds, on phantoms with ground truth."""

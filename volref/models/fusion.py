@@ -62,7 +62,9 @@ class Fusion:
     bias: tuple[float, ...]  # (C,)
     floor: float = FLOOR
     smooth: float = SMOOTH  # px: the ensemble's probabilities smoothed for the outline (0: not)
-    rim: bool = RIM  # rebuilt inner structure beside background becomes IMS
+    # rebuilt inner structure beside background becomes IMS, and rebuilt IMS or background that
+    # inner structure encloses becomes inner structure (volref.stages.refine.rim, fill_enclosed)
+    rim: bool = RIM
 
     def __post_init__(self) -> None:
         w = np.asarray(self.weights, dtype=np.float64)

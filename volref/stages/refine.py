@@ -59,6 +59,8 @@ from volref.stages.settings import (  # noqa: F401 - the settings' home is stage
 #: ``(z, sel, probabilities) -> classes``: how rebuilt pixels get their class (refine_region)
 Combine = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
+FOUR = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
+
 
 def removal_mask(labels: np.ndarray, uncertainty: np.ndarray, patch: int, tau: float,
                  near_px: float) -> np.ndarray:
@@ -135,8 +137,8 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
     of the core (``sel``: a ``(Y, X)`` mask; ``probabilities``: ``(C, n)``, the model's after
     blending and smoothing); None: their argmax. ``prepare(removed)``, before any tile runs:
     the core's removed pixels ``(nz, Y, X)`` bool, a superset of every ``sel`` (so ``combine``
-    can compute what it needs for the whole region at once). ``rim_rule``: then :func:`rim` on
-    every slice.
+    can compute what it needs for the whole region at once). ``rim_rule``: then :func:`rim` and
+    :func:`fill_enclosed` on every slice.
     """
     needs_image = getattr(model, "needs_image", False)
     if needs_image and image is None:
@@ -198,6 +200,7 @@ def refine_region(model: MaskedAutoencoder, labels: np.ndarray, uncertainty: np.
         rebuilt[z][sel] = True
         if rim_rule:
             out[z] = rim(out[z], sel, lab[z], removed[z], c, st)
+            out[z] = fill_enclosed(out[z], sel, lab[z], removed[z], c, st)
 
     b = settings.batch_for(device)
     net = in_precision(model, settings.precision)
@@ -265,6 +268,54 @@ def rim(labels: np.ndarray, rebuilt: np.ndarray, region: np.ndarray, removed: np
         near |= (cls[ys, xs] == BACKGROUND) & (kept[ys, xs] | same)
     out = labels.copy()
     out[near & rebuilt & ((labels == CRISTAE) | (labels == MATRIX))] = IMS
+    return out
+
+
+def fill_enclosed(labels: np.ndarray, rebuilt: np.ndarray, region: np.ndarray,
+                  removed: np.ndarray, c: int, cell: int) -> np.ndarray:
+    """A slice's core ``labels (Y, X)`` with every piece of ``rebuilt`` IMS or background that
+    inner structure (cristae + matrix) encloses turned inner structure — the class most of the
+    piece's 4-neighbours have (matrix on a tie): inside the inner membrane there is neither
+    intermembrane space nor cytosol, and a spot's faint pixels decided one by one leave such
+    holes (skeleton cycles that plausible tiles do not have).
+
+    A piece is 4-connected within one ``cell x cell`` square of the global grid, and it is
+    enclosed when every 4-neighbour is inner structure whose class this block knows whatever
+    the cut of the volume (see :func:`rim`): not removed, or in the same square. A hole across
+    squares, or beside a pixel another square rebuilt, is left as it is."""
+    ny, nx = labels.shape
+    cls = region[c - 1:c + ny + 1, c - 1:c + nx + 1].copy()
+    cls[1:-1, 1:-1] = labels
+    kept = ~removed[c - 1:c + ny + 1, c - 1:c + nx + 1]
+    inner = (cls == CRISTAE) | (cls == MATRIX)
+    holes = np.zeros(cls.shape, dtype=bool)
+    holes[1:-1, 1:-1] = rebuilt & ~inner[1:-1, 1:-1]
+    if not holes.any():
+        return labels
+    out = labels.copy()
+    for y0 in range(0, ny, cell):
+        for x0 in range(0, nx, cell):
+            ys, xs = slice(1 + y0, 1 + min(y0 + cell, ny)), slice(1 + x0, 1 + min(x0 + cell, nx))
+            pieces, n = ndimage.label(holes[ys, xs], structure=FOUR)
+            for k, box in enumerate(ndimage.find_objects(pieces), start=1):
+                if box is None:
+                    continue
+                # the piece and its 4-neighbours, in the frame's coordinates
+                py = slice(ys.start + box[0].start - 1, ys.start + box[0].stop + 1)
+                px = slice(xs.start + box[1].start - 1, xs.start + box[1].stop + 1)
+                piece = np.zeros((py.stop - py.start, px.stop - px.start), dtype=bool)
+                piece[1:-1, 1:-1] = pieces[box] == k
+                ring = ndimage.binary_dilation(piece, FOUR) & ~piece
+                iy, ix = np.nonzero(ring)
+                gy, gx = iy + py.start, ix + px.start  # frame coordinates of the ring
+                same = (((gy - 1) // cell) == y0 // cell) & (((gx - 1) // cell) == x0 // cell)
+                if not (inner[gy, gx] & (kept[gy, gx] | same)).all():
+                    continue
+                around = cls[gy, gx]
+                fill = CRISTAE if np.count_nonzero(around == CRISTAE) > np.count_nonzero(
+                    around == MATRIX) else MATRIX
+                oy, ox = np.nonzero(piece)
+                out[oy + py.start - 1, ox + px.start - 1] = fill
     return out
 
 
