@@ -292,30 +292,42 @@ def fill_enclosed(labels: np.ndarray, rebuilt: np.ndarray, region: np.ndarray,
     holes[1:-1, 1:-1] = rebuilt & ~inner[1:-1, 1:-1]
     if not holes.any():
         return labels
-    out = labels.copy()
+    # every square's pieces, numbered across the slice; each piece's square
+    pieces = np.zeros(cls.shape, dtype=np.int64)
+    square = [0]
+    n, width = 0, nx // cell + 3  # square ids, the frame's included
     for y0 in range(0, ny, cell):
         for x0 in range(0, nx, cell):
             ys, xs = slice(1 + y0, 1 + min(y0 + cell, ny)), slice(1 + x0, 1 + min(x0 + cell, nx))
-            pieces, n = ndimage.label(holes[ys, xs], structure=FOUR)
-            for k, box in enumerate(ndimage.find_objects(pieces), start=1):
-                if box is None:
-                    continue
-                # the piece and its 4-neighbours, in the frame's coordinates
-                py = slice(ys.start + box[0].start - 1, ys.start + box[0].stop + 1)
-                px = slice(xs.start + box[1].start - 1, xs.start + box[1].stop + 1)
-                piece = np.zeros((py.stop - py.start, px.stop - px.start), dtype=bool)
-                piece[1:-1, 1:-1] = pieces[box] == k
-                ring = ndimage.binary_dilation(piece, FOUR) & ~piece
-                iy, ix = np.nonzero(ring)
-                gy, gx = iy + py.start, ix + px.start  # frame coordinates of the ring
-                same = (((gy - 1) // cell) == y0 // cell) & (((gx - 1) // cell) == x0 // cell)
-                if not (inner[gy, gx] & (kept[gy, gx] | same)).all():
-                    continue
-                around = cls[gy, gx]
-                fill = CRISTAE if np.count_nonzero(around == CRISTAE) > np.count_nonzero(
-                    around == MATRIX) else MATRIX
-                oy, ox = np.nonzero(piece)
-                out[oy + py.start - 1, ox + px.start - 1] = fill
+            lab, k = ndimage.label(holes[ys, xs], structure=FOUR)
+            pieces[ys, xs] = np.where(lab > 0, lab + n, 0)
+            square += [(y0 // cell + 1) * width + x0 // cell + 1] * k
+            n += k
+    sq = np.asarray(square)
+    gy, gx = np.meshgrid(np.arange(ny + 2), np.arange(nx + 2), indexing="ij")
+    cell_of = ((gy - 1) // cell + 1) * width + (gx - 1) // cell + 1  # the frame's squares
+    # (piece, 4-neighbour outside it) pairs: every piece's ring, each ring pixel once
+    pairs = []
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        src = pieces[1:-1, 1:-1]
+        dst = pieces[1 + dy:ny + 1 + dy, 1 + dx:nx + 1 + dx]
+        m = (src > 0) & (dst != src)
+        iy, ix = np.nonzero(m)
+        pairs.append(src[m] * cls.size + (iy + 1 + dy) * cls.shape[1] + (ix + 1 + dx))
+    ring = np.unique(np.concatenate(pairs))
+    piece, where = ring // cls.size, ring % cls.size
+    ok = inner.ravel()[where] & (kept.ravel()[where] | (cell_of.ravel()[where] == sq[piece]))
+    enclosed = np.ones(n + 1, dtype=bool)
+    enclosed[0] = False
+    enclosed[piece[~ok]] = False
+    around = cls.ravel()[where]
+    cristae = np.bincount(piece, weights=around == CRISTAE, minlength=n + 1)
+    matrix = np.bincount(piece, weights=around == MATRIX, minlength=n + 1)
+    fill = np.where(cristae > matrix, CRISTAE, MATRIX).astype(labels.dtype)
+    core = pieces[1:-1, 1:-1]
+    chosen = enclosed[core]
+    out = labels.copy()
+    out[chosen] = fill[core[chosen]]
     return out
 
 
