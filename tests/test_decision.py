@@ -88,3 +88,17 @@ def test_train_decision_with_no_slice_to_fit_on_is_one_line(small_phantom, model
                  models[0], "--out", str(out), "--every", "1000"]) != 0
     err = capsys.readouterr().err.strip()
     assert "nothing to fit" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_train_decision_never_writes_over_the_ensemble_it_reads(small_phantom, models, tmp_path,
+                                                               capsys):
+    import shutil
+
+    seg = tmp_path / "seg.safetensors"
+    shutil.copy(models[0], seg)
+    before = seg.read_bytes()
+    assert main(["-q", "train", "decision", "--data", str(small_phantom), "--segmenter", str(seg),
+                 "--out", str(tmp_path / "." / "seg.safetensors")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "another file" in err and len(err.splitlines()) == 1
+    assert seg.read_bytes() == before

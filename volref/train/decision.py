@@ -134,6 +134,10 @@ def train_decision(stores: Sequence[str | os.PathLike], out: str | os.PathLike, 
     the ensemble, its weights unchanged, with the decision in its card, to ``out`` (and its
     ``.json``). Returns the card's ``decision``."""
     seg_path = Path(segmenter) if segmenter is not None else DEFAULT_SEGMENTER
+    out = Path(out)
+    if out.resolve() == seg_path.resolve():
+        raise VolrefError(f"--out {out} is the ensemble the decision is fitted for: write the "
+                          "decided ensemble to another file (the original stays as it is)")
     settings = SegmentSettings(precision="fp32")
     tensors, meta = load_tensors(seg_path)
     card = dict(meta.get("card") or {})
@@ -145,7 +149,6 @@ def train_decision(stores: Sequence[str | os.PathLike], out: str | os.PathLike, 
                 "segmenter_sha256": file_hash(seg_path), "data": [s.name for s in samples],
                 "every": every, "fit": record, "command": command}
     meta = {**meta, "card": {**card, "decision": decision}}
-    out = Path(out)
     save_tensors(out, tensors, meta)
     import json
 
