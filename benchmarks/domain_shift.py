@@ -173,12 +173,15 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from volref.models.precision import resolve
     from volref.models.registry import load_segmenter, model_card
 
     ap = parser(__doc__, f"one seed, phantoms of {'x'.join(map(str, QUICK_SHAPE))}, the empty "
                            "one and a gain copy, the card's mapping only")
     ap.add_argument("--seeds", default="201,202", help="comma-separated phantom seeds")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 where the CPU multiplies it natively, fp32 elsewhere (a CPU "
+                         "that emulates bf16 runs the ensemble ~2x slower in it)")
     ap.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("Z", "Y", "X"))
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated subset of: {', '.join(CASES)}")
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     write_json(args.json, {"machine": machine(), "command": command("domain_shift", argv),
                            "quick": args.quick, "shape": list(shape), "scale": scale.to_dict(),
+                           "precision": resolve(args.precision, "cpu"),
                            "decision": None if offsets is None else offsets.tolist(),
                            "rows": rows})
 
